@@ -1,0 +1,1 @@
+"""The FastAPI gateway: HTTP API, SSE tailing, auth and admission."""

@@ -1,0 +1,199 @@
+"""Fan-out: one Redis pub/sub connection per gateway process, however many SSE readers it serves.
+
+Workers publish every appended batch on the stream's channel (see ``tailgate.store``). The hub holds
+one subscription per stream that has local readers and hands each published batch, parsed once, to
+all of them. A reader catches up with XRANGE from its cursor, then takes live batches, dropping what
+it already has by ``seq`` and going back to XRANGE whenever it sees a gap: after a reconnect of the
+pub/sub connection, when it fell too far behind, or when nothing arrived for a while.
+
+Deliberate oddities:
+- ``subscribe`` waits for Redis's acknowledgement before the reader's first XRANGE; otherwise an
+  append landing between the two would be seen by neither.
+- A ``subscribe`` acknowledgement nobody waits for means the connection was re-established (redis-py
+  re-subscribes by itself); the readers of that channel then resynchronise with XRANGE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tailgate import keys
+from tailgate.events import Entry, parse_published
+from tailgate.store import StreamStore
+
+log = logging.getLogger(__name__)
+
+_HUB_CHANNEL = "tg:hub"  # always subscribed, so the connection exists before the first reader
+_RESYNC = None  # pushed to a subscription: go back to XRANGE
+
+
+class Subscription:
+    """One reader's inbox of published batches."""
+
+    __slots__ = ("_batches", "_wake", "stream_id")
+
+    def __init__(self, stream_id: str) -> None:
+        self.stream_id = stream_id
+        self._batches: deque[list[Entry] | None] = deque()
+        self._wake = asyncio.Event()
+
+    def push(self, batch: list[Entry] | None) -> None:
+        if len(self._batches) >= keys.READER_BACKLOG:
+            self._batches.clear()  # a slow reader re-reads from the stream instead of growing memory
+            batch = _RESYNC
+        self._batches.append(batch)
+        self._wake.set()
+
+    async def next(self, wait_s: float) -> list[Entry] | None:
+        """The next batch, or ``None``: resynchronise (also after ``wait_s`` with nothing new)."""
+        if not self._batches:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._wake.wait()
+            if not self._batches:
+                return _RESYNC
+        return self._batches.popleft()
+
+
+class Hub:
+    def __init__(self, redis: Redis, store: StreamStore, *, idle_check_s: float) -> None:
+        self._pubsub = redis.pubsub()
+        self._store = store
+        self._idle_check_s = idle_check_s
+        self._readers: dict[str, set[Subscription]] = {}
+        self._acks: dict[str, asyncio.Future[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._unsubscribing: set[asyncio.Task[None]] = set()
+
+    @property
+    def subscriptions(self) -> int:
+        """Stream channels this process is subscribed to (a metric; tests assert it returns to 0)."""
+        return len(self._readers)
+
+    @property
+    def readers(self) -> int:
+        return sum(len(s) for s in self._readers.values())
+
+    async def start(self) -> None:
+        await self._pubsub.subscribe(_HUB_CHANNEL)
+        self._task = asyncio.create_task(self._run(), name="hub")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                msg = await self._pubsub.get_message(timeout=None)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("hub lost its Redis connection (%s); retrying in %.2fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.05
+            if msg is not None:
+                self._dispatch(msg)
+
+    def _dispatch(self, msg: dict[str, str]) -> None:
+        kind, channel = msg["type"], msg["channel"]
+        if kind == "message":
+            stream_id = channel[4:36]  # tg:{<32 hex>}:notify
+            readers = self._readers.get(stream_id)
+            if readers:
+                batch = parse_published(msg["data"])
+                for sub in readers:
+                    sub.push(batch)
+        elif kind == "subscribe":
+            ack = self._acks.pop(channel, None)
+            if ack is not None:
+                if not ack.done():
+                    ack.set_result(None)
+            elif channel != _HUB_CHANNEL:
+                for sub in self._readers.get(channel[4:36], ()):
+                    sub.push(_RESYNC)
+
+    async def _subscribe(self, stream_id: str) -> Subscription:
+        sub = Subscription(stream_id)
+        readers = self._readers.setdefault(stream_id, set())
+        readers.add(sub)
+        channel = keys.notify(stream_id)
+        ack = self._acks.get(channel)
+        if len(readers) == 1 and ack is None:
+            ack = self._acks[channel] = asyncio.get_running_loop().create_future()
+            try:
+                await self._pubsub.subscribe(channel)
+            except BaseException:
+                self._acks.pop(channel, None)
+                self._leave(sub)
+                raise
+        if ack is not None:
+            try:
+                await asyncio.shield(ack)
+            except BaseException:
+                self._leave(sub)
+                raise
+        return sub
+
+    def _leave(self, sub: Subscription) -> None:
+        readers = self._readers.get(sub.stream_id)
+        if readers is None:
+            return
+        readers.discard(sub)
+        if not readers:
+            del self._readers[sub.stream_id]
+            self._acks.pop(keys.notify(sub.stream_id), None)
+            # Unsubscribing only writes a command; its reply arrives in `_run`.
+            task = asyncio.create_task(self._unsubscribe(sub.stream_id))
+            self._unsubscribing.add(task)
+            task.add_done_callback(self._unsubscribing.discard)
+
+    async def _unsubscribe(self, stream_id: str) -> None:
+        if stream_id in self._readers:  # a new reader arrived meanwhile
+            return
+        try:
+            await self._pubsub.unsubscribe(keys.notify(stream_id))
+        except (RedisConnectionError, OSError) as exc:
+            # The connection is down; redis-py forgets the channel, so it is not re-subscribed.
+            log.info("unsubscribe of %s deferred to reconnect: %s", stream_id, exc)
+
+    async def tail(self, stream_id: str, after: str, last_seq: int) -> AsyncIterator[list[Entry]]:
+        """Events of ``stream_id`` strictly after ``after`` (whose ``seq`` is ``last_seq``), up to
+        and including the terminal event, in batches of those that are ready together."""
+        sub = await self._subscribe(stream_id)
+        try:
+            catching_up = True
+            while True:
+                if catching_up:
+                    entries = await self._store.after(stream_id, after, keys.CATCHUP_PAGE)
+                    catching_up = len(entries) == keys.CATCHUP_PAGE
+                else:
+                    batch = await sub.next(self._idle_check_s)
+                    if batch is None:
+                        catching_up = True
+                        continue
+                    entries = [e for e in batch if e.seq > last_seq]
+                    if entries and entries[0].seq != last_seq + 1:
+                        catching_up = True  # a gap: the stream has what pub/sub lost
+                        continue
+                if not entries:
+                    continue
+                yield entries
+                after, last_seq = entries[-1].id, entries[-1].seq
+                if entries[-1].terminal:
+                    return
+        finally:
+            self._leave(sub)

@@ -1,0 +1,3 @@
+from tailgate.cli import main
+
+main()

@@ -1,0 +1,242 @@
+"""The ``tailgate`` command line. Every command reads the same ``TAILGATE_*`` environment."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+from tailgate import keys
+from tailgate.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tailgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("dev", help="everything on one machine, nothing configured")
+    p.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
+
+    p = sub.add_parser("gateway", help="one gateway process")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+
+    sub.add_parser("worker", help="one worker process")
+
+    p = sub.add_parser("mock-upstream", help="an OpenAI-compatible mock model server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--tokens", type=int, default=32, help="tokens per answer")
+    p.add_argument("--delay-ms", type=float, default=20.0, help="pause between tokens")
+    p.add_argument("--ttft-ms", type=float, default=200.0, help="pause before the first token")
+    p.add_argument("--api-key", default=None, help="the only key accepted (default: any)")
+
+    p = sub.add_parser("top", help="queue depth, running streams, workers and failures, from Redis")
+    p.add_argument("--once", action="store_true", help="print once and exit")
+    p.add_argument("--interval", type=float, default=1.0)
+
+    p = sub.add_parser("keys", help="manage API keys stored in Redis")
+    p.add_argument("action", choices=["add", "list", "revoke"])
+    p.add_argument("value", nargs="?", help="add: a label; revoke: the key or its hash prefix")
+
+    args = parser.parse_args(argv)
+    if args.command == "mock-upstream":
+        return _mock_upstream(args)
+    if args.command == "dev":
+        return _dev(args)
+    settings = Settings()
+    if args.command == "gateway":
+        return _gateway(settings, args.host, args.port)
+    if args.command == "worker":
+        return _worker(settings)
+    if args.command == "top":
+        return asyncio.run(_top(settings, args.once, args.interval))
+    if args.command == "keys":
+        return asyncio.run(_keys(settings, args.action, args.value))
+
+
+def _gateway(settings: Settings, host: str, port: int) -> None:
+    import uvicorn
+
+    from gateway.app import create_app
+    from tailgate import logs
+
+    logs.configure(settings.log_format, settings.log_level, "gateway")
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        backlog=4096,
+    )
+
+
+def _worker(settings: Settings) -> None:
+    from tailgate import logs
+    from worker.runner import run
+
+    logs.configure(settings.log_format, settings.log_level, "worker")
+    if not os.environ.get("OPENAI_API_KEY"):
+        sys.exit("tailgate worker: OPENAI_API_KEY is not set (for the mock upstream any value works)")
+    asyncio.run(run(settings))
+
+
+def _mock_upstream(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from tailgate.mock_upstream import MockConfig, create_app
+
+    config = MockConfig(
+        tokens=args.tokens, delay_ms=args.delay_ms, ttft_ms=args.ttft_ms, api_key=args.api_key
+    )
+    uvicorn.run(
+        create_app(config),
+        host=args.host,
+        port=args.port,
+        access_log=False,
+        backlog=4096,
+        log_level="warning",
+    )
+
+
+def _dev(args: argparse.Namespace) -> None:
+    """Redis, mock upstream, gateway and worker as child processes; Ctrl-C stops them all."""
+    from tailgate.embedded import RedisServer, free_port
+
+    env = os.environ.copy()
+    env.setdefault("TAILGATE_LOG_FORMAT", "text")
+    children: list[subprocess.Popen[bytes]] = []
+    redis = None
+    api_key = next(iter(Settings().static_api_keys), "") or f"tg-dev-{secrets.token_urlsafe(18)}"
+    if api_key not in env.get("TAILGATE_API_KEYS", ""):
+        env["TAILGATE_API_KEYS"] = ",".join(k for k in (env.get("TAILGATE_API_KEYS", ""), api_key) if k)
+    me = [sys.executable, "-m", "tailgate"]
+    try:
+        if not env.get("TAILGATE_REDIS_URL"):
+            redis = RedisServer().start()
+            env["TAILGATE_REDIS_URL"] = redis.url
+            print(f"tailgate dev: embedded Redis at {redis.url}", flush=True)
+        if not env.get("OPENAI_API_KEY"):
+            mock_port = free_port()
+            env["OPENAI_API_KEY"] = "sk-mock"
+            env["OPENAI_BASE_URL"] = f"http://127.0.0.1:{mock_port}/v1"
+            children.append(subprocess.Popen([*me, "mock-upstream", "--port", str(mock_port)], env=env))
+            print(f"tailgate dev: mock upstream at {env['OPENAI_BASE_URL']}", flush=True)
+        children.append(
+            subprocess.Popen([*me, "gateway", "--host", "127.0.0.1", "--port", str(args.port)], env=env)
+        )
+        children.append(subprocess.Popen([*me, "worker"], env=env))
+        base = f"http://127.0.0.1:{args.port}"
+        _wait_ready(f"{base}/readyz", children)
+        print(_banner(base, api_key), flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        while all(c.poll() is None for c in children):
+            time.sleep(0.2)
+        sys.exit("tailgate dev: a child process exited; stopping the rest")
+    except KeyboardInterrupt:
+        print("\ntailgate dev: stopping", flush=True)
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.terminate()
+        for c in children:
+            try:
+                c.wait(30)
+            except subprocess.TimeoutExpired:
+                c.kill()
+        if redis is not None:
+            redis.close()
+
+
+def _wait_ready(url: str, children: list[subprocess.Popen[bytes]], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(c.poll() is not None for c in children):
+            raise SystemExit("tailgate dev: a child process failed to start")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"tailgate dev: {url} not ready after {timeout:.0f}s")
+
+
+def _banner(base: str, api_key: str) -> str:
+    return f"""
+tailgate dev is running
+  gateway   {base}        (API docs: {base}/docs)
+  metrics   {base}/metrics
+  API key   {api_key}
+
+try it:
+  curl -s -X POST {base}/v1/streams -H 'Authorization: Bearer {api_key}' \\
+       -H 'Content-Type: application/json' -d '{{"prompt": "Hello"}}'
+  curl -N {base}/v1/streams/<id>/events -H 'Authorization: Bearer {api_key}'
+
+Ctrl-C stops everything.
+"""
+
+
+async def _top(settings: Settings, once: bool, interval: float) -> None:
+    from redis.asyncio import Redis
+
+    queue = Redis.from_url(settings.queue_url, decode_responses=True)
+    streams = Redis.from_url(settings.streams_url, decode_responses=True)
+    try:
+        while True:
+            depth = await queue.zcard(settings.queue_name)
+            now = time.time() * 1000
+            workers = [json.loads(v) for v in (await queue.hgetall(keys.WORKERS)).values()]
+            alive = [w for w in workers if now - w["beat_ms"] < settings.heartbeat_s * 3000]
+            stats: dict[str, Any] = await streams.hgetall(keys.STATS)
+            running = sum(w["running"] for w in alive)
+            print(
+                f"{time.strftime('%H:%M:%S')}  queued {depth:>6}  running {running:>6}  "
+                f"workers {len(alive):>3}  completed {stats.get('completed', 0):>8}  "
+                f"failed {stats.get('failed', 0):>6}  cancelled {stats.get('cancelled', 0):>6}",
+                flush=True,
+            )
+            if once:
+                return
+            await asyncio.sleep(interval)
+    finally:
+        await queue.aclose()
+        await streams.aclose()
+
+
+async def _keys(settings: Settings, action: str, value: str | None) -> None:
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(settings.streams_url, decode_responses=True)
+    try:
+        if action == "add":
+            key = f"tg-{secrets.token_urlsafe(24)}"
+            await redis.hset(keys.API_KEYS, hashlib.sha256(key.encode()).hexdigest(), value or "")
+            print(key)
+        elif action == "list":
+            for digest, label in sorted((await redis.hgetall(keys.API_KEYS)).items()):
+                print(f"{digest[:16]}  {label}")
+        else:
+            if not value:
+                sys.exit("tailgate keys revoke: give the key or the hash prefix `tailgate keys list` shows")
+            digest = hashlib.sha256(value.encode()).hexdigest()
+            matches = [d for d in await redis.hkeys(keys.API_KEYS) if d in (digest,) or d.startswith(value)]
+            if len(matches) != 1:
+                sys.exit(f"tailgate keys revoke: {len(matches)} keys match {value!r}")
+            await redis.hdel(keys.API_KEYS, matches[0])
+            print(f"revoked {matches[0][:16]}")
+    finally:
+        await redis.aclose()

@@ -1,0 +1,82 @@
+"""The event codec: how an event is stored in Redis, published to gateways and framed for SSE.
+
+A stream entry has two fields, ``t`` (the event type) and ``d`` (its JSON data, which always starts
+with ``{"seq":N`` because the append script writes ``seq`` first). Appends publish the same entries as
+lines ``<id>\\t<type>\\t<data>``; JSON never holds a raw tab or newline, so no escaping is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, NamedTuple
+
+TERMINAL = frozenset({"done", "error", "cancelled"})
+# The stream status each terminal event leaves behind.
+FINAL_STATUS = {"done": "completed", "error": "failed", "cancelled": "cancelled"}
+STATUSES = frozenset({"queued", "running", "completed", "failed", "cancelled"})
+FINISHED = frozenset(FINAL_STATUS.values())
+
+_CURSOR_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
+START = "0-0"  # the cursor before the first entry
+
+
+class CursorError(ValueError):
+    """A ``Last-Event-ID`` that is not a cursor this server handed out."""
+
+
+class Entry(NamedTuple):
+    id: str
+    type: str
+    data: str
+    seq: int
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL
+
+    def frame(self) -> bytes:
+        return f"id: {self.id}\nevent: {self.type}\ndata: {self.data}\n\n".encode()
+
+
+def dumps(data: dict[str, Any]) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def seq_of(data: str) -> int:
+    """``seq`` from data the append script wrote: ``{"seq":12,...}`` or ``{"seq":12}``."""
+    end = data.find(",", 7)
+    return int(data[7 : end if end != -1 else -1])
+
+
+def entry(entry_id: str, fields: dict[str, str]) -> Entry:
+    """An entry as XRANGE returns it."""
+    data = fields["d"]
+    return Entry(entry_id, fields["t"], data, seq_of(data))
+
+
+def parse_published(payload: str) -> list[Entry]:
+    out = []
+    for line in payload.split("\n"):
+        entry_id, kind, data = line.split("\t", 2)
+        out.append(Entry(entry_id, kind, data, seq_of(data)))
+    return out
+
+
+def parse_cursor(raw: str | None) -> str | None:
+    """Validate a client cursor; ``None`` means from the start."""
+    if raw is None or raw == "":
+        return None
+    if not _CURSOR_RE.match(raw):
+        raise CursorError(f"malformed cursor {raw[:40]!r}: send back an `id` this stream gave you")
+    return raw
+
+
+def id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, n = entry_id.partition("-")
+    return int(ms), int(n)
+
+
+def frames(entries: list[Entry]) -> bytes:
+    """Several events in one write."""
+    return b"".join(e.frame() for e in entries)

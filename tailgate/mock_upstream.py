@@ -1,0 +1,241 @@
+"""An OpenAI-compatible ``/v1/chat/completions`` for development, tests and benchmarks.
+
+The answer is a deterministic function of the request's ``model`` and ``messages``: N tokens drawn
+from a fixed vocabulary (with some multi-byte text) by a hash of the request, the first after
+``ttft_ms``, then one every ``delay_ms``. ``max_tokens`` below N cuts it with ``finish_reason:
+"length"``. Non-streaming answers the same text at once, so a test can learn the expected output by
+asking the mock directly with the real SDK.
+
+Per-request behaviour is chosen by directives in the last message, ``[mock:key=value,key=value]``:
+
+    tokens=N  delay_ms=D  ttft_ms=T   override the server's defaults
+    status=CODE                       answer CODE with an OpenAI error body (401, 429, 500, ...)
+    times=K                           with status: fail only the first K identical requests
+    fail_after=K                      K tokens, then an error frame inside the stream
+    drop_after=K                      K tokens, then the TCP connection is cut
+    stall_after=K                     K tokens, then silence until the client goes away
+    stamp=1                           each token ends with `@<send time in ns>` (benchmarks)
+
+``GET /mock/requests`` lists what was served: tokens sent and whether the client closed early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import secrets
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+VOCABULARY = (
+    "the a stream of tokens flows through tailgate to every reader and resumes after each drop "
+    "while workers keep writing into redis so nothing is lost when networks fail café naïve "
+    "日本語 données ✓ 🚀 über façade résumé fast exact ordered durable chunk event cursor"
+).split()
+
+_DIRECTIVE = re.compile(r"\[mock:([^\]]*)\]")
+_ERROR_TYPES = {
+    401: "invalid_request_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    429: "rate_limit_error",
+    400: "invalid_request_error",
+}
+
+
+@dataclass
+class Served:
+    id: str
+    prompt: str
+    stream: bool
+    status: int
+    tokens_planned: int
+    tokens_sent: int = 0
+    completed: bool = False
+    closed_early: bool = False
+
+
+@dataclass(frozen=True)
+class MockConfig:
+    tokens: int = 32
+    delay_ms: float = 20.0
+    ttft_ms: float = 200.0
+    api_key: str | None = None
+
+
+def directives(messages: list[dict[str, Any]]) -> dict[str, int]:
+    content = messages[-1].get("content", "") if messages else ""
+    if not isinstance(content, str):
+        content = json.dumps(content)
+    out: dict[str, int] = {}
+    for group in _DIRECTIVE.findall(content):
+        for pair in group.split(","):
+            key, _, value = pair.partition("=")
+            if key.strip() and value.strip().isdigit():
+                out[key.strip()] = int(value)
+    return out
+
+
+def tokens_for(model: str, messages: list[dict[str, Any]], n: int) -> list[str]:
+    """The deterministic answer: ``n`` tokens for this model and conversation."""
+    seed = hashlib.sha256(json.dumps([model, messages], sort_keys=True).encode()).digest()
+    out = []
+    for i in range(n):
+        block = hashlib.sha256(seed + i.to_bytes(4, "big")).digest()
+        word = VOCABULARY[int.from_bytes(block[:4], "big") % len(VOCABULARY)]
+        out.append(word if i == 0 else " " + word)
+    return out
+
+
+def create_app(config: MockConfig) -> Starlette:
+    served: deque[Served] = deque(maxlen=10_000)
+    failures: Counter[str] = Counter()
+
+    def error(status: int, message: str, code: str | None = None) -> JSONResponse:
+        kind = _ERROR_TYPES.get(status, "server_error")
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        headers = {"retry-after-ms": "10"} if status in (429, 500, 502, 503) else None
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    async def completions(request: Request) -> Response:
+        auth = request.headers.get("authorization", "")
+        if not auth.startswith("Bearer ") or (config.api_key and auth[7:] != config.api_key):
+            return error(401, "Incorrect API key provided.", "invalid_api_key")
+        try:
+            body = await request.json()
+            model, messages = body["model"], body["messages"]
+        except (ValueError, KeyError, TypeError):
+            return error(400, "model and messages are required", "invalid_request")
+        opts = directives(messages)
+        n = opts.get("tokens", config.tokens)
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        finish = "length" if max_tokens is not None and max_tokens < n else "stop"
+        if max_tokens is not None:
+            n = min(n, max_tokens)
+        words = tokens_for(model, messages, n)
+        stream = bool(body.get("stream"))
+        prompt = str(messages[-1].get("content", "")) if messages else ""
+        record = Served(f"chatcmpl-{secrets.token_hex(12)}", prompt, stream, 200, n)
+        served.append(record)
+
+        status = opts.get("status")
+        if status:
+            key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+            failures[key] += 1
+            if "times" not in opts or failures[key] <= opts["times"]:
+                record.status = status
+                return error(status, f"mock failure {status} as requested", "mock_failure")
+
+        usage = {
+            "prompt_tokens": sum(len(str(m.get("content", "")).split()) for m in messages),
+            "completion_tokens": n,
+        }
+        usage["total_tokens"] = usage["prompt_tokens"] + n
+        created = int(time.time())
+        if not stream:
+            record.tokens_sent, record.completed = n, True
+            return JSONResponse(
+                {
+                    "id": record.id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "".join(words)},
+                            "logprobs": None,
+                            "finish_reason": finish,
+                        }
+                    ],
+                    "usage": usage,
+                    "system_fingerprint": None,
+                }
+            )
+
+        def chunk(delta: dict[str, Any], reason: str | None = None) -> bytes:
+            frame = {
+                "id": record.id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
+            }
+            return b"data: " + json.dumps(frame, ensure_ascii=False).encode() + b"\n\n"
+
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        ttft = opts.get("ttft_ms", config.ttft_ms) / 1000
+        delay = opts.get("delay_ms", config.delay_ms) / 1000
+        stamp = bool(opts.get("stamp"))
+
+        async def frames() -> AsyncIterator[bytes]:
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                start = time.monotonic() + ttft
+                for i, word in enumerate(words):
+                    if i == opts.get("fail_after"):
+                        err = {
+                            "error": {
+                                "message": "mock failure mid-stream",
+                                "type": "server_error",
+                                "param": None,
+                                "code": "mock_failure",
+                            }
+                        }
+                        yield b"data: " + json.dumps(err).encode() + b"\n\n"
+                        return
+                    if i == opts.get("drop_after"):
+                        raise ConnectionAbortedError("mock drop as requested")
+                    if i == opts.get("stall_after"):
+                        await asyncio.Event().wait()
+                    pause = start + i * delay - time.monotonic()
+                    if pause > 0:
+                        await asyncio.sleep(pause)
+                    text = f"{word}@{time.time_ns()}" if stamp else word
+                    yield chunk({"content": text})
+                    record.tokens_sent = i + 1
+                yield chunk({}, finish)
+                if include_usage:
+                    tail = {
+                        "id": record.id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "system_fingerprint": None,
+                        "choices": [],
+                        "usage": usage,
+                    }
+                    yield b"data: " + json.dumps(tail).encode() + b"\n\n"
+                yield b"data: [DONE]\n\n"
+                record.completed = True
+            finally:
+                record.closed_early = not record.completed and "fail_after" not in opts
+
+        return StreamingResponse(frames(), media_type="text/event-stream")
+
+    async def models(_: Request) -> JSONResponse:
+        return JSONResponse(
+            {"object": "list", "data": [{"id": "mock", "object": "model", "owned_by": "tailgate"}]}
+        )
+
+    async def requests_served(_: Request) -> JSONResponse:
+        return JSONResponse([asdict(r) for r in served])
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", completions, methods=["POST"]),
+            Route("/v1/models", models),
+            Route("/mock/requests", requests_served),
+        ]
+    )

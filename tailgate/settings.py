@@ -1,0 +1,67 @@
+"""Configuration: one typed object per process, read from ``TAILGATE_*`` at the entry point.
+
+The openai SDK reads its own ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL``; they are not duplicated here.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TAILGATE_", extra="ignore")
+
+    # Redis. The queue must be a single primary (ARQ does not run on Cluster); streams may live elsewhere.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    queue_redis_url: str | None = None
+    streams_redis_url: str | None = None
+    queue_name: str = "tg:queue"
+
+    # Security. Auth is on unless explicitly turned off (development only).
+    auth: bool = True
+    api_keys: str = ""  # comma-separated; more keys live in Redis (`tailgate keys add`)
+    secret: str = ""  # signs read tokens; empty: a random secret shared by all replicas through Redis
+    read_token_ttl_s: int = 3600
+
+    # Limits.
+    max_body_bytes: int = 1 << 20
+    rate_limit_per_min: int = 600  # stream creations per key per minute
+    max_active_per_key: int = 100  # queued + running streams per key
+    max_queued: int = 10_000  # jobs waiting in the queue, all keys together
+
+    # Streams.
+    retention_s: int = 24 * 3600
+    stream_maxlen: int = 100_000  # safety cap per stream (XADD MAXLEN ~); far above any one answer
+    default_model: str = "gpt-4o-mini"
+
+    # Gateway.
+    ping_s: float = 15.0
+    send_timeout_s: float = 30.0
+    cors_origins: str = ""  # comma-separated; empty: no CORS headers
+
+    # Worker.
+    concurrency: int = 500  # streams one worker process runs at once (ARQ max_jobs)
+    poll_delay_s: float = 0.5  # ARQ's queue poll, only a fallback to the wake-up signal
+    coalesce_ms: float = 10.0  # how long the worker gathers tokens into one append; 0 turns it off
+    job_timeout_s: int = 900
+    heartbeat_s: float = 2.0
+    upstream_connect_timeout_s: float = 10.0
+    upstream_idle_timeout_s: float = 60.0  # no chunk for this long ends the attempt
+    upstream_max_retries: int = 2  # before the first token, by the openai SDK with backoff
+    shutdown_grace_s: float = 25.0
+
+    log_format: str = Field(default="json", pattern="^(json|text)$")
+    log_level: str = "INFO"
+
+    @property
+    def queue_url(self) -> str:
+        return self.queue_redis_url or self.redis_url
+
+    @property
+    def streams_url(self) -> str:
+        return self.streams_redis_url or self.redis_url
+
+    @property
+    def static_api_keys(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())

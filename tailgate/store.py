@@ -1,0 +1,234 @@
+"""The stream store: every write to a stream goes through one of four atomic scripts.
+
+- ``create``: the meta hash and the ``queued`` event, or nothing if the id exists.
+- ``claim``: a worker starts an attempt; the attempt number goes up by one and becomes the fencing token.
+- ``append``: events of one attempt, checked against the fencing token and the expected ``seq``
+  (so a retried append after a lost reply is recognised, not duplicated); a terminal event also sets
+  the final status and the retention TTL. Each appended batch is published to the stream's channel.
+- ``cancel``: ends a queued stream at once, or flags a running one for its worker.
+
+Each script assigns ``seq`` itself, so ``seq`` is contiguous over the whole stream across attempts.
+Only EVAL/EVALSHA, so Redis 6.2 works; both keys carry the stream's hash tag, so Redis Cluster works.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from tailgate import keys
+from tailgate.events import FINAL_STATUS, FINISHED, Entry, dumps, entry
+
+_LIB = """
+local function add(ek, maxlen, seq, kind, data, lines)
+  seq = seq + 1
+  if data == '{}' then
+    data = '{"seq":' .. seq .. '}'
+  else
+    data = '{"seq":' .. seq .. ',' .. string.sub(data, 2)
+  end
+  local id = redis.call('XADD', ek, 'MAXLEN', '~', maxlen, '*', 't', kind, 'd', data)
+  lines[#lines + 1] = id .. '\\t' .. kind .. '\\t' .. data
+  return seq, id
+end
+local function finished(status)
+  return status == 'completed' or status == 'failed' or status == 'cancelled'
+end
+local function close(ek, mk, status, now, retention)
+  redis.call('HSET', mk, 'status', status, 'finished_at', now)
+  redis.call('EXPIRE', ek, retention)
+  redis.call('EXPIRE', mk, retention)
+end
+"""
+
+# KEYS: events, meta. ARGV: maxlen, live_ttl, now, then meta field/value pairs.
+_CREATE = (
+    _LIB
+    + """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[2], 'status', 'queued', 'attempt', 0, 'cancel', 0, 'created_at', ARGV[3])
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+local seq, id = add(KEYS[1], ARGV[1], 0, 'queued', '{}', {})
+redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+)
+
+# KEYS: events, meta. ARGV: maxlen, channel, now, worker, model, reset_reason.
+_CLAIM = (
+    _LIB
+    + """
+local m = redis.call('HMGET', KEYS[2], 'status', 'seq', 'cancel')
+if not m[1] then return {'gone'} end
+if finished(m[1]) then return {'finished'} end
+local attempt = redis.call('HINCRBY', KEYS[2], 'attempt', 1)
+redis.call('HSET', KEYS[2], 'status', 'running', 'worker', ARGV[4], 'heartbeat', ARGV[3])
+redis.call('HSETNX', KEYS[2], 'started_at', ARGV[3])
+local lines = {}
+local seq, id = tonumber(m[2]), nil
+if attempt > 1 then
+  seq, id = add(KEYS[1], ARGV[1], seq, 'reset',
+    '{"attempt":' .. attempt .. ',"reason":' .. cjson.encode(ARGV[6]) .. '}', lines)
+end
+seq, id = add(KEYS[1], ARGV[1], seq, 'started',
+  '{"attempt":' .. attempt .. ',"model":' .. cjson.encode(ARGV[5]) .. '}', lines)
+redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id)
+redis.call('PUBLISH', ARGV[2], table.concat(lines, '\\n'))
+return {'ok', tostring(attempt), tostring(seq), m[3] or '0'}
+"""
+)
+
+# KEYS: events, meta. ARGV: attempt, expected seq, maxlen, channel, final status or '', now,
+# retention, extra meta field/value pairs count, pairs..., then event type/data pairs.
+_APPEND = (
+    _LIB
+    + """
+local m = redis.call('HMGET', KEYS[2], 'status', 'attempt', 'seq', 'cancel')
+if not m[1] then return {'gone'} end
+if m[2] ~= ARGV[1] then return {'fenced'} end
+if finished(m[1]) then return {'finished'} end
+if m[3] ~= ARGV[2] then return {'seq', m[3]} end
+local seq, id = tonumber(m[3]), nil
+local lines = {}
+local nextra = tonumber(ARGV[8])
+for i = 9, 8 + nextra * 2, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 9 + nextra * 2, #ARGV, 2 do
+  seq, id = add(KEYS[1], ARGV[3], seq, ARGV[i], ARGV[i + 1], lines)
+end
+redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id)
+if ARGV[5] ~= '' then close(KEYS[1], KEYS[2], ARGV[5], ARGV[6], ARGV[7]) end
+redis.call('PUBLISH', ARGV[4], table.concat(lines, '\\n'))
+return {'ok', tostring(seq), m[4] or '0'}
+"""
+)
+
+# KEYS: events, meta. ARGV: maxlen, channel, now, retention.
+_CANCEL = (
+    _LIB
+    + """
+local m = redis.call('HMGET', KEYS[2], 'status', 'seq')
+if not m[1] then return 'gone' end
+if finished(m[1]) then return m[1] end
+if m[1] == 'queued' then
+  local lines = {}
+  local seq, id = add(KEYS[1], ARGV[1], tonumber(m[2]), 'cancelled', '{"usage":null}', lines)
+  redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id, 'cancel', 1)
+  close(KEYS[1], KEYS[2], 'cancelled', ARGV[3], ARGV[4])
+  redis.call('PUBLISH', ARGV[2], table.concat(lines, '\\n'))
+  return 'cancelled'
+end
+redis.call('HSET', KEYS[2], 'cancel', 1)
+return m[1]
+"""
+)
+
+
+class Outcome(enum.Enum):
+    OK = "ok"
+    GONE = "gone"  # the stream expired or never existed
+    FENCED = "fenced"  # another attempt owns the stream now
+    FINISHED = "finished"  # the stream already ended
+
+
+class SeqConflict(RuntimeError):
+    """An append found the stream at a ``seq`` its writer did not expect."""
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    outcome: Outcome
+    seq: int = 0
+    attempt: int = 0
+    cancel: bool = False
+
+
+class StreamStore:
+    """The streams Redis, seen through the four scripts plus plain reads."""
+
+    def __init__(self, redis: Redis, *, maxlen: int, retention_s: int, live_ttl_s: int) -> None:
+        self.redis = redis
+        self._maxlen = maxlen
+        self._retention = retention_s
+        self._live_ttl = live_ttl_s
+        self._create = redis.register_script(_CREATE)
+        self._claim = redis.register_script(_CLAIM)
+        self._append = redis.register_script(_APPEND)
+        self._cancel = redis.register_script(_CANCEL)
+
+    async def create(self, stream_id: str, now_ms: int, fields: dict[str, str]) -> bool:
+        args: list[Any] = [self._maxlen, self._live_ttl, now_ms]
+        for k, v in fields.items():
+            args += [k, v]
+        return bool(await self._create(keys=[keys.events(stream_id), keys.meta(stream_id)], args=args))
+
+    async def claim(self, stream_id: str, worker: str, model: str, now_ms: int, reason: str) -> Written:
+        """Start a new attempt: writes ``reset`` (from the second attempt on) and ``started``."""
+        r = await self._claim(
+            keys=[keys.events(stream_id), keys.meta(stream_id)],
+            args=[self._maxlen, keys.notify(stream_id), now_ms, worker, model, reason],
+        )
+        if r[0] != "ok":
+            return Written(Outcome(r[0]))
+        return Written(Outcome.OK, seq=int(r[2]), attempt=int(r[1]), cancel=r[3] == "1")
+
+    async def append(
+        self,
+        stream_id: str,
+        attempt: int,
+        seq: int,
+        events: list[tuple[str, dict[str, Any]]],
+        now_ms: int,
+        meta: dict[str, str] | None = None,
+    ) -> Written:
+        """Append ``events`` if ``attempt`` still owns the stream and it stands at ``seq``.
+
+        A terminal event last in ``events`` ends the stream. If the stream already stands at
+        ``seq + len(events)``, this exact append was applied before (its reply was lost) and counts as
+        done; any other ``seq`` raises :class:`SeqConflict`.
+        """
+        final = FINAL_STATUS.get(events[-1][0], "")
+        extra = list((meta or {}).items())
+        args: list[Any] = [attempt, seq, self._maxlen, keys.notify(stream_id), final, now_ms]
+        args += [self._retention, len(extra)]
+        for k, v in extra:
+            args += [k, v]
+        for kind, data in events:
+            args += [kind, dumps(data)]
+        r = await self._append(keys=[keys.events(stream_id), keys.meta(stream_id)], args=args)
+        if r[0] == "seq":
+            if int(r[1]) == seq + len(events):
+                return Written(Outcome.OK, seq=int(r[1]), attempt=attempt)
+            raise SeqConflict(f"stream {stream_id} at seq {r[1]}, writer expected {seq}")
+        if r[0] != "ok":
+            return Written(Outcome(r[0]))
+        return Written(Outcome.OK, seq=int(r[1]), attempt=attempt, cancel=r[2] == "1")
+
+    async def cancel(self, stream_id: str, now_ms: int) -> str:
+        """Returns the status after the request: ``cancelled`` at once if it was queued."""
+        return str(
+            await self._cancel(
+                keys=[keys.events(stream_id), keys.meta(stream_id)],
+                args=[self._maxlen, keys.notify(stream_id), now_ms, self._retention],
+            )
+        )
+
+    async def meta(self, stream_id: str) -> dict[str, str]:
+        return await self.redis.hgetall(keys.meta(stream_id))  # type: ignore[no-any-return,misc]
+
+    async def after(self, stream_id: str, cursor: str, count: int) -> list[Entry]:
+        """Up to ``count`` entries strictly after ``cursor``."""
+        rows = await self.redis.xrange(keys.events(stream_id), min=f"({cursor}", count=count)
+        return [entry(i, f) for i, f in rows]
+
+    async def at(self, stream_id: str, cursor: str) -> Entry | None:
+        rows = await self.redis.xrange(keys.events(stream_id), min=cursor, max=cursor, count=1)
+        return entry(*rows[0]) if rows else None
+
+
+def is_finished(status: str | None) -> bool:
+    return status in FINISHED

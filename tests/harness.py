@@ -1,0 +1,186 @@
+"""Real processes for the tests: gateway and worker as `python -m tailgate ...` children, and an SSE
+reader over a real HTTP connection (httpx streaming, never an in-process transport)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+from tailgate.embedded import free_port
+
+MODEL = "gpt-4o-mini"  # the gateway's default model, which the worker sends upstream
+
+
+class Proc:
+    """A child process whose output goes to a log file; stopped by the fixture that started it."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
+        self._log = self.log_path.open("wb")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "tailgate", *args], env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.popen.returncode}:\n{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: no {text!r} within {timeout}s:\n{self.log()[-3000:]}")
+            time.sleep(0.02)
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log.close()
+        return self.popen.returncode
+
+
+def wait_http(url: str, proc: Proc, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited {proc.popen.returncode}:\n{proc.log()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready:\n{proc.log()[-3000:]}")
+        time.sleep(0.02)
+
+
+@dataclass
+class Stack:
+    """Gateways and workers sharing one environment (one Redis, one queue, one upstream)."""
+
+    env: dict[str, str]
+    log_dir: Path
+    api_key: str
+    procs: list[Proc] = field(default_factory=list)
+    gateways: list[str] = field(default_factory=list)
+
+    def gateway(self, **env: str) -> str:
+        port = free_port()
+        proc = Proc(
+            "gateway", ["gateway", "--host", "127.0.0.1", "--port", str(port)], self.env | env, self.log_dir
+        )
+        self.procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/readyz", proc)
+        self.gateways.append(url)
+        return url
+
+    def worker(self, **env: str) -> Proc:
+        proc = Proc("worker", ["worker"], self.env | env, self.log_dir)
+        self.procs.append(proc)
+        proc.wait_for_log(" ready (concurrency")
+        return proc
+
+    @property
+    def url(self) -> str:
+        return self.gateways[0]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+@dataclass
+class Event:
+    id: str | None
+    event: str
+    data: dict[str, Any]
+
+
+async def read_sse(
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+    limit: int | None = None,
+) -> tuple[httpx.Response, list[Event]]:
+    """Read an SSE response until the server closes it, or until ``limit`` events (then disconnect)."""
+    events: list[Event] = []
+    async with client.stream("GET", url, headers=headers, params=params) as response:
+        if response.status_code != 200:
+            await response.aread()
+            return response, events
+        fields: dict[str, str] = {}
+        async for line in response.aiter_lines():
+            if line == "":
+                if "data" in fields:
+                    events.append(
+                        Event(fields.get("id"), fields.get("event", "message"), json.loads(fields["data"]))
+                    )
+                    if limit is not None and len(events) >= limit:
+                        break
+                fields = {}
+            elif not line.startswith(":"):
+                name, _, value = line.partition(":")
+                fields[name] = value[1:] if value.startswith(" ") else value
+    return response, events
+
+
+def text_of(events: list[Event]) -> str:
+    """The answer a client assembles: deltas after the last reset."""
+    text = ""
+    for e in events:
+        if e.event == "reset":
+            text = ""
+        elif e.event == "delta":
+            text += e.data["text"]
+    return text
+
+
+async def expected_answer(mock_url: str, prompt: str, **kwargs: Any) -> str:
+    """Ask the mock directly, with the real SDK, what it answers for this request."""
+    async with openai.AsyncOpenAI(base_url=f"{mock_url}/v1", api_key="sk-test") as api:
+        reply = await api.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": prompt}], **kwargs
+        )
+    return reply.choices[0].message.content or ""
+
+
+async def mock_requests(mock_url: str, prompt: str) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient() as client:
+        served = (await client.get(f"{mock_url}/mock/requests")).json()
+    return [r for r in served if r["prompt"] == prompt and r["stream"]]
+
+
+def iter_env() -> Iterator[tuple[str, str]]:
+    """The parent's environment minus anything that would point the children elsewhere."""
+    for k, v in os.environ.items():
+        if not k.startswith(("TAILGATE_", "OPENAI_")):
+            yield k, v

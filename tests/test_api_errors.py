@@ -1,0 +1,183 @@
+"""Bad input gets the right status and a JSON error saying what to fix, and writes nothing."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+import redis
+
+from tests.conftest import OTHER_KEY
+from tests.harness import read_sse
+
+UNKNOWN = "0" * 32
+
+
+def error_of(response) -> dict[str, str]:
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message"}
+    assert body["error"]["message"]
+    return body["error"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    "path", [f"/v1/streams/{UNKNOWN}", f"/v1/streams/{UNKNOWN}/events", "/v1/streams/not-an-id/events"]
+)
+async def test_unknown_stream_is_404_with_json_error(client, stack, path):
+    r = await client.get(stack.url + path, headers=stack.headers)
+    assert r.status_code == 404
+    assert error_of(r)["code"] == "not_found"
+
+
+async def test_stream_of_another_key_is_404_not_403(client, stack, prompt):
+    created = await client.post(f"{stack.url}/v1/streams", json={"prompt": prompt}, headers=stack.headers)
+    stream_id = created.json()["id"]
+    other = {"Authorization": f"Bearer {OTHER_KEY}"}
+    for method, path in [
+        ("GET", f"/v1/streams/{stream_id}"),
+        ("GET", f"/v1/streams/{stream_id}/events"),
+        ("POST", f"/v1/streams/{stream_id}/cancel"),
+    ]:
+        r = await client.request(method, stack.url + path, headers=other)
+        assert r.status_code == 404, path
+        assert error_of(r)["code"] == "not_found"
+    r = await client.get(f"{stack.url}/v1/streams/{stream_id}", headers=stack.headers)
+    assert r.json()["status"] != "cancelled"
+
+
+@pytest.mark.parametrize("cursor", ["abc", "12", "1-2-3", "-1-0", "1732400000000-0;DROP"])
+async def test_malformed_cursor_is_400(client, stack, prompt, cursor):
+    created = (
+        await client.post(f"{stack.url}/v1/streams", json={"prompt": prompt}, headers=stack.headers)
+    ).json()
+    url = stack.url + created["events_url"]
+    r = await client.get(url, headers=stack.headers | {"Last-Event-ID": cursor})
+    assert r.status_code == 400
+    assert error_of(r)["code"] == "bad_cursor"
+    r = await client.get(url, headers=stack.headers, params={"last_event_id": cursor})
+    assert r.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({}, "exactly one of `messages` or `prompt`"),
+        ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "exactly one"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": 3}, "prompt"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "a", "temperature": 3}, "temperature"),
+        ({"prompt": "a", "promt": "typo"}, "promt"),
+    ],
+)
+async def test_invalid_body_is_422_and_creates_nothing(client, stack, redis_server, body, says):
+    before = _stream_keys(redis_server.url)
+    r = await client.post(f"{stack.url}/v1/streams", json=body, headers=stack.headers)
+    assert r.status_code == 422
+    error = error_of(r)
+    assert error["code"] == "invalid_request"
+    assert says in error["message"]
+    assert _stream_keys(redis_server.url) == before
+
+
+async def test_body_that_is_not_json_is_422(client, stack):
+    r = await client.post(
+        f"{stack.url}/v1/streams",
+        content=b"{not json",
+        headers=stack.headers | {"Content-Type": "application/json"},
+    )
+    assert r.status_code == 422
+    assert error_of(r)["code"] == "invalid_request"
+
+
+async def test_body_over_the_limit_is_413(client, stack):
+    r = await client.post(f"{stack.url}/v1/streams", json={"prompt": "x" * (1 << 20)}, headers=stack.headers)
+    assert r.status_code == 413
+    assert error_of(r)["code"] == "body_too_large"
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer", "Bearer wrong-key", "Basic dXNlcjpwYXNz"])
+async def test_missing_or_unknown_key_is_401(client, stack, auth):
+    headers = {"Authorization": auth} if auth else {}
+    r = await client.post(f"{stack.url}/v1/streams", json={"prompt": "hi"}, headers=headers)
+    assert r.status_code == 401
+    assert error_of(r)["code"] == "unauthorized"
+    r = await client.get(f"{stack.url}/v1/streams/{UNKNOWN}/events", headers=headers)
+    assert r.status_code == 401
+
+
+async def test_key_added_in_redis_by_the_cli_is_accepted(client, stack, redis_server):
+    import subprocess
+    import sys
+
+    env = stack.env | {"TAILGATE_REDIS_URL": redis_server.url}
+    key = subprocess.run(
+        [sys.executable, "-m", "tailgate", "keys", "add", "ci"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    headers = {"Authorization": f"Bearer {key}"}
+    r = await client.post(f"{stack.url}/v1/streams", json={"prompt": "hi [mock:tokens=1]"}, headers=headers)
+    assert r.status_code == 202
+    subprocess.run(
+        [sys.executable, "-m", "tailgate", "keys", "revoke", key], env=env, check=True, capture_output=True
+    )
+    r = await client.post(f"{stack.url}/v1/streams", json={"prompt": "hi"}, headers=headers)
+    assert r.status_code == 401
+
+
+async def test_limits_per_key_answer_429_with_retry_after(client, make_stack):
+    key = f"tg-limited-{secrets.token_hex(4)}"  # counters are per key: start from zero
+    limited = make_stack(
+        TAILGATE_MAX_ACTIVE_PER_KEY="2", TAILGATE_RATE_LIMIT_PER_MIN="4", TAILGATE_API_KEYS=key
+    )
+    limited.gateway()  # no worker: streams stay queued, so they count as active
+    url, headers = f"{limited.url}/v1/streams", {"Authorization": f"Bearer {key}"}
+
+    ids = [(await client.post(url, json={"prompt": "a"}, headers=headers)).json()["id"] for _ in range(2)]
+    r = await client.post(url, json={"prompt": "a"}, headers=headers)
+    assert r.status_code == 429
+    assert error_of(r)["code"] == "too_many_streams"
+    assert r.headers["retry-after"] == "1"
+
+    cancelled = await client.post(f"{url}/{ids[0]}/cancel", headers=headers)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert (
+        await client.post(url, json={"prompt": "a"}, headers=headers)
+    ).status_code == 202  # 4th this minute
+
+    await client.post(f"{url}/{ids[1]}/cancel", headers=headers)
+    r = await client.post(url, json={"prompt": "a"}, headers=headers)
+    assert r.status_code == 429
+    assert error_of(r)["code"] == "rate_limited"
+    assert 1 <= int(r.headers["retry-after"]) <= 60
+
+
+async def test_cancel_of_a_queued_stream_ends_it_at_once(client, make_stack):
+    idle = make_stack()
+    idle.gateway()  # no worker
+    created = (await client.post(f"{idle.url}/v1/streams", json={"prompt": "a"}, headers=idle.headers)).json()
+    r = await client.post(f"{idle.url}/v1/streams/{created['id']}/cancel", headers=idle.headers)
+    assert r.status_code == 200
+    _, events = await read_sse(client, idle.url + created["events_url"], headers=idle.headers)
+    assert [(e.event, e.data) for e in events] == [
+        ("queued", {"seq": 1}),
+        ("cancelled", {"seq": 2, "usage": None}),
+    ]
+
+
+async def test_health_and_readiness(client, stack):
+    assert (await client.get(f"{stack.url}/healthz")).json() == {"status": "ok"}
+    assert (await client.get(f"{stack.url}/readyz")).json() == {"status": "ready"}
+    metrics = (await client.get(f"{stack.url}/metrics")).text
+    assert "tailgate_streams_created_total" in metrics
+
+
+def _stream_keys(url: str) -> set[str]:
+    with redis.Redis.from_url(url, decode_responses=True) as r:
+        return set(r.scan_iter("tg:{*"))

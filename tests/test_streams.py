@@ -1,0 +1,202 @@
+"""The pipeline end to end: gateway, ARQ worker, mock upstream through the real openai SDK, Redis
+Stream, SSE over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from tests.harness import Event, Stack, expected_answer, mock_requests, read_sse, text_of
+
+
+async def create(client: httpx.AsyncClient, stack: Stack, body: dict[str, object]) -> dict[str, str]:
+    r = await client.post(f"{stack.url}/v1/streams", json=body, headers=stack.headers)
+    assert r.status_code == 202, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def assert_complete(events: list[Event]) -> None:
+    """seq 1..n, once each; exactly one terminal event, last."""
+    assert [e.data["seq"] for e in events] == list(range(1, len(events) + 1))
+    terminals = [e for e in events if e.event in ("done", "error", "cancelled")]
+    assert terminals == [events[-1]]
+    assert all(e.id for e in events)
+
+
+async def test_deltas_assemble_exactly_the_upstream_answer(client, stack, mock_url, prompt):
+    created = await create(client, stack, {"prompt": prompt})
+    assert created["status"] == "queued"
+    assert created["events_url"] == f"/v1/streams/{created['id']}/events"
+    assert len(created["id"]) == 32
+
+    response, events = await read_sse(client, stack.url + created["events_url"], headers=stack.headers)
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert_complete(events)
+    assert [e.event for e in events[:2]] == ["queued", "started"]
+    assert events[1].data == {"seq": 2, "attempt": 1, "model": "gpt-4o-mini"}
+    assert {e.event for e in events[2:-1]} == {"delta"}
+    assert events[-1].event == "done"
+    assert events[-1].data["finish_reason"] == "stop"
+    assert events[-1].data["usage"]["completion_tokens"] == 24
+    assert text_of(events) == await expected_answer(mock_url, prompt)
+
+
+async def test_create_answers_location_and_status_follows_the_stream(client, stack, prompt):
+    r = await client.post(
+        f"{stack.url}/v1/streams",
+        json={
+            "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": prompt}],
+            "max_tokens": 5,
+            "temperature": 0.5,
+            "metadata": {"ticket": "T-1"},
+        },
+        headers=stack.headers,
+    )
+    assert r.status_code == 202
+    stream_id = r.json()["id"]
+    assert r.headers["location"] == f"/v1/streams/{stream_id}"
+    _, events = await read_sse(client, f"{stack.url}/v1/streams/{stream_id}/events", headers=stack.headers)
+    assert events[-1].data["finish_reason"] == "length"  # max_tokens reached the upstream
+
+    status = (await client.get(f"{stack.url}/v1/streams/{stream_id}", headers=stack.headers)).json()
+    assert status["status"] == "completed"
+    assert status["attempt"] == 1
+    assert status["events"] == len(events) == 2 + 5 + 1
+    assert status["usage"]["completion_tokens"] == 5
+    assert status["metadata"] == {"ticket": "T-1"}
+    assert status["created_at"] <= status["started_at"] <= status["finished_at"]
+
+
+@pytest.mark.parametrize("via", ["header", "query"])
+async def test_resume_after_disconnect_delivers_each_event_once(client, stack, mock_url, prompt, via):
+    prompt += " [mock:tokens=60,delay_ms=10]"
+    created = await create(client, stack, {"prompt": prompt})
+    url = stack.url + created["events_url"]
+
+    _, first = await read_sse(client, url, headers=stack.headers, limit=6)
+    assert len(first) == 6 and first[-1].event == "delta"
+    cursor = first[-1].id
+    assert cursor is not None
+    if via == "header":
+        _, rest = await read_sse(client, url, headers=stack.headers | {"Last-Event-ID": cursor})
+    else:
+        _, rest = await read_sse(client, url, headers=stack.headers, params={"last_event_id": cursor})
+
+    assert rest[0].data["seq"] == 7
+    assert_complete(first + rest)
+    assert text_of(first + rest) == await expected_answer(mock_url, prompt)
+
+
+async def test_header_cursor_wins_over_query(client, stack, prompt):
+    created = await create(client, stack, {"prompt": prompt + " [mock:tokens=4]"})
+    url = stack.url + created["events_url"]
+    _, events = await read_sse(client, url, headers=stack.headers)
+    _, rest = await read_sse(
+        client,
+        url,
+        headers=stack.headers | {"Last-Event-ID": events[2].id},
+        params={"last_event_id": events[0].id},
+    )
+    assert [e.data["seq"] for e in rest] == [e.data["seq"] for e in events[3:]]
+
+
+async def test_late_reader_gets_the_whole_stream_and_concurrent_readers_agree(
+    client, stack, mock_url, prompt
+):
+    prompt += " [mock:tokens=40,delay_ms=5]"
+    created = await create(client, stack, {"prompt": prompt})
+    url = stack.url + created["events_url"]
+
+    readers = await asyncio.gather(*(read_sse(client, url, headers=stack.headers) for _ in range(3)))
+    _, late = await read_sse(client, url, headers=stack.headers)
+
+    sequences = [[(e.id, e.event, e.data) for e in events] for _, events in readers]
+    assert sequences[0] == sequences[1] == sequences[2]
+    assert [(e.id, e.event, e.data) for e in late] == sequences[0]
+    assert_complete(late)
+    assert text_of(late) == await expected_answer(mock_url, prompt)
+
+
+async def test_reconnect_after_the_terminal_event_gets_204(client, stack, prompt):
+    created = await create(client, stack, {"prompt": prompt + " [mock:tokens=3]"})
+    url = stack.url + created["events_url"]
+    _, events = await read_sse(client, url, headers=stack.headers)
+    assert events[-1].event == "done"
+
+    response, again = await read_sse(client, url, headers=stack.headers | {"Last-Event-ID": events[-1].id})
+    assert response.status_code == 204
+    assert again == []
+    # One event short of the end still gets that event.
+    _, tail = await read_sse(client, url, headers=stack.headers | {"Last-Event-ID": events[-2].id})
+    assert [e.event for e in tail] == ["done"]
+
+
+async def test_cursor_of_no_entry_resets_to_the_start_never_a_gap(client, stack, prompt):
+    created = await create(client, stack, {"prompt": prompt + " [mock:tokens=3]"})
+    url = stack.url + created["events_url"]
+    _, events = await read_sse(client, url, headers=stack.headers)
+    future = "99999999999999-0"  # newer than the stream's end, as after a failover that lost its tail
+
+    _, replay = await read_sse(client, url, headers=stack.headers | {"Last-Event-ID": future})
+
+    assert replay[0].event == "reset"
+    assert replay[0].data == {"seq": 0, "attempt": 1, "reason": "cursor_out_of_range"}
+    assert [(e.id, e.data) for e in replay[1:]] == [(e.id, e.data) for e in events]
+
+
+async def test_read_token_opens_only_its_own_stream(client, stack, prompt):
+    created = await create(client, stack, {"prompt": prompt + " [mock:tokens=3]"})
+    other = await create(client, stack, {"prompt": prompt + " other [mock:tokens=3]"})
+    token = created["read_token"]
+
+    response, events = await read_sse(client, stack.url + created["events_url"], params={"token": token})
+    assert response.status_code == 200 and events[-1].event == "done"
+
+    response, _ = await read_sse(client, stack.url + other["events_url"], params={"token": token})
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_token"
+
+
+async def test_cancel_mid_stream_closes_the_upstream_and_ends_with_cancelled(client, stack, mock_url, prompt):
+    prompt += " [mock:tokens=400,delay_ms=10]"
+    created = await create(client, stack, {"prompt": prompt})
+    url = stack.url + created["events_url"]
+    _, first = await read_sse(client, url, headers=stack.headers, limit=5)  # queued, started, 3 deltas
+
+    r = await client.post(f"{stack.url}/v1/streams/{created['id']}/cancel", headers=stack.headers)
+    assert r.status_code == 202
+    assert r.json() == {"id": created["id"], "status": "running", "cancel_requested": True}
+    _, rest = await read_sse(client, url, headers=stack.headers | {"Last-Event-ID": first[-1].id})
+
+    events = first + rest
+    assert_complete(events)
+    assert events[-1].event == "cancelled"
+    deltas = [e for e in events if e.event == "delta"]
+    assert events[-1].data["usage"] == {"completion_tokens": len(deltas)}
+    assert len(deltas) < 400
+    [served] = await mock_requests(mock_url, prompt)
+    assert served["closed_early"] is True
+    assert served["tokens_sent"] < 400
+
+    again = await client.post(f"{stack.url}/v1/streams/{created['id']}/cancel", headers=stack.headers)
+    assert again.status_code == 200
+    assert again.json()["status"] == "cancelled"
+    status = (await client.get(f"{stack.url}/v1/streams/{created['id']}", headers=stack.headers)).json()
+    assert status["status"] == "cancelled"
+
+
+async def test_idempotency_key_returns_the_same_stream_for_the_same_body(client, stack, prompt):
+    body = {"prompt": prompt + " [mock:tokens=2]"}
+    headers = stack.headers | {"Idempotency-Key": f"order-{prompt}"}
+    first = await client.post(f"{stack.url}/v1/streams", json=body, headers=headers)
+    second = await client.post(f"{stack.url}/v1/streams", json=body, headers=headers)
+    assert first.status_code == second.status_code == 202
+    assert first.json()["id"] == second.json()["id"]
+
+    conflict = await client.post(f"{stack.url}/v1/streams", json={"prompt": "else"}, headers=headers)
+    assert conflict.status_code == 409
+    assert conflict.json()["error"]["code"] == "idempotency_conflict"

@@ -1,0 +1,81 @@
+"""Every upstream failure ends the stream with one `error` event whose code says what happened, and
+the worker goes on serving the next job."""
+
+from __future__ import annotations
+
+import pytest
+
+from tailgate.embedded import free_port
+from tests.harness import expected_answer, mock_requests, read_sse, text_of
+
+
+async def run_stream(client, stack, prompt):
+    r = await client.post(f"{stack.url}/v1/streams", json={"prompt": prompt}, headers=stack.headers)
+    assert r.status_code == 202, r.text
+    _, events = await read_sse(client, stack.url + r.json()["events_url"], headers=stack.headers)
+    assert [e.data["seq"] for e in events] == list(range(1, len(events) + 1))
+    return events
+
+
+@pytest.mark.parametrize(
+    ("directive", "code", "says", "requests"),
+    [
+        ("status=401", "upstream_auth", "upstream answered 401", 1),  # a bad key is never retried
+        ("status=400", "upstream_bad_request", "upstream answered 400", 1),
+        ("status=500", "upstream_error", "upstream answered 500", 3),  # the SDK's two retries, then give up
+        ("status=429", "upstream_rate_limited", "upstream answered 429", 3),
+    ],
+)
+async def test_upstream_refusal_ends_with_error_and_the_worker_serves_the_next_job(
+    client, stack, mock_url, prompt, directive, code, says, requests
+):
+    failing = f"{prompt} [mock:{directive}]"
+    events = await run_stream(client, stack, failing)
+
+    assert [e.event for e in events] == ["queued", "started", "error"]
+    assert events[-1].data["code"] == code
+    assert says in events[-1].data["message"]
+    assert len(await mock_requests(mock_url, failing)) == requests
+
+    healthy = await run_stream(client, stack, prompt)
+    assert healthy[-1].event == "done"
+    assert text_of(healthy) == await expected_answer(mock_url, prompt)
+
+
+async def test_upstream_that_fails_once_then_succeeds_gives_one_clean_stream(client, stack, mock_url, prompt):
+    prompt += " [mock:status=429,times=1]"
+    events = await run_stream(client, stack, prompt)
+    assert events[-1].event == "done"
+    assert [e.event for e in events].count("started") == 1
+    assert "reset" not in [e.event for e in events]
+    assert text_of(events) == await expected_answer(mock_url, prompt)
+
+
+@pytest.mark.parametrize(
+    ("directive", "code"),
+    [
+        ("fail_after=3", "upstream_error"),  # an error frame inside the stream
+        ("drop_after=3", "upstream_unreachable"),  # the connection is cut
+        ("stall_after=3", "upstream_timeout"),  # silence past the idle timeout (2 s in the tests)
+    ],
+)
+async def test_failure_mid_stream_keeps_the_text_so_far_and_ends_with_error(
+    client, stack, prompt, directive, code
+):
+    events = await run_stream(client, stack, f"{prompt} [mock:{directive}]")
+    assert [e.event for e in events] == ["queued", "started", "delta", "delta", "delta", "error"]
+    assert events[-1].data["code"] == code
+
+
+async def test_refused_connection_ends_with_upstream_unreachable(client, make_stack, prompt):
+    nowhere = make_stack(
+        OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1", TAILGATE_UPSTREAM_MAX_RETRIES="0"
+    )
+    nowhere.gateway()
+    worker = nowhere.worker()
+    for attempt in range(2):
+        events = await run_stream(client, nowhere, f"{prompt} {attempt}")
+        assert [e.event for e in events] == ["queued", "started", "error"]
+        assert events[-1].data["code"] == "upstream_unreachable"
+        assert "cannot reach the upstream" in events[-1].data["message"]
+    assert worker.popen.poll() is None

@@ -1,0 +1,1 @@
+"""The ARQ worker: the job, the upstream client, the publisher."""

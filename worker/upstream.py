@@ -1,0 +1,97 @@
+"""The model, through the openai SDK: one ``AsyncOpenAI`` per worker process, streaming on.
+
+Every way a call can fail becomes an :class:`UpstreamError` whose ``code`` is what the client sees in
+the ``error`` event:
+
+    upstream_auth          401/403: the worker's key is wrong; retrying cannot help
+    upstream_rate_limited  429 after the SDK's retries
+    upstream_bad_request   400/404/422: the upstream refused this request
+    upstream_error         5xx after the SDK's retries, or an error frame inside the stream
+    upstream_unreachable   connection refused or dropped
+    upstream_timeout       no byte for ``upstream_idle_timeout_s``
+    upstream_incomplete    the stream ended without a finish reason
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+
+from tailgate.settings import Settings
+
+
+class UpstreamError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True)
+class Result:
+    finish_reason: str
+    usage: dict[str, Any] | None
+
+
+def client(settings: Settings) -> openai.AsyncOpenAI:
+    """Reads ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL`` from the environment, as the SDK does."""
+    return openai.AsyncOpenAI(
+        max_retries=settings.upstream_max_retries,
+        timeout=openai.Timeout(
+            connect=settings.upstream_connect_timeout_s,
+            read=settings.upstream_idle_timeout_s,
+            write=settings.upstream_connect_timeout_s,
+            pool=settings.upstream_connect_timeout_s,
+        ),
+    )
+
+
+async def stream(api: openai.AsyncOpenAI, request: dict[str, Any], on_text: Callable[[str], None]) -> Result:
+    """Streams one completion, calling ``on_text`` for every non-empty delta.
+
+    Cancelling the calling task closes the HTTP response, so the upstream stops generating (and billing).
+    """
+    finish: str | None = None
+    usage: dict[str, Any] | None = None
+    try:
+        response = await api.chat.completions.create(
+            **request, stream=True, stream_options={"include_usage": True}
+        )
+        async with response:
+            async for chunk in response:
+                if chunk.usage is not None:
+                    usage = chunk.usage.model_dump(exclude_none=True)
+                for choice in chunk.choices:
+                    if choice.index != 0:
+                        continue
+                    if choice.delta.content:
+                        on_text(choice.delta.content)
+                    if choice.finish_reason:
+                        finish = choice.finish_reason
+    except openai.APIError as exc:
+        raise classify(exc) from exc
+    if finish is None:
+        raise UpstreamError("upstream_incomplete", "the upstream ended the stream without a finish reason")
+    return Result(finish, usage)
+
+
+def classify(exc: openai.APIError) -> UpstreamError:
+    if isinstance(exc, openai.APITimeoutError):
+        return UpstreamError("upstream_timeout", "the upstream sent nothing within the idle timeout")
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc
+        return UpstreamError("upstream_unreachable", f"cannot reach the upstream: {cause}")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        detail = f"upstream answered {status}: {exc.message}"
+        if status in (401, 403):
+            return UpstreamError("upstream_auth", detail)
+        if status == 429:
+            return UpstreamError("upstream_rate_limited", detail)
+        if 400 <= status < 500:
+            return UpstreamError("upstream_bad_request", detail)
+        return UpstreamError("upstream_error", detail)
+    return UpstreamError("upstream_error", f"the upstream failed mid-stream: {exc.message}")
