@@ -22,7 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -31,6 +31,7 @@ from gateway.auth import Auth
 from gateway.errors import ApiError, error_response, on_api_error, on_http_error, on_validation_error
 from gateway.hub import Hub
 from tailgate import keys
+from tailgate.connections import open_queue, open_store
 from tailgate.events import START, CursorError, Entry, dumps, frames, parse_cursor
 from tailgate.settings import Settings
 from tailgate.store import StreamStore, is_finished
@@ -99,29 +100,18 @@ def _iso(ms: str | None) -> str | None:
     if not ms:
         return None
     return (
-        datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        datetime.fromtimestamp(float(ms) / 1000, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
     )
 
 
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        streams = Redis(
-            connection_pool=BlockingConnectionPool.from_url(
-                settings.streams_url, max_connections=keys.GATEWAY_STREAMS_POOL, decode_responses=True
-            )
-        )
-        queue = ArqRedis(
-            connection_pool=BlockingConnectionPool.from_url(
-                settings.queue_url, max_connections=keys.GATEWAY_QUEUE_POOL
-            )
-        )
-        store = StreamStore(
-            streams,
-            maxlen=settings.stream_maxlen,
-            retention_s=settings.retention_s,
-            live_ttl_s=settings.retention_s + settings.job_timeout_s * 4,
-        )
+        store = open_store(settings, "gateway", keys.GATEWAY_STREAMS_POOL)
+        streams = store.redis
+        queue = open_queue(settings, "gateway", keys.GATEWAY_QUEUE_POOL)
         hub = Hub(streams, store, idle_check_s=settings.ping_s)
         await hub.start()
         svc = Services(
@@ -194,7 +184,7 @@ def create_app(settings: Settings) -> FastAPI:
             fields = {"owner": owner, "model": request["model"], "request": dumps(request)}
             if body.metadata:
                 fields["metadata"] = dumps(body.metadata)
-            await s.store.create(stream_id, now, fields)
+            await s.store.create(stream_id, fields)
         except BaseException:
             if idem is not None:
                 await s.streams.delete(idem)
@@ -264,7 +254,7 @@ def create_app(settings: Settings) -> FastAPI:
         s = svc(request)
         owner = await s.auth.owner(request)
         await owned_meta(s, stream_id, owner)
-        status = await s.store.cancel(stream_id, now_ms())
+        status = await s.store.cancel(stream_id)
         if status == "cancelled":
             await s.admission.finished(owner, stream_id)
         elif status == "running":

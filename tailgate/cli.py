@@ -78,6 +78,7 @@ def _gateway(settings: Settings, host: str, port: int) -> None:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        timeout_keep_alive=settings.keepalive_s,
         backlog=4096,
     )
 

@@ -61,3 +61,6 @@ ACTIVE_STALE_S = 3600  # an entry in `active` older than job timeout + this is p
 # hub's pub/sub connection (taken from the streams pool) and commands share the rest.
 GATEWAY_STREAMS_POOL = 3
 GATEWAY_QUEUE_POOL = 2
+# A worker appends for hundreds of streams side by side.
+WORKER_STREAMS_POOL = 64
+WORKER_QUEUE_POOL = 8

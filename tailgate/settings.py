@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     ping_s: float = 15.0
     send_timeout_s: float = 30.0
     cors_origins: str = ""  # comma-separated; empty: no CORS headers
+    # Longer than a load balancer's idle timeout (60 s on most), or it reuses a connection we just closed.
+    keepalive_s: int = 75
 
     # Worker.
     concurrency: int = 500  # streams one worker process runs at once (ARQ max_jobs)

@@ -14,6 +14,7 @@ Only EVAL/EVALSHA, so Redis 6.2 works; both keys carry the stream's hash tag, so
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,17 +161,17 @@ class StreamStore:
         self._append = redis.register_script(_APPEND)
         self._cancel = redis.register_script(_CANCEL)
 
-    async def create(self, stream_id: str, now_ms: int, fields: dict[str, str]) -> bool:
-        args: list[Any] = [self._maxlen, self._live_ttl, now_ms]
+    async def create(self, stream_id: str, fields: dict[str, str]) -> bool:
+        args: list[Any] = [self._maxlen, self._live_ttl, stamp()]
         for k, v in fields.items():
             args += [k, v]
         return bool(await self._create(keys=[keys.events(stream_id), keys.meta(stream_id)], args=args))
 
-    async def claim(self, stream_id: str, worker: str, model: str, now_ms: int, reason: str) -> Written:
+    async def claim(self, stream_id: str, worker: str, model: str, reason: str) -> Written:
         """Start a new attempt: writes ``reset`` (from the second attempt on) and ``started``."""
         r = await self._claim(
             keys=[keys.events(stream_id), keys.meta(stream_id)],
-            args=[self._maxlen, keys.notify(stream_id), now_ms, worker, model, reason],
+            args=[self._maxlen, keys.notify(stream_id), stamp(), worker, model, reason],
         )
         if r[0] != "ok":
             return Written(Outcome(r[0]))
@@ -182,7 +183,6 @@ class StreamStore:
         attempt: int,
         seq: int,
         events: list[tuple[str, dict[str, Any]]],
-        now_ms: int,
         meta: dict[str, str] | None = None,
     ) -> Written:
         """Append ``events`` if ``attempt`` still owns the stream and it stands at ``seq``.
@@ -193,7 +193,7 @@ class StreamStore:
         """
         final = FINAL_STATUS.get(events[-1][0], "")
         extra = list((meta or {}).items())
-        args: list[Any] = [attempt, seq, self._maxlen, keys.notify(stream_id), final, now_ms]
+        args: list[Any] = [attempt, seq, self._maxlen, keys.notify(stream_id), final, stamp()]
         args += [self._retention, len(extra)]
         for k, v in extra:
             args += [k, v]
@@ -208,12 +208,12 @@ class StreamStore:
             return Written(Outcome(r[0]))
         return Written(Outcome.OK, seq=int(r[1]), attempt=attempt, cancel=r[2] == "1")
 
-    async def cancel(self, stream_id: str, now_ms: int) -> str:
+    async def cancel(self, stream_id: str) -> str:
         """Returns the status after the request: ``cancelled`` at once if it was queued."""
         return str(
             await self._cancel(
                 keys=[keys.events(stream_id), keys.meta(stream_id)],
-                args=[self._maxlen, keys.notify(stream_id), now_ms, self._retention],
+                args=[self._maxlen, keys.notify(stream_id), stamp(), self._retention],
             )
         )
 
@@ -228,6 +228,11 @@ class StreamStore:
     async def at(self, stream_id: str, cursor: str) -> Entry | None:
         rows = await self.redis.xrange(keys.events(stream_id), min=cursor, max=cursor, count=1)
         return entry(*rows[0]) if rows else None
+
+
+def stamp() -> str:
+    """Now, in Unix milliseconds with microsecond decimals: the meta's `*_at` and heartbeat."""
+    return f"{time.time() * 1000:.3f}"
 
 
 def is_finished(status: str | None) -> bool:

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +47,7 @@ async def generate(ctx: dict[str, Any], stream_id: str) -> str:
         log.warning("stream %s is gone; nothing to do", stream_id)
         return "gone"
     request = json.loads(meta["request"])
-    claim = await w.store.claim(stream_id, w.id, request["model"], _now(), "worker_lost")
+    claim = await w.store.claim(stream_id, w.id, request["model"], "worker_lost")
     if claim.outcome is not Outcome.OK:
         log.info("stream %s not claimed: %s", stream_id, claim.outcome.value)
         return str(claim.outcome.value)
@@ -109,7 +108,3 @@ async def _bookkeep(w: WorkerState, stream_id: str, owner: str, status: str) -> 
         if owner:
             pipe.zrem(keys.active(owner), stream_id)
         await pipe.execute()
-
-
-def _now() -> int:
-    return int(time.time() * 1000)

@@ -94,9 +94,7 @@ class Publisher:
         retried = False
         while True:
             try:
-                written = await self._store.append(
-                    self.stream_id, self.attempt, self._seq, batch, int(time.time() * 1000), meta
-                )
+                written = await self._store.append(self.stream_id, self.attempt, self._seq, batch, meta)
                 break
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 # Safe to retry: the script recognises an append it already applied by its seq.

@@ -21,26 +21,22 @@ import os
 import secrets
 import signal
 import socket
-import time
 from typing import Any
 
 from arq import Worker
 from arq.connections import ArqRedis
 from arq.worker import func
-from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tailgate import keys
+from tailgate.connections import open_queue, open_store
 from tailgate.settings import Settings
-from tailgate.store import StreamStore
+from tailgate.store import stamp
 from worker import upstream
 from worker.job import WorkerState, generate
 
 log = logging.getLogger(__name__)
-
-# Streams Redis connections per worker process: appends of hundreds of streams run side by side.
-STREAMS_POOL = 64
 
 
 class TailgateWorker(Worker):
@@ -64,18 +60,9 @@ class TailgateWorker(Worker):
 async def run(settings: Settings) -> None:
     """Run one worker process until SIGTERM/SIGINT."""
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-    queue = ArqRedis.from_url(settings.queue_url)
-    streams = Redis(
-        connection_pool=BlockingConnectionPool.from_url(
-            settings.streams_url, max_connections=STREAMS_POOL, decode_responses=True
-        )
-    )
-    store = StreamStore(
-        streams,
-        maxlen=settings.stream_maxlen,
-        retention_s=settings.retention_s,
-        live_ttl_s=settings.retention_s + settings.job_timeout_s * 4,
-    )
+    queue = open_queue(settings, "worker", keys.WORKER_QUEUE_POOL)
+    store = open_store(settings, "worker", keys.WORKER_STREAMS_POOL)
+    streams = store.redis
     state = WorkerState(worker_id, settings, store, streams, upstream.client(settings))
     worker = TailgateWorker(
         functions=[func(generate, name=keys.JOB_GENERATE)],
@@ -115,7 +102,7 @@ async def run(settings: Settings) -> None:
     for task in (listener, beat, main):
         task.cancel()
     await asyncio.gather(listener, beat, main, return_exceptions=True)
-    await queue.hdel(keys.WORKERS, worker_id)
+    await queue.hdel(keys.WORKERS, worker_id)  # type: ignore[misc]
     await state.api.close()
     await streams.aclose()
     await queue.aclose()
@@ -153,18 +140,23 @@ async def _listen(queue: ArqRedis, worker: TailgateWorker, state: WorkerState) -
 
 async def _heartbeat(queue: ArqRedis, state: WorkerState) -> None:
     while True:
-        now = int(time.time() * 1000)
+        now = stamp()
         running = list(state.running.values())
         try:
             async with state.streams.pipeline(transaction=False) as pipe:
                 for pub in running:
-                    pipe.hset(keys.meta(pub.stream_id), "heartbeat", str(now))
+                    pipe.hset(keys.meta(pub.stream_id), "heartbeat", now)
                     pipe.hget(keys.meta(pub.stream_id), "cancel")
                 replies = await pipe.execute() if running else []
             for pub, flag in zip(running, replies[1::2], strict=True):
                 if flag == "1" and not pub.cancel_requested:
                     pub.request_cancel()
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "running": len(running), "beat_ms": now}
+            info = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "running": len(running),
+                "beat_ms": float(now),
+            }
             await queue.hset(keys.WORKERS, state.id, json.dumps(info))  # type: ignore[misc]
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             log.warning("heartbeat failed: %s", exc)

@@ -1,0 +1,166 @@
+"""Correctness under load and on the fast paths (no timing assertions: speed lives in bench/)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import httpx
+import openai
+import pytest
+import redis
+
+from tailgate import keys
+from tests.conftest import API_KEY
+from tests.harness import MODEL, Stack, read_sse, text_of
+
+
+@pytest.fixture(scope="module")
+def pair(make_stack) -> Stack:
+    """Two gateway processes and two workers on one queue."""
+    s = make_stack()
+    s.gateway()
+    s.gateway()
+    s.worker()
+    s.worker()
+    return s
+
+
+async def test_500_concurrent_streams_through_two_gateways_each_get_exactly_their_text(pair, mock_url):
+    n = 500
+    prompts = [f"load {i} {random.random()} [mock:tokens=20,delay_ms=20]" for i in range(n)]
+    async with openai.AsyncOpenAI(base_url=f"{mock_url}/v1", api_key="sk-test") as api:
+        answers = await asyncio.gather(
+            *(
+                api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}])
+                for p in prompts
+            )
+        )
+    expected = [a.choices[0].message.content for a in answers]
+    limits = httpx.Limits(max_connections=2 * n, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(120.0), limits=limits) as client:
+
+        async def one(i: int) -> tuple[str, list[int]]:
+            create_on, read_on = pair.gateways[i % 2], pair.gateways[(i + 1) % 2]  # cross replicas
+            r = await client.post(
+                f"{create_on}/v1/streams", json={"prompt": prompts[i]}, headers=pair.headers
+            )
+            assert r.status_code == 202, r.text
+            _, events = await read_sse(client, read_on + r.json()["events_url"], headers=pair.headers)
+            assert events[-1].event == "done", events[-1]
+            return text_of(events), [e.data["seq"] for e in events]
+
+        results = await asyncio.gather(*(one(i) for i in range(n)))
+
+    for i, (text, seqs) in enumerate(results):
+        assert text == expected[i], f"stream {i}"
+        assert seqs == list(range(1, len(seqs) + 1)), f"stream {i}"
+
+
+async def test_readers_joining_mid_stream_get_prefix_and_live_rest_with_no_seam(client, pair, mock_url):
+    r = await client.post(
+        f"{pair.gateways[0]}/v1/streams",
+        json={"prompt": f"seam {random.random()} [mock:tokens=150,delay_ms=10]"},
+        headers=pair.headers,
+    )
+    url = r.json()["events_url"]
+    joined = []
+    # Read from the start; every 10 deltas, another reader joins with no cursor, on either gateway.
+    async with client.stream("GET", pair.gateways[0] + url, headers=pair.headers) as response:
+        deltas = 0
+        async for line in response.aiter_lines():
+            if line.startswith("event: delta"):
+                deltas += 1
+                if deltas % 10 == 0:
+                    gateway = pair.gateways[len(joined) % 2]
+                    joined.append(asyncio.create_task(read_sse(client, gateway + url, headers=pair.headers)))
+    full = (await read_sse(client, pair.gateways[1] + url, headers=pair.headers))[1]
+    assert len(joined) == 15
+    for task in joined:
+        _, events = await task
+        assert [(e.id, e.event, e.data) for e in events] == [(e.id, e.event, e.data) for e in full]
+
+
+async def test_gateway_redis_connections_do_not_grow_with_sse_clients(make_stack, redis_server):
+    idle = make_stack()
+    url = idle.gateway()  # no worker: every stream stays queued and its readers stay connected
+    gateway_pid = idle.procs[-1].popen.pid
+    name = f"tailgate-gateway-{gateway_pid}"  # tailgate.connections.client_name in that process
+
+    def connections() -> int:
+        with redis.Redis.from_url(redis_server.url, decode_responses=True) as r:
+            return sum(1 for c in r.client_list() if c["name"] == name)
+
+    limits = httpx.Limits(max_connections=400)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(60.0), limits=limits) as client:
+        ids = []
+        for _ in range(20):
+            r = await client.post(f"{url}/v1/streams", json={"prompt": "idle"}, headers=idle.headers)
+            ids.append(r.json()["id"])
+        baseline = connections()
+        opened = asyncio.Event()
+        readers_open = 0
+
+        async def hold(stream_id: str) -> None:
+            nonlocal readers_open
+            async with client.stream(
+                "GET", f"{url}/v1/streams/{stream_id}/events", headers=idle.headers
+            ) as resp:
+                async for line in resp.aiter_lines():
+                    if line.startswith("event: queued"):
+                        readers_open += 1
+                        if readers_open == 300:
+                            opened.set()
+                        await asyncio.Event().wait()  # hold the connection open
+
+        holders = [asyncio.create_task(hold(ids[i % len(ids)])) for i in range(300)]
+        await asyncio.wait_for(opened.wait(), 60)
+        with_clients = connections()
+        for h in holders:
+            h.cancel()
+        await asyncio.gather(*holders, return_exceptions=True)
+
+    assert 1 <= baseline <= 4
+    assert with_clients <= 4
+
+
+async def test_wake_up_starts_a_job_without_waiting_for_the_poll(client, make_stack, prompt):
+    # A poll every 10 minutes: only the wake-up can start this job before the test times out.
+    lazy = make_stack(TAILGATE_POLL_DELAY_S="600")
+    url = lazy.gateway()
+    worker = lazy.worker()
+    worker.wait_for_log("ready (concurrency")
+    for i in range(3):
+        r = await client.post(
+            f"{url}/v1/streams", json={"prompt": f"{prompt} {i} [mock:tokens=3]"}, headers=lazy.headers
+        )
+        _, events = await read_sse(client, url + r.json()["events_url"], headers=lazy.headers)
+        assert events[-1].event == "done"
+
+
+async def test_fallback_poll_starts_a_job_whose_wake_up_was_lost(client, make_stack, redis_server, prompt):
+    from arq.connections import ArqRedis
+
+    from gateway.auth import key_hash
+    from tailgate.connections import open_store
+    from tailgate.events import dumps
+    from tailgate.settings import Settings
+
+    polling = make_stack(TAILGATE_POLL_DELAY_S="0.2")
+    url = polling.gateway()
+    polling.worker()
+    # Enqueue exactly as the gateway does, but publish no wake-up.
+    settings = Settings(redis_url=redis_server.url, queue_name=polling.env["TAILGATE_QUEUE_NAME"])
+    store = open_store(settings, "test", 2)
+    queue = ArqRedis.from_url(redis_server.url)
+    stream_id = "f" * 16 + random.randbytes(8).hex()
+    request = {"model": MODEL, "messages": [{"role": "user", "content": prompt + " [mock:tokens=3]"}]}
+    await store.create(
+        stream_id, {"owner": key_hash(API_KEY)[:32], "model": MODEL, "request": dumps(request)}
+    )
+    await queue.enqueue_job(keys.JOB_GENERATE, stream_id, _job_id=stream_id, _queue_name=settings.queue_name)
+    await queue.aclose()
+    await store.redis.aclose()
+
+    _, events = await read_sse(client, f"{url}/v1/streams/{stream_id}/events", headers=polling.headers)
+    assert [e.event for e in events] == ["queued", "started", "delta", "delta", "delta", "done"]
