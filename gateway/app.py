@@ -23,12 +23,21 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.admission import Admission, BodyLimit, now_ms
 from gateway.auth import Auth
-from gateway.errors import ApiError, error_response, on_api_error, on_http_error, on_validation_error
+from gateway.errors import (
+    ApiError,
+    error_response,
+    on_api_error,
+    on_http_error,
+    on_redis_error,
+    on_validation_error,
+)
 from gateway.hub import Hub
 from tailgate import keys
 from tailgate.connections import open_queue, open_store
@@ -38,9 +47,13 @@ from tailgate.store import StreamStore, is_finished
 
 log = logging.getLogger(__name__)
 
+# A reader ended by shutdown gets this, then the connection closes; EventSource reconnects after it.
+SHUTDOWN_HINT = b"retry: 500\n\n"
 STREAMS_CREATED = Counter("tailgate_streams_created_total", "Streams accepted by this gateway")
 SSE_OPEN = Gauge("tailgate_sse_connections", "Open SSE responses on this gateway")
 EVENTS_SENT = Counter("tailgate_events_sent_total", "Events written to SSE clients")
+HUB_SUBSCRIPTIONS = Gauge("tailgate_hub_subscriptions", "Stream channels this gateway is subscribed to")
+HUB_READERS = Gauge("tailgate_hub_readers", "Readers tailing streams on this gateway")
 
 
 class ChatMessage(BaseModel):
@@ -94,6 +107,7 @@ class Services:
     hub: Hub
     auth: Auth
     admission: Admission
+    draining: bool = False  # set on SIGTERM: readiness fails so the load balancer moves on
 
 
 def _iso(ms: str | None) -> str | None:
@@ -114,6 +128,8 @@ def create_app(settings: Settings) -> FastAPI:
         queue = open_queue(settings, "gateway", keys.GATEWAY_QUEUE_POOL)
         hub = Hub(streams, store, idle_check_s=settings.ping_s)
         await hub.start()
+        HUB_SUBSCRIPTIONS.set_function(lambda: hub.subscriptions)
+        HUB_READERS.set_function(lambda: hub.readers)
         svc = Services(
             settings,
             streams,
@@ -136,6 +152,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RedisConnectionError, on_redis_error)
+    app.add_exception_handler(RedisTimeoutError, on_redis_error)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:
@@ -302,12 +320,16 @@ def create_app(settings: Settings) -> FastAPI:
 
         async def body() -> AsyncIterator[bytes]:
             SSE_OPEN.inc()
+            ended = False
             try:
                 if prefix:
                     yield prefix
                 async for entries in s.hub.tail(stream_id, after, last_seq):
                     EVENTS_SENT.inc(len(entries))
+                    ended = entries[-1].terminal
                     yield frames(entries)
+                if not ended:
+                    yield SHUTDOWN_HINT  # this replica is going away: reconnect (elsewhere) soon
             finally:
                 SSE_OPEN.dec()
 
@@ -326,7 +348,7 @@ def create_app(settings: Settings) -> FastAPI:
         stream_id = (await start_stream(s, owner, StreamRequest(prompt=body.prompt), None))["id"]
 
         async def lines() -> AsyncIterator[bytes]:
-            async for entries in s.hub.tail(stream_id, START, 0):
+            async for entries in s.hub.tail(stream_id, START, 0, resumable=False):
                 out = [_tutorial_line(e) for e in entries]
                 yield "".join(line for line in out if line).encode()
 
@@ -341,6 +363,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/readyz", response_model=None)
     async def readyz(request: Request) -> JSONResponse:
         s = svc(request)
+        if s.draining:
+            return error_response(503, "not_ready", "shutting down")
         try:
             await s.streams.ping()
             await s.queue.ping()

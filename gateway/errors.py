@@ -39,6 +39,12 @@ async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "invalid_request", "; ".join(problems))
 
 
+async def on_redis_error(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(
+        503, "unavailable", f"Redis is unreachable ({exc}); retry shortly", {"Retry-After": "1"}
+    )
+
+
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
 
 

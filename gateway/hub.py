@@ -11,6 +11,8 @@ Deliberate oddities:
   append landing between the two would be seen by neither.
 - A ``subscribe`` acknowledgement nobody waits for means the connection was re-established (redis-py
   re-subscribes by itself); the readers of that channel then resynchronise with XRANGE.
+- On shutdown, ``release`` ends every SSE reader without a terminal event, so clients reconnect
+  (elsewhere) and resume; tutorial ``/ask_query`` readers cannot resume, so they are left to finish.
 """
 
 from __future__ import annotations
@@ -33,23 +35,30 @@ log = logging.getLogger(__name__)
 
 _HUB_CHANNEL = "tg:hub"  # always subscribed, so the connection exists before the first reader
 _RESYNC = None  # pushed to a subscription: go back to XRANGE
+_LEAVE: list[Entry] = []  # pushed to a subscription: the process is shutting down
+# How long a reader rides out a Redis outage before it lets its client go (to reconnect and resume).
+OUTAGE_PATIENCE_S = 30.0
 
 
 class Subscription:
     """One reader's inbox of published batches."""
 
-    __slots__ = ("_batches", "_wake", "stream_id")
+    __slots__ = ("_batches", "_wake", "resumable", "stream_id")
 
-    def __init__(self, stream_id: str) -> None:
+    def __init__(self, stream_id: str, resumable: bool) -> None:
         self.stream_id = stream_id
+        self.resumable = resumable
         self._batches: deque[list[Entry] | None] = deque()
         self._wake = asyncio.Event()
 
     def push(self, batch: list[Entry] | None) -> None:
-        if len(self._batches) >= keys.READER_BACKLOG:
+        if batch is _LEAVE:
+            self._batches.appendleft(batch)
+        elif len(self._batches) >= keys.READER_BACKLOG:
             self._batches.clear()  # a slow reader re-reads from the stream instead of growing memory
-            batch = _RESYNC
-        self._batches.append(batch)
+            self._batches.append(_RESYNC)
+        else:
+            self._batches.append(batch)
         self._wake.set()
 
     async def next(self, wait_s: float) -> list[Entry] | None:
@@ -73,6 +82,7 @@ class Hub:
         self._acks: dict[str, asyncio.Future[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._unsubscribing: set[asyncio.Task[None]] = set()
+        self.released = False
 
     @property
     def subscriptions(self) -> int:
@@ -82,6 +92,14 @@ class Hub:
     @property
     def readers(self) -> int:
         return sum(len(s) for s in self._readers.values())
+
+    def release(self) -> None:
+        """Shutdown: every resumable reader ends now (the caller sends its client a retry hint)."""
+        self.released = True
+        for readers in self._readers.values():
+            for sub in readers:
+                if sub.resumable:
+                    sub.push(_LEAVE)
 
     async def start(self) -> None:
         await self._pubsub.subscribe(_HUB_CHANNEL)
@@ -123,11 +141,16 @@ class Hub:
                 if not ack.done():
                     ack.set_result(None)
             elif channel != _HUB_CHANNEL:
-                for sub in self._readers.get(channel[4:36], ()):
-                    sub.push(_RESYNC)
+                readers = self._readers.get(channel[4:36])
+                if readers:
+                    for sub in readers:
+                        sub.push(_RESYNC)
+                else:
+                    # redis-py re-subscribed a channel whose readers left while the connection was down.
+                    self._schedule_unsubscribe(channel[4:36])
 
-    async def _subscribe(self, stream_id: str) -> Subscription:
-        sub = Subscription(stream_id)
+    async def _subscribe(self, stream_id: str, resumable: bool) -> Subscription:
+        sub = Subscription(stream_id, resumable)
         readers = self._readers.setdefault(stream_id, set())
         readers.add(sub)
         channel = keys.notify(stream_id)
@@ -156,10 +179,13 @@ class Hub:
         if not readers:
             del self._readers[sub.stream_id]
             self._acks.pop(keys.notify(sub.stream_id), None)
-            # Unsubscribing only writes a command; its reply arrives in `_run`.
-            task = asyncio.create_task(self._unsubscribe(sub.stream_id))
-            self._unsubscribing.add(task)
-            task.add_done_callback(self._unsubscribing.discard)
+            self._schedule_unsubscribe(sub.stream_id)
+
+    def _schedule_unsubscribe(self, stream_id: str) -> None:
+        # Unsubscribing only writes a command; its reply arrives in `_run`.
+        task = asyncio.create_task(self._unsubscribe(stream_id))
+        self._unsubscribing.add(task)
+        task.add_done_callback(self._unsubscribing.discard)
 
     async def _unsubscribe(self, stream_id: str) -> None:
         if stream_id in self._readers:  # a new reader arrived meanwhile
@@ -170,18 +196,26 @@ class Hub:
             # The connection is down; redis-py forgets the channel, so it is not re-subscribed.
             log.info("unsubscribe of %s deferred to reconnect: %s", stream_id, exc)
 
-    async def tail(self, stream_id: str, after: str, last_seq: int) -> AsyncIterator[list[Entry]]:
+    async def tail(
+        self, stream_id: str, after: str, last_seq: int, resumable: bool = True
+    ) -> AsyncIterator[list[Entry]]:
         """Events of ``stream_id`` strictly after ``after`` (whose ``seq`` is ``last_seq``), up to
-        and including the terminal event, in batches of those that are ready together."""
-        sub = await self._subscribe(stream_id)
+        and including the terminal event, in batches of those that are ready together.
+
+        Ends early, without a terminal event, when the process shuts down (``resumable`` readers)."""
+        if self.released and resumable:
+            return
+        sub = await self._subscribe(stream_id, resumable)
         try:
             catching_up = True
             while True:
                 if catching_up:
-                    entries = await self._store.after(stream_id, after, keys.CATCHUP_PAGE)
+                    entries = await self._range(stream_id, after)
                     catching_up = len(entries) == keys.CATCHUP_PAGE
                 else:
                     batch = await sub.next(self._idle_check_s)
+                    if batch is _LEAVE:
+                        return
                     if batch is None:
                         catching_up = True
                         continue
@@ -197,3 +231,17 @@ class Hub:
                     return
         finally:
             self._leave(sub)
+
+    async def _range(self, stream_id: str, after: str) -> list[Entry]:
+        """XRANGE, riding out a Redis restart or a cut connection for a while."""
+        deadline = asyncio.get_running_loop().time() + OUTAGE_PATIENCE_S
+        delay = 0.05
+        while True:
+            try:
+                return await self._store.after(stream_id, after, keys.CATCHUP_PAGE)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                log.info("stream %s: XRANGE failed (%s); retrying in %.2fs", stream_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)

@@ -65,22 +65,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _gateway(settings: Settings, host: str, port: int) -> None:
-    import uvicorn
-
-    from gateway.app import create_app
+    from gateway.server import serve
     from tailgate import logs
 
     logs.configure(settings.log_format, settings.log_level, "gateway")
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-        timeout_keep_alive=settings.keepalive_s,
-        backlog=4096,
-    )
+    serve(settings, host, port)
 
 
 def _worker(settings: Settings) -> None:
@@ -117,6 +106,7 @@ def _dev(args: argparse.Namespace) -> None:
 
     env = os.environ.copy()
     env.setdefault("TAILGATE_LOG_FORMAT", "text")
+    env.setdefault("TAILGATE_DRAIN_S", "0")  # no load balancer to drain from
     children: list[subprocess.Popen[bytes]] = []
     redis = None
     api_key = next(iter(Settings().static_api_keys), "") or f"tg-dev-{secrets.token_urlsafe(18)}"

@@ -44,6 +44,8 @@ def rate(owner: str, minute: int) -> str:
 API_KEYS = "tg:apikeys"  # hash: sha256(key) -> label; keys added by `tailgate keys add`
 SECRET = "tg:secret"  # read-token signing secret shared by every replica when none is configured
 STATS = "tg:stats"  # hash of counters: created, completed, failed, cancelled
+# Sorted set of running streams, score: last heartbeat (ms). Workers scan it for streams to take over.
+RUNNING = "tg:running"
 
 # On the queue Redis: the worker listens here, so a fresh job starts without waiting for ARQ's poll.
 WAKE_CHANNEL = "tg:wake"
@@ -64,3 +66,8 @@ GATEWAY_QUEUE_POOL = 2
 # A worker appends for hundreds of streams side by side.
 WORKER_STREAMS_POOL = 64
 WORKER_QUEUE_POOL = 8
+# ARQ jobs only claim a stream and hand it to the worker's own supervisor, so few run at once;
+# TAILGATE_CONCURRENCY bounds the streams.
+WORKER_ARQ_JOBS = 32
+# How often a worker looks for streams whose worker stopped heartbeating.
+TAKEOVER_SCAN_S = 1.0

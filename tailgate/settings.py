@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     cors_origins: str = ""  # comma-separated; empty: no CORS headers
     # Longer than a load balancer's idle timeout (60 s on most), or it reuses a connection we just closed.
     keepalive_s: int = 75
+    drain_s: float = 5.0  # on SIGTERM: readiness fails this long before SSE readers are sent elsewhere
 
     # Worker.
     concurrency: int = 500  # streams one worker process runs at once (ARQ max_jobs)
@@ -48,6 +49,8 @@ class Settings(BaseSettings):
     coalesce_ms: float = 10.0  # how long the worker gathers tokens into one append; 0 turns it off
     job_timeout_s: int = 900
     heartbeat_s: float = 2.0
+    takeover_after_s: float = 6.0  # a running stream with no heartbeat for this long is taken over
+    max_attempts: int = 3  # attempts per stream (takeovers included) before it ends with `error`
     upstream_connect_timeout_s: float = 10.0
     upstream_idle_timeout_s: float = 60.0  # no chunk for this long ends the attempt
     upstream_max_retries: int = 2  # before the first token, by the openai SDK with backoff

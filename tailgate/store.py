@@ -60,21 +60,35 @@ return 1
 """
 )
 
-# KEYS: events, meta. ARGV: maxlen, channel, now, worker, model, reset_reason.
+# KEYS: events, meta. ARGV: maxlen, channel, now, worker, model, stale_before, max_attempts, retention.
+# A running stream is claimed only if its heartbeat is older than stale_before (its worker is gone or
+# handed it back); past max_attempts it ends with `error` instead.
 _CLAIM = (
     _LIB
     + """
-local m = redis.call('HMGET', KEYS[2], 'status', 'seq', 'cancel')
+local m = redis.call('HMGET', KEYS[2], 'status', 'seq', 'cancel', 'heartbeat', 'attempt', 'release')
 if not m[1] then return {'gone'} end
 if finished(m[1]) then return {'finished'} end
-local attempt = redis.call('HINCRBY', KEYS[2], 'attempt', 1)
-redis.call('HSET', KEYS[2], 'status', 'running', 'worker', ARGV[4], 'heartbeat', ARGV[3])
-redis.call('HSETNX', KEYS[2], 'started_at', ARGV[3])
+if m[1] == 'running' and tonumber(m[4]) > tonumber(ARGV[6]) then return {'busy'} end
+local reason = m[6] or 'worker_lost'
+local attempt = tonumber(m[5]) + 1
 local lines = {}
 local seq, id = tonumber(m[2]), nil
+if attempt > tonumber(ARGV[7]) then
+  local err = '{"code":"worker_lost","message":' .. cjson.encode(
+    'the stream lost its worker ' .. m[5] .. ' times (last: ' .. reason .. '); giving up') .. '}'
+  seq, id = add(KEYS[1], ARGV[1], seq, 'error', err, lines)
+  redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id, 'error', err)
+  close(KEYS[1], KEYS[2], 'failed', ARGV[3], ARGV[8])
+  redis.call('PUBLISH', ARGV[2], table.concat(lines, '\\n'))
+  return {'exhausted'}
+end
+redis.call('HSET', KEYS[2], 'attempt', attempt, 'status', 'running', 'worker', ARGV[4], 'heartbeat', ARGV[3])
+redis.call('HDEL', KEYS[2], 'release')
+redis.call('HSETNX', KEYS[2], 'started_at', ARGV[3])
 if attempt > 1 then
   seq, id = add(KEYS[1], ARGV[1], seq, 'reset',
-    '{"attempt":' .. attempt .. ',"reason":' .. cjson.encode(ARGV[6]) .. '}', lines)
+    '{"attempt":' .. attempt .. ',"reason":' .. cjson.encode(reason) .. '}', lines)
 end
 seq, id = add(KEYS[1], ARGV[1], seq, 'started',
   '{"attempt":' .. attempt .. ',"model":' .. cjson.encode(ARGV[5]) .. '}', lines)
@@ -108,6 +122,23 @@ return {'ok', tostring(seq), m[4] or '0'}
 """
 )
 
+# KEYS: meta. ARGV: attempt, now. Stamps the heartbeat if this attempt still owns the stream;
+# answers its cancel flag, or 'fenced'.
+_BEAT = """
+local m = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'cancel')
+if m[1] ~= 'running' or m[2] ~= ARGV[1] then return 'fenced' end
+redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2])
+return m[3] or '0'
+"""
+
+# KEYS: meta. ARGV: attempt, reason. Gives the stream up for another worker to claim at once.
+_RELEASE = """
+local m = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+if m[1] ~= 'running' or m[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'heartbeat', 0, 'release', ARGV[2])
+return 1
+"""
+
 # KEYS: events, meta. ARGV: maxlen, channel, now, retention.
 _CANCEL = (
     _LIB
@@ -134,6 +165,8 @@ class Outcome(enum.Enum):
     GONE = "gone"  # the stream expired or never existed
     FENCED = "fenced"  # another attempt owns the stream now
     FINISHED = "finished"  # the stream already ended
+    BUSY = "busy"  # claim: a live worker runs it
+    EXHAUSTED = "exhausted"  # claim: too many attempts; the stream was ended with `error`
 
 
 class SeqConflict(RuntimeError):
@@ -160,6 +193,8 @@ class StreamStore:
         self._claim = redis.register_script(_CLAIM)
         self._append = redis.register_script(_APPEND)
         self._cancel = redis.register_script(_CANCEL)
+        self._beat = redis.register_script(_BEAT)
+        self._release = redis.register_script(_RELEASE)
 
     async def create(self, stream_id: str, fields: dict[str, str]) -> bool:
         args: list[Any] = [self._maxlen, self._live_ttl, stamp()]
@@ -167,11 +202,26 @@ class StreamStore:
             args += [k, v]
         return bool(await self._create(keys=[keys.events(stream_id), keys.meta(stream_id)], args=args))
 
-    async def claim(self, stream_id: str, worker: str, model: str, reason: str) -> Written:
-        """Start a new attempt: writes ``reset`` (from the second attempt on) and ``started``."""
+    async def claim(
+        self, stream_id: str, worker: str, model: str, *, stale_after_s: float, max_attempts: int
+    ) -> Written:
+        """Start a new attempt: writes ``reset`` (from the second attempt on) and ``started``.
+
+        A running stream is taken over only if its heartbeat is older than ``stale_after_s``.
+        """
+        now = time.time() * 1000
         r = await self._claim(
             keys=[keys.events(stream_id), keys.meta(stream_id)],
-            args=[self._maxlen, keys.notify(stream_id), stamp(), worker, model, reason],
+            args=[
+                self._maxlen,
+                keys.notify(stream_id),
+                f"{now:.3f}",
+                worker,
+                model,
+                f"{now - stale_after_s * 1000:.3f}",
+                max_attempts,
+                self._retention,
+            ],
         )
         if r[0] != "ok":
             return Written(Outcome(r[0]))
@@ -207,6 +257,28 @@ class StreamStore:
         if r[0] != "ok":
             return Written(Outcome(r[0]))
         return Written(Outcome.OK, seq=int(r[1]), attempt=attempt, cancel=r[2] == "1")
+
+    async def beat(self, attempts: dict[str, int]) -> dict[str, str]:
+        """Heartbeat every stream in ``attempts`` (id -> attempt) in one round trip, and register
+        them in the running index. Answers per stream: ``"1"`` cancel requested, ``"0"``, or ``"fenced"``."""
+        now = stamp()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream_id, attempt in attempts.items():
+                await self._beat(keys=[keys.meta(stream_id)], args=[attempt, now], client=pipe)
+            pipe.zadd(keys.RUNNING, dict.fromkeys(attempts, float(now)))
+            replies = await pipe.execute()
+        return dict(zip(attempts, (str(r) for r in replies), strict=False))
+
+    async def release(self, stream_id: str, attempt: int, reason: str) -> bool:
+        return bool(await self._release(keys=[keys.meta(stream_id)], args=[attempt, reason]))
+
+    async def stale(self, stale_after_s: float, limit: int = 100) -> list[tuple[str, float]]:
+        """Streams in the running index whose heartbeat is older than ``stale_after_s``."""
+        before = time.time() * 1000 - stale_after_s * 1000
+        rows = await self.redis.zrangebyscore(
+            keys.RUNNING, "-inf", before, start=0, num=limit, withscores=True
+        )
+        return [(str(m), float(s)) for m, s in rows]
 
     async def cancel(self, stream_id: str) -> str:
         """Returns the status after the request: ``cancelled`` at once if it was queued."""

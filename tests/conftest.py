@@ -51,6 +51,8 @@ def make_stack(redis_server: RedisServer, mock_url: str, log_dir: Path) -> Itera
             "TAILGATE_QUEUE_NAME": f"tg:queue:{secrets.token_hex(4)}",
             "TAILGATE_API_KEYS": f"{API_KEY},{OTHER_KEY}",
             "TAILGATE_LOG_FORMAT": "text",
+            "TAILGATE_DRAIN_S": "0",  # no load balancer here; the drain test sets its own
+            "TAILGATE_SHUTDOWN_GRACE_S": "5",
             "TAILGATE_UPSTREAM_IDLE_TIMEOUT_S": "2",
             "TAILGATE_RATE_LIMIT_PER_MIN": "1000000",
             "TAILGATE_MAX_ACTIVE_PER_KEY": "100000",

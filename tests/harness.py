@@ -3,13 +3,14 @@ reader over a real HTTP connection (httpx streaming, never an in-process transpo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,8 @@ class Stack:
         return {"Authorization": f"Bearer {self.api_key}"}
 
     def close(self) -> None:
+        for proc in self.procs:
+            proc.signal(signal.SIGTERM)  # all at once, then wait for each
         for proc in reversed(self.procs):
             proc.stop()
 
@@ -123,6 +126,22 @@ class Event:
     data: dict[str, Any]
 
 
+async def sse_events(response: httpx.Response, retries: list[str] | None = None) -> AsyncIterator[Event]:
+    """Parse an SSE body as it arrives. ``retries`` collects the ``retry:`` hints the server sent."""
+    fields: dict[str, str] = {}
+    async for line in response.aiter_lines():
+        if line == "":
+            if "data" in fields:
+                yield Event(fields.get("id"), fields.get("event", "message"), json.loads(fields["data"]))
+            fields = {}
+        elif line.startswith("retry:"):
+            if retries is not None:
+                retries.append(line[6:].strip())
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            fields[name] = value[1:] if value.startswith(" ") else value
+
+
 async def read_sse(
     client: httpx.AsyncClient,
     url: str,
@@ -130,6 +149,7 @@ async def read_sse(
     headers: dict[str, str] | None = None,
     params: dict[str, str] | None = None,
     limit: int | None = None,
+    retries: list[str] | None = None,
 ) -> tuple[httpx.Response, list[Event]]:
     """Read an SSE response until the server closes it, or until ``limit`` events (then disconnect)."""
     events: list[Event] = []
@@ -137,20 +157,48 @@ async def read_sse(
         if response.status_code != 200:
             await response.aread()
             return response, events
-        fields: dict[str, str] = {}
-        async for line in response.aiter_lines():
-            if line == "":
-                if "data" in fields:
-                    events.append(
-                        Event(fields.get("id"), fields.get("event", "message"), json.loads(fields["data"]))
-                    )
-                    if limit is not None and len(events) >= limit:
-                        break
-                fields = {}
-            elif not line.startswith(":"):
-                name, _, value = line.partition(":")
-                fields[name] = value[1:] if value.startswith(" ") else value
+        async for event in sse_events(response, retries):
+            events.append(event)
+            if limit is not None and len(events) >= limit:
+                break
     return response, events
+
+
+async def read_resuming(
+    client: httpx.AsyncClient, urls: list[str], path: str, headers: dict[str, str], *, deadline_s: float = 90
+) -> tuple[list[Event], int]:
+    """Read a stream to its end the way EventSource does: on a dropped connection or an error status,
+    reconnect (to the next of ``urls``) with ``Last-Event-ID``. Returns the events and the reconnects."""
+    events: list[Event] = []
+    reconnects = -1
+    give_up = time.monotonic() + deadline_s
+    while time.monotonic() < give_up:
+        reconnects += 1
+        url = urls[reconnects % len(urls)]
+        cursor = {"Last-Event-ID": events[-1].id} if events and events[-1].id else {}
+        try:
+            async with client.stream("GET", url + path, headers=headers | cursor) as response:
+                if response.status_code == 204:
+                    return events, reconnects
+                if response.status_code != 200:
+                    await response.aread()
+                    await asyncio.sleep(0.2)
+                    continue
+                async for event in sse_events(response):
+                    events.append(event)
+        except httpx.TransportError:
+            await asyncio.sleep(0.1)
+        if events and events[-1].event in ("done", "error", "cancelled"):
+            return events, reconnects
+    raise TimeoutError(f"stream did not end within {deadline_s}s; {len(events)} events read")
+
+
+def assert_exactly_once(events: list[Event]) -> None:
+    """What a client can prove: seq 1..n, each once, every event with an id; one terminal event, last."""
+    assert [e.data["seq"] for e in events] == list(range(1, len(events) + 1))
+    terminals = [e for e in events if e.event in ("done", "error", "cancelled")]
+    assert terminals == [events[-1]]
+    assert all(e.id for e in events)
 
 
 def text_of(events: list[Event]) -> str:

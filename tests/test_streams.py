@@ -8,21 +8,13 @@ import asyncio
 import httpx
 import pytest
 
-from tests.harness import Event, Stack, expected_answer, mock_requests, read_sse, text_of
+from tests.harness import Stack, assert_exactly_once, expected_answer, mock_requests, read_sse, text_of
 
 
 async def create(client: httpx.AsyncClient, stack: Stack, body: dict[str, object]) -> dict[str, str]:
     r = await client.post(f"{stack.url}/v1/streams", json=body, headers=stack.headers)
     assert r.status_code == 202, r.text
     return r.json()  # type: ignore[no-any-return]
-
-
-def assert_complete(events: list[Event]) -> None:
-    """seq 1..n, once each; exactly one terminal event, last."""
-    assert [e.data["seq"] for e in events] == list(range(1, len(events) + 1))
-    terminals = [e for e in events if e.event in ("done", "error", "cancelled")]
-    assert terminals == [events[-1]]
-    assert all(e.id for e in events)
 
 
 async def test_deltas_assemble_exactly_the_upstream_answer(client, stack, mock_url, prompt):
@@ -35,7 +27,7 @@ async def test_deltas_assemble_exactly_the_upstream_answer(client, stack, mock_u
 
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
-    assert_complete(events)
+    assert_exactly_once(events)
     assert [e.event for e in events[:2]] == ["queued", "started"]
     assert events[1].data == {"seq": 2, "attempt": 1, "model": "gpt-4o-mini"}
     assert {e.event for e in events[2:-1]} == {"delta"}
@@ -87,7 +79,7 @@ async def test_resume_after_disconnect_delivers_each_event_once(client, stack, m
         _, rest = await read_sse(client, url, headers=stack.headers, params={"last_event_id": cursor})
 
     assert rest[0].data["seq"] == 7
-    assert_complete(first + rest)
+    assert_exactly_once(first + rest)
     assert text_of(first + rest) == await expected_answer(mock_url, prompt)
 
 
@@ -117,7 +109,7 @@ async def test_late_reader_gets_the_whole_stream_and_concurrent_readers_agree(
     sequences = [[(e.id, e.event, e.data) for e in events] for _, events in readers]
     assert sequences[0] == sequences[1] == sequences[2]
     assert [(e.id, e.event, e.data) for e in late] == sequences[0]
-    assert_complete(late)
+    assert_exactly_once(late)
     assert text_of(late) == await expected_answer(mock_url, prompt)
 
 
@@ -173,7 +165,7 @@ async def test_cancel_mid_stream_closes_the_upstream_and_ends_with_cancelled(cli
     _, rest = await read_sse(client, url, headers=stack.headers | {"Last-Event-ID": first[-1].id})
 
     events = first + rest
-    assert_complete(events)
+    assert_exactly_once(events)
     assert events[-1].event == "cancelled"
     deltas = [e for e in events if e.event == "delta"]
     assert events[-1].data["usage"] == {"completion_tokens": len(deltas)}

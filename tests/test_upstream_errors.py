@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 
 from tailgate.embedded import free_port
-from tests.harness import expected_answer, mock_requests, read_sse, text_of
+from tests.harness import assert_exactly_once, expected_answer, mock_requests, read_sse, text_of
 
 
 async def run_stream(client, stack, prompt):
     r = await client.post(f"{stack.url}/v1/streams", json={"prompt": prompt}, headers=stack.headers)
     assert r.status_code == 202, r.text
     _, events = await read_sse(client, stack.url + r.json()["events_url"], headers=stack.headers)
-    assert [e.data["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert_exactly_once(events)
     return events
 
 

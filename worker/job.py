@@ -1,9 +1,14 @@
-"""The ARQ job: generate one stream's answer into its Redis Stream.
+"""Streams in a worker process: the ARQ job claims one, an attempt task generates it.
 
-One call is one attempt. It claims the stream (the attempt number becomes its fencing token), streams
-the upstream into a publisher, and ends the stream with exactly one terminal event: ``done``,
-``error`` or ``cancelled``. If its appends are refused (another attempt took over), it stops the
-upstream call and writes nothing more.
+The ARQ job (``generate``) is short on purpose: it claims the stream (the attempt number becomes the
+attempt's fencing token) and starts the attempt as a task of the worker process, then returns. ARQ
+keeps a job in its queue until the job returns and re-checks every such job on each poll, so a
+job that lasted the whole generation would make every poll cost one round trip per running stream.
+Losing a worker is handled by heartbeats and takeover (``worker.runner``), not by ARQ's timeout.
+
+An attempt ends the stream with exactly one terminal event (``done``, ``error``, ``cancelled``),
+or stops without one when its appends are refused (another attempt took over), or hands the stream
+back on shutdown (``release``), enqueueing a takeover job so another worker resumes it at once.
 """
 
 from __future__ import annotations
@@ -12,11 +17,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import openai
-from redis.asyncio import Redis
+from arq import Retry
+from arq.connections import ArqRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tailgate import keys
 from tailgate.events import dumps
@@ -35,38 +44,78 @@ class WorkerState:
     id: str
     settings: Settings
     store: StreamStore
-    streams: Redis
+    queue: ArqRedis
     api: openai.AsyncOpenAI
     running: dict[str, Publisher] = field(default_factory=dict)
+    attempts: set[asyncio.Task[None]] = field(default_factory=set)
+    stopping: bool = False
 
 
 async def generate(ctx: dict[str, Any], stream_id: str) -> str:
+    """ARQ job: claim ``stream_id`` and start its attempt in the background."""
     w: WorkerState = ctx["tailgate"]
-    meta = await w.store.meta(stream_id)
-    if not meta:
-        log.warning("stream %s is gone; nothing to do", stream_id)
-        return "gone"
-    request = json.loads(meta["request"])
-    claim = await w.store.claim(stream_id, w.id, request["model"], "worker_lost")
+    if w.stopping:
+        raise Retry(defer=0.1)  # another worker takes it
+    try:
+        meta = await w.store.meta(stream_id)
+        if not meta:
+            log.warning("stream %s is gone; nothing to do", stream_id)
+            await w.store.redis.zrem(keys.RUNNING, stream_id)
+            return "gone"
+        request = json.loads(meta["request"])
+        # Indexed before the claim, so a worker that dies right after claiming is still found.
+        await w.store.redis.zadd(keys.RUNNING, {stream_id: time.time() * 1000})
+        claim = await w.store.claim(
+            stream_id,
+            w.id,
+            request["model"],
+            stale_after_s=w.settings.takeover_after_s,
+            max_attempts=w.settings.max_attempts,
+        )
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        log.warning("stream %s: Redis unavailable at claim (%s); retrying", stream_id, exc)
+        raise Retry(defer=1) from exc
     if claim.outcome is not Outcome.OK:
         log.info("stream %s not claimed: %s", stream_id, claim.outcome.value)
+        if claim.outcome is Outcome.EXHAUSTED:
+            await _bookkeep(w, stream_id, meta.get("owner", ""), "failed")
+        elif claim.outcome is not Outcome.BUSY:
+            await w.store.redis.zrem(keys.RUNNING, stream_id)
         return str(claim.outcome.value)
     log.info("stream %s attempt %d started", stream_id, claim.attempt)
     pub = Publisher(w.store, stream_id, claim.attempt, claim.seq, w.settings.coalesce_ms / 1000)
+    if claim.cancel:
+        pub.request_cancel()
     w.running[stream_id] = pub
+    task = asyncio.create_task(_attempt(w, pub, request, meta.get("owner", "")), name=f"attempt-{stream_id}")
+    w.attempts.add(task)
+    task.add_done_callback(w.attempts.discard)
+    return "started"
+
+
+async def _attempt(w: WorkerState, pub: Publisher, request: dict[str, Any], owner: str) -> None:
     try:
-        if claim.cancel:
-            pub.request_cancel()
-        status = await _run_attempt(w, pub, request)
+        try:
+            async with asyncio.timeout(w.settings.job_timeout_s):
+                status = await _run(w, pub, request)
+        except TimeoutError:
+            error = {
+                "code": "generation_timeout",
+                "message": f"generation ran past {w.settings.job_timeout_s}s",
+            }
+            ok = await pub.finish("error", error, {"error": dumps(error)})
+            status = "failed" if ok else _refused(pub)
+    except Exception:
+        log.exception("stream %s attempt %d crashed", pub.stream_id, pub.attempt)
+        raise  # the stream is taken over once its heartbeat stops
     finally:
-        w.running.pop(stream_id, None)
+        w.running.pop(pub.stream_id, None)
     if status in ("completed", "failed", "cancelled"):
-        await _bookkeep(w, stream_id, meta.get("owner", ""), status)
-    log.info("stream %s attempt %d %s", stream_id, claim.attempt, status)
-    return status
+        await _bookkeep(w, pub.stream_id, owner, status)
+    log.info("stream %s attempt %d %s", pub.stream_id, pub.attempt, status)
 
 
-async def _run_attempt(w: WorkerState, pub: Publisher, request: dict[str, Any]) -> str:
+async def _run(w: WorkerState, pub: Publisher, request: dict[str, Any]) -> str:
     call = asyncio.create_task(upstream.stream(w.api, request, lambda text: pub.add("delta", {"text": text})))
     halted = asyncio.create_task(pub.halted.wait())
     try:
@@ -80,6 +129,8 @@ async def _run_attempt(w: WorkerState, pub: Publisher, request: dict[str, Any]) 
     if pub.refused is not None:
         await pub.abandon()
         return pub.refused.value
+    if pub.handing_back:
+        return await _hand_back(w, pub)
     if pub.cancel_requested:
         # Usage so far: the upstream reports usage only at the end, so count the chunks streamed.
         usage = {"completion_tokens": pub.deltas}
@@ -97,14 +148,34 @@ async def _run_attempt(w: WorkerState, pub: Publisher, request: dict[str, Any]) 
     return "completed" if ok else _refused(pub)
 
 
+async def _hand_back(w: WorkerState, pub: Publisher) -> str:
+    """Give the stream up for another worker: it resumes with a ``reset`` (``worker_shutdown``)."""
+    await pub.abandon()
+    if not await w.store.release(pub.stream_id, pub.attempt, "worker_shutdown"):
+        return "refused"
+    await w.store.redis.zadd(keys.RUNNING, {pub.stream_id: 0})
+    await takeover(w.queue, w.settings.queue_name, pub.stream_id, f"release-{pub.attempt}")
+    return "handed_back"
+
+
+async def takeover(queue: ArqRedis, queue_name: str, stream_id: str, tag: str) -> None:
+    """Enqueue a job that claims ``stream_id`` again. ``tag`` makes the job id unique per stale
+    heartbeat, so several workers noticing the same loss enqueue it once."""
+    await queue.enqueue_job(
+        keys.JOB_GENERATE, stream_id, _job_id=f"{stream_id}:{tag}", _queue_name=queue_name
+    )
+    await queue.publish(keys.WAKE_CHANNEL, stream_id)
+
+
 def _refused(pub: Publisher) -> str:
     return pub.refused.value if pub.refused is not None else "refused"
 
 
 async def _bookkeep(w: WorkerState, stream_id: str, owner: str, status: str) -> None:
-    """After the terminal event: counters for `tailgate top`, and the owner's concurrency slot."""
-    async with w.streams.pipeline(transaction=False) as pipe:
+    """After the terminal event: counters for `tailgate top`, the running index, the owner's slot."""
+    async with w.store.redis.pipeline(transaction=False) as pipe:
         pipe.hincrby(keys.STATS, status, 1)
+        pipe.zrem(keys.RUNNING, stream_id)
         if owner:
             pipe.zrem(keys.active(owner), stream_id)
         await pipe.execute()

@@ -5,9 +5,10 @@ publisher writes whatever is pending in one append, then waits ``window`` before
 burst of tokens becomes one script call while each event keeps its own id and ``seq``. With a window
 of 0 it still batches what piled up while the previous append was in flight.
 
-An append can be refused: another attempt owns the stream (fenced), the stream ended, or it is gone.
-Then ``halted`` is set and the job stops its upstream call. A cancellation request (from the cancel
-channel, the heartbeat, or an append's reply) sets ``halted`` too.
+An append (or a heartbeat) can be refused: another attempt owns the stream (fenced), the stream
+ended, or it is gone. Then ``halted`` is set and the attempt stops its upstream call. A cancellation
+request (from the cancel channel, the heartbeat, or an append's reply) and a hand-back on shutdown
+set ``halted`` too.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Publisher:
         self.halted = asyncio.Event()
         self.refused: Outcome | None = None  # why appends stopped, if they did
         self.cancel_requested = False
+        self.handing_back = False
         self.deltas = 0
         self._store = store
         self._seq = seq
@@ -54,6 +56,16 @@ class Publisher:
 
     def request_cancel(self) -> None:
         self.cancel_requested = True
+        self.halted.set()
+
+    def request_handback(self) -> None:
+        self.handing_back = True
+        self.halted.set()
+
+    def refuse(self, outcome: Outcome) -> None:
+        if self.refused is None:
+            log.info("stream %s attempt %d refused: %s", self.stream_id, self.attempt, outcome.value)
+            self.refused = outcome
         self.halted.set()
 
     async def finish(self, kind: str, data: dict[str, Any], meta: dict[str, str] | None = None) -> bool:
@@ -107,9 +119,7 @@ class Publisher:
         if retried and written.outcome is Outcome.FINISHED and batch[-1][0] in TERMINAL:
             return Written(Outcome.OK, attempt=self.attempt)  # our own terminal append, reply lost
         if written.outcome is not Outcome.OK:
-            log.info("stream %s attempt %d refused: %s", self.stream_id, self.attempt, written.outcome.value)
-            self.refused = written.outcome
-            self.halted.set()
+            self.refuse(written.outcome)
         else:
             self._seq = written.seq
             if written.cancel:

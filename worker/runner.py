@@ -2,13 +2,19 @@
 
 - **Wake-up.** The gateway publishes on ``tg:wake`` right after it enqueues; the worker's main loop
   waits on that signal and polls ARQ's queue at once. ARQ's ``poll_delay`` remains only as a fallback
-  (a lost message, a worker that was busy).
+  (a lost message, a worker that was busy). At ``concurrency`` running streams it stops taking jobs,
+  which stay queued for other workers.
 - **Cancel.** ``tg:cancel`` names a stream whose generation must stop; if it runs here, its publisher
   halts and the upstream response is closed.
-- **Heartbeat.** Every ``heartbeat_s`` the worker stamps the meta of each stream it runs (and reads
-  their cancel flags, in case a cancel message was missed) and registers itself in ``tg:workers``.
+- **Heartbeat.** Every ``heartbeat_s`` the worker stamps the meta of each stream it runs (an attempt
+  that is no longer the stream's owner learns it here and stops), reads their cancel flags, and
+  registers itself in ``tg:workers``.
+- **Takeover.** Every second it looks for running streams whose heartbeat is older than
+  ``takeover_after_s`` and enqueues a job that claims them again. Right after Redis itself restarted
+  it waits one takeover period first: every heartbeat looks old then, though the workers are alive.
 - **Shutdown.** SIGTERM/SIGINT: stop taking jobs, let running streams finish within
-  ``shutdown_grace_s``, then cancel what is left (ARQ runs those jobs again).
+  ``shutdown_grace_s``, then hand the rest back (``reset`` reason ``worker_shutdown``) so other
+  workers resume them at once.
 """
 
 from __future__ import annotations
@@ -32,26 +38,39 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tailgate import keys
 from tailgate.connections import open_queue, open_store
 from tailgate.settings import Settings
-from tailgate.store import stamp
+from tailgate.store import Outcome, stamp
 from worker import upstream
-from worker.job import WorkerState, generate
+from worker.job import WorkerState, generate, takeover
 
 log = logging.getLogger(__name__)
 
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
 
 class TailgateWorker(Worker):
-    """ARQ's worker with its poll sleep replaced by a wake-up event (ARQ's ``main``, minus the
-    startup it does not need here)."""
+    """ARQ's worker with its poll sleep replaced by a wake-up event, and Redis outages survived
+    (ARQ's ``main`` minus the startup it does not need here)."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, state: WorkerState, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.state = state
         self.woken = asyncio.Event()
 
     async def main(self) -> None:
         self.ctx["redis"] = self.pool
+        backoff = 0.05
         while True:
             self.woken.clear()
-            await self._poll_iteration()
+            s = self.state
+            self.allow_pick_jobs = not s.stopping and len(s.running) < s.settings.concurrency
+            try:
+                await self._poll_iteration()
+                backoff = 0.05
+            except REDIS_ERRORS as exc:
+                log.warning("queue unavailable (%s); retrying in %.2fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_delay_s):
                     await self.woken.wait()
@@ -62,14 +81,14 @@ async def run(settings: Settings) -> None:
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     queue = open_queue(settings, "worker", keys.WORKER_QUEUE_POOL)
     store = open_store(settings, "worker", keys.WORKER_STREAMS_POOL)
-    streams = store.redis
-    state = WorkerState(worker_id, settings, store, streams, upstream.client(settings))
+    state = WorkerState(worker_id, settings, store, queue, upstream.client(settings))
     worker = TailgateWorker(
+        state,
         functions=[func(generate, name=keys.JOB_GENERATE)],
         redis_pool=queue,
         queue_name=settings.queue_name,
-        max_jobs=settings.concurrency,
-        job_timeout=settings.job_timeout_s,
+        max_jobs=keys.WORKER_ARQ_JOBS,
+        job_timeout=30,
         keep_result=0,
         poll_delay=settings.poll_delay_s,
         handle_signals=False,
@@ -80,31 +99,35 @@ async def run(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    listener = asyncio.create_task(_listen(queue, worker, state), name="listen")
-    beat = asyncio.create_task(_heartbeat(queue, state), name="heartbeat")
-    main = asyncio.create_task(worker.main(), name="arq-main")
-    # The listener subscribes first thing; a job enqueued before that is found by the first poll.
+    loops = [
+        asyncio.create_task(_listen(queue, worker, state), name="listen"),
+        asyncio.create_task(_heartbeat(state), name="heartbeat"),
+        asyncio.create_task(_scan(state), name="takeover-scan"),
+        asyncio.create_task(worker.main(), name="arq-main"),
+    ]
     log.info("worker %s ready (concurrency %d)", worker_id, settings.concurrency)
     stopping = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({main, listener, beat, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait({*loops, stopping}, return_when=asyncio.FIRST_COMPLETED)
     for task in done - {stopping}:
         task.result()  # a side loop that died is a bug: surface it
 
     log.info("worker %s stopping: %d streams running", worker_id, len(state.running))
+    state.stopping = True
     worker.allow_pick_jobs = False
-    main.cancel()
-    jobs = [t for t in worker.tasks.values() if not t.done()]
-    if jobs:
-        _, late = await asyncio.wait(jobs, timeout=settings.shutdown_grace_s)
-        for t in late:
-            t.cancel()
-        await asyncio.gather(*late, return_exceptions=True)
-    for task in (listener, beat, main):
+    if state.attempts:
+        _, late = await asyncio.wait(state.attempts, timeout=settings.shutdown_grace_s)
+        if late:
+            log.info("worker %s hands back %d streams", worker_id, len(state.running))
+            for pub in list(state.running.values()):
+                pub.request_handback()
+            await asyncio.wait(late, timeout=10)
+    for task in loops:
         task.cancel()
-    await asyncio.gather(listener, beat, main, return_exceptions=True)
-    await queue.hdel(keys.WORKERS, worker_id)  # type: ignore[misc]
+    await asyncio.gather(*loops, return_exceptions=True)
+    with contextlib.suppress(*REDIS_ERRORS):
+        await queue.hdel(keys.WORKERS, worker_id)  # type: ignore[misc]
     await state.api.close()
-    await streams.aclose()
+    await store.redis.aclose()
     await queue.aclose()
     log.info("worker %s stopped", worker_id)
 
@@ -117,7 +140,7 @@ async def _listen(queue: ArqRedis, worker: TailgateWorker, state: WorkerState) -
         while True:
             try:
                 msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=None)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("wake-up channel lost (%s); polling until it is back", exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -138,26 +161,40 @@ async def _listen(queue: ArqRedis, worker: TailgateWorker, state: WorkerState) -
         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
-async def _heartbeat(queue: ArqRedis, state: WorkerState) -> None:
+async def _heartbeat(state: WorkerState) -> None:
     while True:
-        now = stamp()
-        running = list(state.running.values())
+        running = dict(state.running)
         try:
-            async with state.streams.pipeline(transaction=False) as pipe:
-                for pub in running:
-                    pipe.hset(keys.meta(pub.stream_id), "heartbeat", now)
-                    pipe.hget(keys.meta(pub.stream_id), "cancel")
-                replies = await pipe.execute() if running else []
-            for pub, flag in zip(running, replies[1::2], strict=True):
-                if flag == "1" and not pub.cancel_requested:
-                    pub.request_cancel()
-            info = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "running": len(running),
-                "beat_ms": float(now),
-            }
-            await queue.hset(keys.WORKERS, state.id, json.dumps(info))  # type: ignore[misc]
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            if running:
+                replies = await state.store.beat({i: pub.attempt for i, pub in running.items()})
+                for stream_id, reply in replies.items():
+                    pub = running[stream_id]
+                    if reply == "fenced":
+                        pub.refuse(Outcome.FENCED)
+                    elif reply == "1" and not pub.cancel_requested:
+                        pub.request_cancel()
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "running": len(running)}
+            info["beat_ms"] = float(stamp())
+            await state.queue.hset(keys.WORKERS, state.id, json.dumps(info))  # type: ignore[misc]
+        except REDIS_ERRORS as exc:
             log.warning("heartbeat failed: %s", exc)
         await asyncio.sleep(state.settings.heartbeat_s)
+
+
+async def _scan(state: WorkerState) -> None:
+    s = state.settings
+    while True:
+        await asyncio.sleep(keys.TAKEOVER_SCAN_S)
+        if state.stopping:
+            continue
+        try:
+            info = await state.store.redis.info("server")
+            if int(info["uptime_in_seconds"]) < s.takeover_after_s * 1.5:
+                continue  # Redis just restarted: give live workers time to heartbeat again
+            for stream_id, beat_ms in await state.store.stale(s.takeover_after_s):
+                if stream_id in state.running:
+                    continue  # ours: our own heartbeat is what failed, not the attempt
+                log.warning("stream %s has no heartbeat since %.0f; taking over", stream_id, beat_ms)
+                await takeover(state.queue, s.queue_name, stream_id, f"stale-{beat_ms:.0f}")
+        except REDIS_ERRORS as exc:
+            log.warning("takeover scan failed: %s", exc)
