@@ -19,7 +19,7 @@ from tailgate import keys
 from tailgate.settings import Settings
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tailgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("action", choices=["add", "list", "revoke"])
     p.add_argument("value", nargs="?", help="add: a label; revoke: the key or its hash prefix")
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.command == "mock-upstream":
         return _mock_upstream(args)
     if args.command == "dev":
