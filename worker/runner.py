@@ -84,7 +84,8 @@ async def run(settings: Settings) -> None:
     state = WorkerState(worker_id, settings, store, queue, upstream.client(settings))
     worker = TailgateWorker(
         state,
-        functions=[func(generate, name=keys.JOB_GENERATE)],
+        # A claim that meets an unreachable Redis is retried every second (arq.Retry), for minutes.
+        functions=[func(generate, name=keys.JOB_GENERATE, max_tries=300)],
         redis_pool=queue,
         queue_name=settings.queue_name,
         max_jobs=keys.WORKER_ARQ_JOBS,
