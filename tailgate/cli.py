@@ -83,7 +83,12 @@ def _worker(settings: Settings) -> None:
     logs.configure(settings.log_format, settings.log_level, "worker")
     if not os.environ.get("OPENAI_API_KEY"):
         sys.exit("tailgate worker: OPENAI_API_KEY is not set (for the mock upstream any value works)")
-    asyncio.run(run(settings))
+    try:
+        import uvloop  # uvicorn[standard] brings it; the gateway runs on it too
+    except ImportError:
+        asyncio.run(run(settings))
+    else:
+        uvloop.run(run(settings))
 
 
 def _mock_upstream(args: argparse.Namespace) -> None:

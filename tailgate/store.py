@@ -14,6 +14,7 @@ Only EVAL/EVALSHA, so Redis 6.2 works; both keys carry the stream's hash tag, so
 from __future__ import annotations
 
 import enum
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -60,28 +61,29 @@ return 1
 """
 )
 
-# KEYS: events, meta. ARGV: maxlen, channel, now, worker, model, stale_before, max_attempts, retention.
+# KEYS: events, meta. ARGV: maxlen, channel, now, worker, stale_before, max_attempts, retention.
 # A running stream is claimed only if its heartbeat is older than stale_before (its worker is gone or
 # handed it back); past max_attempts it ends with `error` instead.
 _CLAIM = (
     _LIB
     + """
-local m = redis.call('HMGET', KEYS[2], 'status', 'seq', 'cancel', 'heartbeat', 'attempt', 'release')
+local m = redis.call('HMGET', KEYS[2], 'status', 'seq', 'cancel', 'heartbeat', 'attempt', 'release',
+  'request', 'owner', 'model')
 if not m[1] then return {'gone'} end
 if finished(m[1]) then return {'finished'} end
-if m[1] == 'running' and tonumber(m[4]) > tonumber(ARGV[6]) then return {'busy'} end
+if m[1] == 'running' and tonumber(m[4]) > tonumber(ARGV[5]) then return {'busy'} end
 local reason = m[6] or 'worker_lost'
 local attempt = tonumber(m[5]) + 1
 local lines = {}
 local seq, id = tonumber(m[2]), nil
-if attempt > tonumber(ARGV[7]) then
+if attempt > tonumber(ARGV[6]) then
   local err = '{"code":"worker_lost","message":' .. cjson.encode(
     'the stream lost its worker ' .. m[5] .. ' times (last: ' .. reason .. '); giving up') .. '}'
   seq, id = add(KEYS[1], ARGV[1], seq, 'error', err, lines)
   redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id, 'error', err)
-  close(KEYS[1], KEYS[2], 'failed', ARGV[3], ARGV[8])
+  close(KEYS[1], KEYS[2], 'failed', ARGV[3], ARGV[7])
   redis.call('PUBLISH', ARGV[2], table.concat(lines, '\\n'))
-  return {'exhausted'}
+  return {'exhausted', '', '', '', m[8] or ''}
 end
 redis.call('HSET', KEYS[2], 'attempt', attempt, 'status', 'running', 'worker', ARGV[4], 'heartbeat', ARGV[3])
 redis.call('HDEL', KEYS[2], 'release')
@@ -91,10 +93,10 @@ if attempt > 1 then
     '{"attempt":' .. attempt .. ',"reason":' .. cjson.encode(reason) .. '}', lines)
 end
 seq, id = add(KEYS[1], ARGV[1], seq, 'started',
-  '{"attempt":' .. attempt .. ',"model":' .. cjson.encode(ARGV[5]) .. '}', lines)
+  '{"attempt":' .. attempt .. ',"model":' .. cjson.encode(m[9] or '') .. '}', lines)
 redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id)
 redis.call('PUBLISH', ARGV[2], table.concat(lines, '\\n'))
-return {'ok', tostring(attempt), tostring(seq), m[3] or '0'}
+return {'ok', tostring(attempt), tostring(seq), m[3] or '0', m[8] or '', m[7]}
 """
 )
 
@@ -181,6 +183,16 @@ class Written:
     cancel: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    outcome: Outcome
+    attempt: int = 0
+    seq: int = 0
+    cancel: bool = False
+    owner: str = ""
+    request: dict[str, Any] | None = None  # what the worker sends upstream
+
+
 class StreamStore:
     """The streams Redis, seen through the four scripts plus plain reads."""
 
@@ -202,30 +214,34 @@ class StreamStore:
             args += [k, v]
         return bool(await self._create(keys=[keys.events(stream_id), keys.meta(stream_id)], args=args))
 
-    async def claim(
-        self, stream_id: str, worker: str, model: str, *, stale_after_s: float, max_attempts: int
-    ) -> Written:
+    async def claim(self, stream_id: str, worker: str, *, stale_after_s: float, max_attempts: int) -> Claimed:
         """Start a new attempt: writes ``reset`` (from the second attempt on) and ``started``.
 
-        A running stream is taken over only if its heartbeat is older than ``stale_after_s``.
+        A running stream is taken over only if its heartbeat is older than ``stale_after_s``. The
+        stream enters the running index first (same round trip), so a worker that dies right after
+        claiming is still found by the takeover scan.
         """
         now = time.time() * 1000
-        r = await self._claim(
-            keys=[keys.events(stream_id), keys.meta(stream_id)],
-            args=[
-                self._maxlen,
-                keys.notify(stream_id),
-                f"{now:.3f}",
-                worker,
-                model,
-                f"{now - stale_after_s * 1000:.3f}",
-                max_attempts,
-                self._retention,
-            ],
-        )
-        if r[0] != "ok":
-            return Written(Outcome(r[0]))
-        return Written(Outcome.OK, seq=int(r[2]), attempt=int(r[1]), cancel=r[3] == "1")
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(keys.RUNNING, {stream_id: now})
+            await self._claim(
+                keys=[keys.events(stream_id), keys.meta(stream_id)],
+                args=[
+                    self._maxlen,
+                    keys.notify(stream_id),
+                    f"{now:.3f}",
+                    worker,
+                    f"{now - stale_after_s * 1000:.3f}",
+                    max_attempts,
+                    self._retention,
+                ],
+                client=pipe,
+            )
+            _, r = await pipe.execute()
+        outcome = Outcome(r[0])
+        if outcome is not Outcome.OK:
+            return Claimed(outcome, owner=r[4] if len(r) > 4 else "")
+        return Claimed(outcome, int(r[1]), int(r[2]), r[3] == "1", r[4], json.loads(r[5]))
 
     async def append(
         self,

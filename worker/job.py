@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,28 +55,16 @@ async def generate(ctx: dict[str, Any], stream_id: str) -> str:
     if w.stopping:
         raise Retry(defer=0.1)  # another worker takes it
     try:
-        meta = await w.store.meta(stream_id)
-        if not meta:
-            log.warning("stream %s is gone; nothing to do", stream_id)
-            await w.store.redis.zrem(keys.RUNNING, stream_id)
-            return "gone"
-        request = json.loads(meta["request"])
-        # Indexed before the claim, so a worker that dies right after claiming is still found.
-        await w.store.redis.zadd(keys.RUNNING, {stream_id: time.time() * 1000})
         claim = await w.store.claim(
-            stream_id,
-            w.id,
-            request["model"],
-            stale_after_s=w.settings.takeover_after_s,
-            max_attempts=w.settings.max_attempts,
+            stream_id, w.id, stale_after_s=w.settings.takeover_after_s, max_attempts=w.settings.max_attempts
         )
     except (RedisConnectionError, RedisTimeoutError) as exc:
         log.warning("stream %s: Redis unavailable at claim (%s); retrying", stream_id, exc)
         raise Retry(defer=1) from exc
-    if claim.outcome is not Outcome.OK:
+    if claim.outcome is not Outcome.OK or claim.request is None:
         log.info("stream %s not claimed: %s", stream_id, claim.outcome.value)
         if claim.outcome is Outcome.EXHAUSTED:
-            await _bookkeep(w, stream_id, meta.get("owner", ""), "failed")
+            await _bookkeep(w, stream_id, claim.owner, "failed")
         elif claim.outcome is not Outcome.BUSY:
             await w.store.redis.zrem(keys.RUNNING, stream_id)
         return str(claim.outcome.value)
@@ -87,7 +73,7 @@ async def generate(ctx: dict[str, Any], stream_id: str) -> str:
     if claim.cancel:
         pub.request_cancel()
     w.running[stream_id] = pub
-    task = asyncio.create_task(_attempt(w, pub, request, meta.get("owner", "")), name=f"attempt-{stream_id}")
+    task = asyncio.create_task(_attempt(w, pub, claim.request, claim.owner), name=f"attempt-{stream_id}")
     w.attempts.add(task)
     task.add_done_callback(w.attempts.discard)
     return "started"

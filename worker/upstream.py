@@ -1,5 +1,9 @@
 """The model, through the openai SDK: one ``AsyncOpenAI`` per worker process, streaming on.
 
+The SDK makes the request (auth, base URL, retries with backoff before the first byte, error types);
+the body's SSE lines are read raw and decoded with ``json.loads``. The SDK's own stream builds a
+pydantic model per chunk, which costs more CPU than everything else a worker does for a token.
+
 Every way a call can fail becomes an :class:`UpstreamError` whose ``code`` is what the client sees in
 the ``error`` event:
 
@@ -14,10 +18,12 @@ the ``error`` event:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import httpx2
 import openai
 
 from tailgate.settings import Settings
@@ -56,23 +62,38 @@ async def stream(api: openai.AsyncOpenAI, request: dict[str, Any], on_text: Call
     """
     finish: str | None = None
     usage: dict[str, Any] | None = None
+    create = api.chat.completions.with_streaming_response.create
     try:
-        response = await api.chat.completions.create(
-            **request, stream=True, stream_options={"include_usage": True}
-        )
-        async with response:
-            async for chunk in response:
-                if chunk.usage is not None:
-                    usage = chunk.usage.model_dump(exclude_none=True)
-                for choice in chunk.choices:
-                    if choice.index != 0:
+        async with create(**request, stream=True, stream_options={"include_usage": True}) as response:
+            async for line in response.iter_lines():
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, `event:` lines
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if chunk.get("error"):
+                    error = chunk["error"]
+                    message = error.get("message") if isinstance(error, dict) else str(error)
+                    raise UpstreamError("upstream_error", f"the upstream failed mid-stream: {message}")
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices") or ():
+                    if choice.get("index", 0) != 0:
                         continue
-                    if choice.delta.content:
-                        on_text(choice.delta.content)
-                    if choice.finish_reason:
-                        finish = choice.finish_reason
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        on_text(text)
+                    if choice.get("finish_reason"):
+                        finish = choice["finish_reason"]
     except openai.APIError as exc:
         raise classify(exc) from exc
+    except httpx2.TimeoutException as exc:
+        raise UpstreamError("upstream_timeout", "the upstream sent nothing within the idle timeout") from exc
+    except httpx2.TransportError as exc:
+        raise UpstreamError("upstream_unreachable", f"cannot reach the upstream: {exc}") from exc
+    except ValueError as exc:
+        raise UpstreamError("upstream_error", f"the upstream sent a malformed chunk: {exc}") from exc
     if finish is None:
         raise UpstreamError("upstream_incomplete", "the upstream ended the stream without a finish reason")
     return Result(finish, usage)
