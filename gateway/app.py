@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import anyio
 from arq.connections import ArqRedis
 from fastapi import FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -27,6 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from gateway.admission import Admission, BodyLimit, now_ms
 from gateway.auth import Auth
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 # A reader ended by shutdown gets this, then the connection closes; EventSource reconnects after it.
 SHUTDOWN_HINT = b"retry: 500\n\n"
+KEEP_ALIVE = b": ping\n\n"
 STREAMS_CREATED = Counter("tailgate_streams_created_total", "Streams accepted by this gateway")
 SSE_OPEN = Gauge("tailgate_sse_connections", "Open SSE responses on this gateway")
 EVENTS_SENT = Counter("tailgate_events_sent_total", "Events written to SSE clients")
@@ -325,6 +328,9 @@ def create_app(settings: Settings) -> FastAPI:
                 if prefix:
                     yield prefix
                 async for entries in s.hub.tail(stream_id, after, last_seq):
+                    if not entries:
+                        yield KEEP_ALIVE
+                        continue
                     EVENTS_SENT.inc(len(entries))
                     ended = entries[-1].terminal
                     yield frames(entries)
@@ -333,9 +339,8 @@ def create_app(settings: Settings) -> FastAPI:
             finally:
                 SSE_OPEN.dec()
 
-        return EventSourceResponse(
+        return SSEResponse(
             body(),
-            ping=s.settings.ping_s,
             send_timeout=s.settings.send_timeout_s,
             headers={"X-Tailgate-Stream-Id": stream_id},
         )
@@ -349,6 +354,8 @@ def create_app(settings: Settings) -> FastAPI:
 
         async def lines() -> AsyncIterator[bytes]:
             async for entries in s.hub.tail(stream_id, START, 0, resumable=False):
+                if not entries:
+                    continue  # JSON lines have no comment syntax: no keep-alive here
                 out = [_tutorial_line(e) for e in entries]
                 yield "".join(line for line in out if line).encode()
 
@@ -377,6 +384,29 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class SSEResponse(EventSourceResponse):
+    """sse-starlette's response running two of its four tasks per connection: the stream and the
+    disconnect listener. Keep-alive comments come from the stream itself (the hub wakes an idle
+    reader every ``TAILGATE_PING_S`` anyway) and shutdown is the hub's (``Hub.release``, which ends
+    readers with a retry hint). That saves ~12 KiB per idle connection, a quarter of the total."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] == "HEAD":
+            return await super().__call__(scope, receive, send)
+        async with anyio.create_task_group() as tasks:
+
+            async def stream() -> None:
+                await self._stream_response(send)
+                tasks.cancel_scope.cancel()
+
+            async def disconnect() -> None:
+                await self._listen_for_disconnect(receive)
+                tasks.cancel_scope.cancel()
+
+            tasks.start_soon(stream)
+            tasks.start_soon(disconnect)
 
 
 def _tutorial_line(e: Entry) -> str:

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 _HUB_CHANNEL = "tg:hub"  # always subscribed, so the connection exists before the first reader
 _RESYNC = None  # pushed to a subscription: go back to XRANGE
 _LEAVE: list[Entry] = []  # pushed to a subscription: the process is shutting down
+_IDLE: list[Entry] = []  # from `Subscription.next`: nothing arrived for a while
 # How long a reader rides out a Redis outage before it lets its client go (to reconnect and resume).
 OUTAGE_PATIENCE_S = 30.0
 
@@ -62,14 +63,14 @@ class Subscription:
         self._wake.set()
 
     async def next(self, wait_s: float) -> list[Entry] | None:
-        """The next batch, or ``None``: resynchronise (also after ``wait_s`` with nothing new)."""
+        """The next batch; ``None``: resynchronise; ``_IDLE``: nothing for ``wait_s``."""
         if not self._batches:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait_s):
                     await self._wake.wait()
             if not self._batches:
-                return _RESYNC
+                return _IDLE
         return self._batches.popleft()
 
 
@@ -200,7 +201,8 @@ class Hub:
         self, stream_id: str, after: str, last_seq: int, resumable: bool = True
     ) -> AsyncIterator[list[Entry]]:
         """Events of ``stream_id`` strictly after ``after`` (whose ``seq`` is ``last_seq``), up to
-        and including the terminal event, in batches of those that are ready together.
+        and including the terminal event, in batches of those that are ready together. An empty
+        batch means nothing happened for ``idle_check_s``: time for a keep-alive.
 
         Ends early, without a terminal event, when the process shuts down (``resumable`` readers)."""
         if self.released and resumable:
@@ -219,10 +221,18 @@ class Hub:
                     if batch is None:
                         catching_up = True
                         continue
-                    entries = [e for e in batch if e.seq > last_seq]
-                    if entries and entries[0].seq != last_seq + 1:
-                        catching_up = True  # a gap: the stream has what pub/sub lost
-                        continue
+                    if batch is _IDLE:
+                        # Quiet for a while: look at the stream anyway (in case a message was lost).
+                        entries = await self._range(stream_id, after)
+                        if not entries:
+                            yield entries
+                            continue
+                        catching_up = len(entries) == keys.CATCHUP_PAGE
+                    else:
+                        entries = [e for e in batch if e.seq > last_seq]
+                        if entries and entries[0].seq != last_seq + 1:
+                            catching_up = True  # a gap: the stream has what pub/sub lost
+                            continue
                 if not entries:
                     continue
                 yield entries

@@ -60,9 +60,10 @@ CATCHUP_PAGE = 512  # entries per XRANGE when a reader catches up
 READER_BACKLOG = 256  # live batches a slow reader may queue before it falls back to XRANGE
 ACTIVE_STALE_S = 3600  # an entry in `active` older than job timeout + this is pruned
 # Redis connections of one gateway process, however many SSE clients it serves: readers share the
-# hub's pub/sub connection (taken from the streams pool) and commands share the rest.
+# hub's pub/sub connection (taken from the streams pool) and commands share the rest; at most 4.
+# One queue connection enqueues a few thousand jobs a second (ARQ's enqueue is a WATCH transaction).
 GATEWAY_STREAMS_POOL = 3
-GATEWAY_QUEUE_POOL = 2
+GATEWAY_QUEUE_POOL = 1
 # A worker appends for hundreds of streams side by side.
 WORKER_STREAMS_POOL = 64
 WORKER_QUEUE_POOL = 8

@@ -192,3 +192,17 @@ async def test_idempotency_key_returns_the_same_stream_for_the_same_body(client,
     conflict = await client.post(f"{stack.url}/v1/streams", json={"prompt": "else"}, headers=headers)
     assert conflict.status_code == 409
     assert conflict.json()["error"]["code"] == "idempotency_conflict"
+
+
+async def test_idle_reader_gets_keep_alive_comments(client, make_stack):
+    quiet = make_stack(TAILGATE_PING_S="0.2")
+    url = quiet.gateway()  # no worker: the stream stays queued and its reader idle
+    created = (await client.post(f"{url}/v1/streams", json={"prompt": "wait"}, headers=quiet.headers)).json()
+    lines = []
+    async with client.stream("GET", url + created["events_url"], headers=quiet.headers) as response:
+        async for line in response.aiter_lines():
+            lines.append(line)
+            if lines.count(": ping") == 2:
+                break
+    assert lines[0].startswith("id: ")
+    assert lines[1:] == ["event: queued", 'data: {"seq":1}', "", ": ping", "", ": ping"]
