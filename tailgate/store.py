@@ -281,9 +281,12 @@ class StreamStore:
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream_id, attempt in attempts.items():
                 await self._beat(keys=[keys.meta(stream_id)], args=[attempt, now], client=pipe)
-            pipe.zadd(keys.RUNNING, dict.fromkeys(attempts, float(now)))
-            replies = await pipe.execute()
-        return dict(zip(attempts, (str(r) for r in replies), strict=False))
+            replies = dict(zip(attempts, (str(r) for r in await pipe.execute()), strict=True))
+        # Only streams still ours: re-indexing one that just finished would invite a needless takeover.
+        alive = [stream_id for stream_id, reply in replies.items() if reply != "fenced"]
+        if alive:
+            await self.redis.zadd(keys.RUNNING, dict.fromkeys(alive, float(now)))
+        return replies
 
     async def release(self, stream_id: str, attempt: int, reason: str) -> bool:
         return bool(await self._release(keys=[keys.meta(stream_id)], args=[attempt, reason]))

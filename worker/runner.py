@@ -195,7 +195,7 @@ async def _scan(state: WorkerState) -> None:
             for stream_id, beat_ms in await state.store.stale(s.takeover_after_s):
                 if stream_id in state.running:
                     continue  # ours: our own heartbeat is what failed, not the attempt
-                log.warning("stream %s has no heartbeat since %.0f; taking over", stream_id, beat_ms)
+                log.warning("stream %s: no heartbeat since %.0f; enqueueing its takeover", stream_id, beat_ms)
                 await takeover(state.queue, s.queue_name, stream_id, f"stale-{beat_ms:.0f}")
         except REDIS_ERRORS as exc:
             log.warning("takeover scan failed: %s", exc)
