@@ -1,6 +1,7 @@
 """The model, through the openai SDK: one ``AsyncOpenAI`` per worker process, streaming on.
 
-The SDK makes the request (auth, base URL, retries with backoff before the first byte, error types);
+The SDK makes the request (auth, base URL, retries with backoff before the first byte, error types),
+over its aiohttp transport (``openai[aiohttp]``, a quarter less CPU per token than the default);
 the body's SSE lines are read raw and decoded with ``json.loads``. The SDK's own stream builds a
 pydantic model per chunk, which costs more CPU than everything else a worker does for a token.
 
@@ -44,14 +45,16 @@ class Result:
 
 def client(settings: Settings) -> openai.AsyncOpenAI:
     """Reads ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL`` from the environment, as the SDK does."""
+    timeout = openai.Timeout(
+        connect=settings.upstream_connect_timeout_s,
+        read=settings.upstream_idle_timeout_s,
+        write=settings.upstream_connect_timeout_s,
+        pool=settings.upstream_connect_timeout_s,
+    )
     return openai.AsyncOpenAI(
         max_retries=settings.upstream_max_retries,
-        timeout=openai.Timeout(
-            connect=settings.upstream_connect_timeout_s,
-            read=settings.upstream_idle_timeout_s,
-            write=settings.upstream_connect_timeout_s,
-            pool=settings.upstream_connect_timeout_s,
-        ),
+        timeout=timeout,
+        http_client=openai.DefaultAioHttpClient(timeout=timeout),
     )
 
 
@@ -88,10 +91,8 @@ async def stream(api: openai.AsyncOpenAI, request: dict[str, Any], on_text: Call
                         finish = choice["finish_reason"]
     except openai.APIError as exc:
         raise classify(exc) from exc
-    except httpx2.TimeoutException as exc:
-        raise UpstreamError("upstream_timeout", "the upstream sent nothing within the idle timeout") from exc
-    except httpx2.TransportError as exc:
-        raise UpstreamError("upstream_unreachable", f"cannot reach the upstream: {exc}") from exc
+    except httpx2.TransportError as exc:  # while reading the body, which the SDK does not wrap
+        raise classify(exc) from exc
     except ValueError as exc:
         raise UpstreamError("upstream_error", f"the upstream sent a malformed chunk: {exc}") from exc
     if finish is None:
@@ -99,10 +100,15 @@ async def stream(api: openai.AsyncOpenAI, request: dict[str, Any], on_text: Call
     return Result(finish, usage)
 
 
-def classify(exc: openai.APIError) -> UpstreamError:
-    if isinstance(exc, openai.APITimeoutError):
+def classify(exc: openai.APIError | httpx2.TransportError) -> UpstreamError:
+    # By what happened, not by the wrapper's type: the aiohttp transport reports a refused
+    # connection as a connect *timeout*.
+    refused = _cause(exc, ConnectionError)
+    if refused is not None:
+        return UpstreamError("upstream_unreachable", f"cannot reach the upstream: {refused}")
+    if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
         return UpstreamError("upstream_timeout", "the upstream sent nothing within the idle timeout")
-    if isinstance(exc, openai.APIConnectionError):
+    if isinstance(exc, openai.APIConnectionError | httpx2.TransportError):
         cause = exc.__cause__ or exc
         return UpstreamError("upstream_unreachable", f"cannot reach the upstream: {cause}")
     if isinstance(exc, openai.APIStatusError):
@@ -116,3 +122,12 @@ def classify(exc: openai.APIError) -> UpstreamError:
             return UpstreamError("upstream_bad_request", detail)
         return UpstreamError("upstream_error", detail)
     return UpstreamError("upstream_error", f"the upstream failed mid-stream: {exc.message}")
+
+
+def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
