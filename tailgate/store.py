@@ -184,6 +184,29 @@ class Written:
 
 
 @dataclass(frozen=True, slots=True)
+class Append:
+    """One stream's events for one append, by the attempt that owns it, expected at ``seq``."""
+
+    stream_id: str
+    attempt: int
+    seq: int
+    events: list[tuple[str, dict[str, Any]]]
+    meta: dict[str, str] | None = None  # fields set on the meta hash in the same step
+
+
+def _written(a: Append, r: Any) -> Written | Exception:
+    if isinstance(r, Exception):
+        return r
+    if r[0] == "seq":
+        if int(r[1]) == a.seq + len(a.events):
+            return Written(Outcome.OK, seq=int(r[1]), attempt=a.attempt)
+        return SeqConflict(f"stream {a.stream_id} at seq {r[1]}, writer expected {a.seq}")
+    if r[0] != "ok":
+        return Written(Outcome(r[0]))
+    return Written(Outcome.OK, seq=int(r[1]), attempt=a.attempt, cancel=r[2] == "1")
+
+
+@dataclass(frozen=True, slots=True)
 class Claimed:
     outcome: Outcome
     attempt: int = 0
@@ -243,36 +266,30 @@ class StreamStore:
             return Claimed(outcome, owner=r[4] if len(r) > 4 else "")
         return Claimed(outcome, int(r[1]), int(r[2]), r[3] == "1", r[4], json.loads(r[5]))
 
-    async def append(
-        self,
-        stream_id: str,
-        attempt: int,
-        seq: int,
-        events: list[tuple[str, dict[str, Any]]],
-        meta: dict[str, str] | None = None,
-    ) -> Written:
-        """Append ``events`` if ``attempt`` still owns the stream and it stands at ``seq``.
+    async def append_many(self, appends: list[Append]) -> list[Written | Exception]:
+        """Each of ``appends`` in one pipelined round trip, each atomic on its own: its events go in if
+        its attempt still owns the stream and the stream stands at its ``seq``.
 
-        A terminal event last in ``events`` ends the stream. If the stream already stands at
-        ``seq + len(events)``, this exact append was applied before (its reply was lost) and counts as
-        done; any other ``seq`` raises :class:`SeqConflict`.
+        A terminal event last ends the stream. If the stream already stands at ``seq + len(events)``,
+        that append was applied before (its reply was lost) and counts as done; any other ``seq`` is a
+        :class:`SeqConflict` in its place in the result.
         """
-        final = FINAL_STATUS.get(events[-1][0], "")
-        extra = list((meta or {}).items())
-        args: list[Any] = [attempt, seq, self._maxlen, keys.notify(stream_id), final, stamp()]
-        args += [self._retention, len(extra)]
-        for k, v in extra:
-            args += [k, v]
-        for kind, data in events:
-            args += [kind, dumps(data)]
-        r = await self._append(keys=[keys.events(stream_id), keys.meta(stream_id)], args=args)
-        if r[0] == "seq":
-            if int(r[1]) == seq + len(events):
-                return Written(Outcome.OK, seq=int(r[1]), attempt=attempt)
-            raise SeqConflict(f"stream {stream_id} at seq {r[1]}, writer expected {seq}")
-        if r[0] != "ok":
-            return Written(Outcome(r[0]))
-        return Written(Outcome.OK, seq=int(r[1]), attempt=attempt, cancel=r[2] == "1")
+        now = stamp()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for a in appends:
+                extra = list((a.meta or {}).items())
+                final = FINAL_STATUS.get(a.events[-1][0], "")
+                args: list[Any] = [a.attempt, a.seq, self._maxlen, keys.notify(a.stream_id), final, now]
+                args += [self._retention, len(extra)]
+                for k, v in extra:
+                    args += [k, v]
+                for kind, data in a.events:
+                    args += [kind, dumps(data)]
+                await self._append(
+                    keys=[keys.events(a.stream_id), keys.meta(a.stream_id)], args=args, client=pipe
+                )
+            replies = await pipe.execute(raise_on_error=False)
+        return [_written(a, r) for a, r in zip(appends, replies, strict=True)]
 
     async def beat(self, attempts: dict[str, int]) -> dict[str, str]:
         """Heartbeat every stream in ``attempts`` (id -> attempt) in one round trip, and register

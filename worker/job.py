@@ -30,7 +30,7 @@ from tailgate.events import dumps
 from tailgate.settings import Settings
 from tailgate.store import Outcome, StreamStore
 from worker import upstream
-from worker.publisher import Publisher
+from worker.publisher import Appender, Publisher
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class WorkerState:
     store: StreamStore
     queue: ArqRedis
     api: openai.AsyncOpenAI
+    appender: Appender
     running: dict[str, Publisher] = field(default_factory=dict)
     attempts: set[asyncio.Task[None]] = field(default_factory=set)
     stopping: bool = False
@@ -69,7 +70,7 @@ async def generate(ctx: dict[str, Any], stream_id: str) -> str:
             await w.store.redis.zrem(keys.RUNNING, stream_id)
         return str(claim.outcome.value)
     log.info("stream %s attempt %d started", stream_id, claim.attempt)
-    pub = Publisher(w.store, stream_id, claim.attempt, claim.seq, w.settings.coalesce_ms / 1000)
+    pub = Publisher(w.appender, stream_id, claim.attempt, claim.seq)
     if claim.cancel:
         pub.request_cancel()
     w.running[stream_id] = pub
@@ -113,7 +114,7 @@ async def _run(w: WorkerState, pub: Publisher, request: dict[str, Any]) -> str:
             with contextlib.suppress(asyncio.CancelledError, upstream.UpstreamError):
                 await call
     if pub.refused is not None:
-        await pub.abandon()
+        pub.abandon()
         return pub.refused.value
     if pub.handing_back:
         return await _hand_back(w, pub)
@@ -136,7 +137,7 @@ async def _run(w: WorkerState, pub: Publisher, request: dict[str, Any]) -> str:
 
 async def _hand_back(w: WorkerState, pub: Publisher) -> str:
     """Give the stream up for another worker: it resumes with a ``reset`` (``worker_shutdown``)."""
-    await pub.abandon()
+    pub.abandon()
     if not await w.store.release(pub.stream_id, pub.attempt, "worker_shutdown"):
         return "refused"
     await w.store.redis.zadd(keys.RUNNING, {pub.stream_id: 0})

@@ -1,14 +1,17 @@
-"""The publisher: one per running attempt; coalesces events into atomic appends.
+"""Appends, coalesced twice: over time within a stream, and across the streams of a worker.
 
-Tokens arrive one by one; writing each on its own would cost a Redis round trip per token. The
-publisher writes whatever is pending in one append, then waits ``window`` before the next, so a
-burst of tokens becomes one script call while each event keeps its own id and ``seq``. With a window
-of 0 it still batches what piled up while the previous append was in flight.
+Each running attempt has a :class:`Publisher` that buffers its events. One :class:`Appender` per
+worker process writes them: every tick it takes what every publisher has pending and sends it to
+Redis in one pipelined round trip (one atomic append script per stream, so each event keeps its own
+id and ``seq``), then waits ``window`` before the next tick. A burst of tokens becomes one script
+call, and hundreds of streams cost one round trip. With a window of 0 it still batches whatever piled
+up while the previous round trip was in flight. One tick at a time keeps each stream's appends in order.
 
 An append (or a heartbeat) can be refused: another attempt owns the stream (fenced), the stream
 ended, or it is gone. Then ``halted`` is set and the attempt stops its upstream call. A cancellation
 request (from the cancel channel, the heartbeat, or an append's reply) and a hand-back on shutdown
-set ``halted`` too.
+set ``halted`` too. While Redis is unreachable, the appender retries (safely: the script recognises
+an append it already applied by its ``seq``) until it is back or the attempt times out.
 """
 
 from __future__ import annotations
@@ -16,43 +19,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tailgate.events import TERMINAL
-from tailgate.store import Outcome, StreamStore, Written
+from tailgate.store import Append, Outcome, StreamStore, Written
 
 log = logging.getLogger(__name__)
 
-# How long a worker retries an append while Redis is unreachable before it gives the attempt up.
-APPEND_RETRY_S = 60.0
-
 
 class Publisher:
-    def __init__(self, store: StreamStore, stream_id: str, attempt: int, seq: int, window_s: float) -> None:
+    def __init__(self, appender: Appender, stream_id: str, attempt: int, seq: int) -> None:
         self.stream_id = stream_id
         self.attempt = attempt
+        self.seq = seq
         self.halted = asyncio.Event()
         self.refused: Outcome | None = None  # why appends stopped, if they did
         self.cancel_requested = False
         self.handing_back = False
         self.deltas = 0
-        self._store = store
-        self._seq = seq
-        self._window = window_s
+        self._appender = appender
         self._pending: list[tuple[str, dict[str, Any]]] = []
-        self._ready = asyncio.Event()
-        self._closing = False
-        self._task = asyncio.create_task(self._run(), name=f"publisher-{stream_id}")
+        self._meta: dict[str, str] | None = None
+        self._done: asyncio.Future[bool] | None = None  # set by `finish`
+        self._retried = False
 
     def add(self, kind: str, data: dict[str, Any]) -> None:
+        if self.refused is not None or self._done is not None:
+            return
         if kind == "delta":
             self.deltas += 1
         self._pending.append((kind, data))
-        self._ready.set()
+        self._appender.ready(self)
 
     def request_cancel(self) -> None:
         self.cancel_requested = True
@@ -66,62 +66,100 @@ class Publisher:
         if self.refused is None:
             log.info("stream %s attempt %d refused: %s", self.stream_id, self.attempt, outcome.value)
             self.refused = outcome
+        self._pending.clear()
+        if self._done is not None and not self._done.done():
+            self._done.set_result(False)
         self.halted.set()
 
     async def finish(self, kind: str, data: dict[str, Any], meta: dict[str, str] | None = None) -> bool:
-        """Flush what is pending plus the terminal event in one append. False if refused."""
-        self._closing = True
-        self._ready.set()
-        await self._task
+        """Append what is pending plus the terminal event ``kind``; False if refused."""
         if self.refused is not None:
-            self._pending.clear()
             return False
-        batch, self._pending = [*self._pending, (kind, data)], []
-        written = await self._write(batch, meta)
-        return written.outcome is Outcome.OK
+        self._pending.append((kind, data))
+        self._meta = meta
+        self._done = asyncio.get_running_loop().create_future()
+        self._appender.ready(self)
+        return await self._done
 
-    async def abandon(self) -> None:
-        """Stop without a terminal event (the stream is someone else's now)."""
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+    def abandon(self) -> None:
+        """Stop without a terminal event (the stream is someone else's, or is handed back)."""
+        self._pending.clear()
+        self._appender.forget(self)
+
+    def take(self) -> Append | None:
+        """What the next tick writes for this stream."""
+        if not self._pending or self.refused is not None:
+            return None
+        batch, self._pending = self._pending, []
+        meta, self._meta = (self._meta, None) if batch[-1][0] in TERMINAL else (None, self._meta)
+        return Append(self.stream_id, self.attempt, self.seq, batch, meta)
+
+    def applied(self, append: Append, written: Written, retried: bool) -> None:
+        terminal = append.events[-1][0] in TERMINAL
+        if retried and terminal and written.outcome is Outcome.FINISHED:
+            written = Written(Outcome.OK, append.seq + len(append.events), self.attempt)  # ours, reply lost
+        if written.outcome is not Outcome.OK:
+            self.refuse(written.outcome)
+            return
+        self.seq = written.seq
+        if written.cancel:
+            self.request_cancel()
+        if terminal and self._done is not None and not self._done.done():
+            self._done.set_result(True)
+
+
+class Appender:
+    """The worker's one writer of events (see the module docstring)."""
+
+    def __init__(self, store: StreamStore, window_s: float) -> None:
+        self._store = store
+        self._window = window_s
+        self._ready: dict[Publisher, None] = {}  # insertion-ordered set
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> asyncio.Task[None]:
+        self._task = asyncio.create_task(self._run(), name="appender")
+        return self._task
+
+    def ready(self, pub: Publisher) -> None:
+        self._ready[pub] = None
+        self._wake.set()
+
+    def forget(self, pub: Publisher) -> None:
+        self._ready.pop(pub, None)
 
     async def _run(self) -> None:
         while True:
-            await self._ready.wait()
-            self._ready.clear()
-            if self._pending and not self._closing and self.refused is None:
-                batch, self._pending = self._pending, []
-                await self._write(batch)
-            if self._closing or self.refused is not None:
-                return
+            await self._wake.wait()
+            self._wake.clear()
+            pubs, self._ready = list(self._ready), {}
+            work = [(pub, append) for pub in pubs if (append := pub.take()) is not None]
+            if work:
+                await self._write(work)
             if self._window:
                 await asyncio.sleep(self._window)
 
-    async def _write(
-        self, batch: list[tuple[str, dict[str, Any]]], meta: dict[str, str] | None = None
-    ) -> Written:
-        deadline = time.monotonic() + APPEND_RETRY_S
-        delay = 0.05
-        retried = False
+    async def _write(self, work: list[tuple[Publisher, Append]]) -> None:
+        delay, retried = 0.05, False
         while True:
             try:
-                written = await self._store.append(self.stream_id, self.attempt, self._seq, batch, meta)
+                results = await self._store.append_many([append for _, append in work])
                 break
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                # Safe to retry: the script recognises an append it already applied by its seq.
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("append to %s failed (%s); retrying in %.2fs", self.stream_id, exc, delay)
+                log.warning("append of %d streams failed (%s); retrying in %.2fs", len(work), exc, delay)
                 retried = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        if retried and written.outcome is Outcome.FINISHED and batch[-1][0] in TERMINAL:
-            return Written(Outcome.OK, attempt=self.attempt)  # our own terminal append, reply lost
-        if written.outcome is not Outcome.OK:
-            self.refuse(written.outcome)
-        else:
-            self._seq = written.seq
-            if written.cancel:
-                self.request_cancel()
-        return written
+        for (pub, append), result in zip(work, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("stream %s append failed: %s", pub.stream_id, result)
+                pub.refuse(Outcome.GONE)
+            else:
+                pub.applied(append, result, retried)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

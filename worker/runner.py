@@ -41,6 +41,7 @@ from tailgate.settings import Settings
 from tailgate.store import Outcome, stamp
 from worker import upstream
 from worker.job import WorkerState, generate, takeover
+from worker.publisher import Appender
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ async def run(settings: Settings) -> None:
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     queue = open_queue(settings, "worker", keys.WORKER_QUEUE_POOL)
     store = open_store(settings, "worker", keys.WORKER_STREAMS_POOL)
-    state = WorkerState(worker_id, settings, store, queue, upstream.client(settings))
+    appender = Appender(store, settings.coalesce_ms / 1000)
+    state = WorkerState(worker_id, settings, store, queue, upstream.client(settings), appender)
     worker = TailgateWorker(
         state,
         # A claim that meets an unreachable Redis is retried every second (arq.Retry), for minutes.
@@ -105,6 +107,7 @@ async def run(settings: Settings) -> None:
         asyncio.create_task(_heartbeat(state), name="heartbeat"),
         asyncio.create_task(_scan(state), name="takeover-scan"),
         asyncio.create_task(worker.main(), name="arq-main"),
+        appender.start(),
     ]
     log.info("worker %s ready (concurrency %d)", worker_id, settings.concurrency)
     stopping = asyncio.create_task(stop.wait())
