@@ -1,11 +1,13 @@
 """Appends, coalesced twice: over time within a stream, and across the streams of a worker.
 
 Each running attempt has a :class:`Publisher` that buffers its events. One :class:`Appender` per
-worker process writes them: every tick it takes what every publisher has pending and sends it to
-Redis in one pipelined round trip (one atomic append script per stream, so each event keeps its own
-id and ``seq``), then waits ``window`` before the next tick. A burst of tokens becomes one script
-call, and hundreds of streams cost one round trip. With a window of 0 it still batches whatever piled
-up while the previous round trip was in flight. One tick at a time keeps each stream's appends in order.
+worker process writes them. A stream is due when ``window`` has passed since its last write (so a
+token after a quiet spell, the first one above all, goes out at once, and a burst waits at most one
+window); every stream due at the same moment goes to Redis in one pipelined round trip (one atomic
+append script per stream, so each event keeps its own id and ``seq``). A burst of tokens becomes one
+script call, and hundreds of streams share a round trip. With a window of 0 it still batches whatever
+piled up while the previous round trip was in flight. One round trip at a time keeps each stream's
+appends in order.
 
 An append (or a heartbeat) can be refused: another attempt owns the stream (fenced), the stream
 ended, or it is gone. Then ``halted`` is set and the attempt stops its upstream call. A cancellation
@@ -44,7 +46,7 @@ class Publisher:
         self._pending: list[tuple[str, dict[str, Any]]] = []
         self._meta: dict[str, str] | None = None
         self._done: asyncio.Future[bool] | None = None  # set by `finish`
-        self._retried = False
+        self.due_at = 0.0  # loop time before which this stream's next write waits (coalescing)
 
     def add(self, kind: str, data: dict[str, Any]) -> None:
         if self.refused is not None or self._done is not None:
@@ -116,6 +118,7 @@ class Appender:
         self._window = window_s
         self._ready: dict[Publisher, None] = {}  # insertion-ordered set
         self._wake = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> asyncio.Task[None]:
@@ -130,15 +133,23 @@ class Appender:
         self._ready.pop(pub, None)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
-            pubs, self._ready = list(self._ready), {}
-            work = [(pub, append) for pub in pubs if (append := pub.take()) is not None]
+            now = loop.time()
+            due = [pub for pub in self._ready if pub.due_at <= now]
+            for pub in due:
+                del self._ready[pub]
+            work = [(pub, append) for pub in due if (append := pub.take()) is not None]
             if work:
+                for pub, _ in work:
+                    pub.due_at = now + self._window
                 await self._write(work)
-            if self._window:
-                await asyncio.sleep(self._window)
+            if self._ready:  # streams inside their window: wake when the first one is due
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer = loop.call_at(min(p.due_at for p in self._ready), self._wake.set)
 
     async def _write(self, work: list[tuple[Publisher, Append]]) -> None:
         delay, retried = 0.05, False
