@@ -69,6 +69,6 @@ WORKER_STREAMS_POOL = 64
 WORKER_QUEUE_POOL = 8
 # ARQ jobs only claim a stream and hand it to the worker's own supervisor, so few run at once;
 # TAILGATE_CONCURRENCY bounds the streams.
-WORKER_ARQ_JOBS = 32
+WORKER_ARQ_JOBS = 64
 # How often a worker looks for streams whose worker stopped heartbeating.
 TAKEOVER_SCAN_S = 1.0
