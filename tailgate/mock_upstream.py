@@ -108,9 +108,6 @@ def create_app(config: MockConfig) -> Starlette:
         return JSONResponse(body, status_code=status, headers=headers)
 
     async def completions(request: Request) -> Response:
-        auth = request.headers.get("authorization", "")
-        if not auth.startswith("Bearer ") or (config.api_key and auth[7:] != config.api_key):
-            return error(401, "Incorrect API key provided.", "invalid_api_key")
         try:
             body = await request.json()
             model, messages = body["model"], body["messages"]
@@ -127,6 +124,10 @@ def create_app(config: MockConfig) -> Starlette:
         prompt = str(messages[-1].get("content", "")) if messages else ""
         record = Served(f"chatcmpl-{secrets.token_hex(12)}", prompt, stream, 200, n)
         served.append(record)
+        auth = request.headers.get("authorization", "")
+        if not auth.startswith("Bearer ") or (config.api_key and auth[7:] != config.api_key):
+            record.status = 401
+            return error(401, "Incorrect API key provided.", "invalid_api_key")
 
         status = opts.get("status")
         if status:

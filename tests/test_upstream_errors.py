@@ -3,10 +3,20 @@ the worker goes on serving the next job."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from tailgate.embedded import free_port
-from tests.harness import assert_exactly_once, expected_answer, mock_requests, read_sse, text_of
+from tests.harness import (
+    Proc,
+    assert_exactly_once,
+    expected_answer,
+    iter_env,
+    mock_requests,
+    read_sse,
+    text_of,
+    wait_http,
+)
 
 
 async def run_stream(client, stack, prompt):
@@ -79,3 +89,33 @@ async def test_refused_connection_ends_with_upstream_unreachable(client, make_st
         assert events[-1].data["code"] == "upstream_unreachable"
         assert "cannot reach the upstream" in events[-1].data["message"]
     assert worker.popen.poll() is None
+
+
+async def test_wrong_upstream_key_ends_with_upstream_auth_without_retries(
+    client, make_stack, log_dir, prompt
+):
+    port = free_port()
+    strict_mock = Proc(
+        "mock-strict",
+        ["mock-upstream", "--port", str(port), "--api-key", "sk-right"],
+        dict(iter_env()),
+        log_dir,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", strict_mock)
+        wrong = make_stack(OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1", OPENAI_API_KEY="sk-wrong")
+        wrong.gateway()
+        wrong.worker()
+        events = await run_stream(client, wrong, prompt)
+        async with httpx.AsyncClient() as c:
+            served = [
+                r
+                for r in (await c.get(f"http://127.0.0.1:{port}/mock/requests")).json()
+                if r["prompt"] == prompt
+            ]
+    finally:
+        strict_mock.stop()
+    assert [e.event for e in events] == ["queued", "started", "error"]
+    assert events[-1].data["code"] == "upstream_auth"
+    assert "Incorrect API key" in events[-1].data["message"]
+    assert [r["status"] for r in served] == [401]  # a bad key is not retried
