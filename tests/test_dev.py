@@ -85,3 +85,27 @@ def _wait_for(path: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: 
             raise AssertionError(f"tailgate dev exited {proc.returncode}:\n{path.read_text()}")
         time.sleep(0.05)
     raise AssertionError(f"no {pattern!r} from tailgate dev:\n{path.read_text()}")
+
+
+async def test_tailgate_top_shows_queue_workers_and_counters(client, stack, redis_server):
+    created = await client.post(
+        f"{stack.url}/v1/streams", json={"prompt": "top [mock:tokens=2]"}, headers=stack.headers
+    )
+    _, events = await read_sse(client, stack.url + created.json()["events_url"], headers=stack.headers)
+    assert events[-1].event == "done"
+    import redis as redis_sync
+
+    with redis_sync.Redis.from_url(redis_server.url, decode_responses=True) as r:
+        completed = int(r.hget("tg:stats", "completed") or 0)
+    out = subprocess.run(
+        [sys.executable, "-m", "tailgate", "top", "--once"],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    fields = dict(re.findall(r"(queued|running|workers|completed|failed|cancelled)\s+(\d+)", out))
+    assert set(fields) == {"queued", "running", "workers", "completed", "failed", "cancelled"}
+    assert fields["queued"] == "0"
+    assert int(fields["workers"]) >= 1  # the session stack's worker, heartbeating
+    assert int(fields["completed"]) == completed >= 1
