@@ -341,7 +341,7 @@ def plot(r: dict[str, Any], raw: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("concurrent streams at 50 tokens/s (each level until one fails)")
     ax.set_ylabel("ms (log)")
     ax.set_title("streams sustained")
-    ax.legend(loc="upper left", fontsize="small")
+    ax.legend(loc="lower right", fontsize="small", framealpha=0.8)
     ax.grid(True, which="both", alpha=0.3)
 
     fig.tight_layout()

@@ -292,17 +292,18 @@ class StreamStore:
         return [_written(a, r) for a, r in zip(appends, replies, strict=True)]
 
     async def beat(self, attempts: dict[str, int]) -> dict[str, str]:
-        """Heartbeat every stream in ``attempts`` (id -> attempt) in one round trip, and register
+        """Heartbeat every stream in ``attempts`` (id -> attempt) in one round trip, and refresh
         them in the running index. Answers per stream: ``"1"`` cancel requested, ``"0"``, or ``"fenced"``."""
         now = stamp()
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream_id, attempt in attempts.items():
                 await self._beat(keys=[keys.meta(stream_id)], args=[attempt, now], client=pipe)
             replies = dict(zip(attempts, (str(r) for r in await pipe.execute()), strict=True))
-        # Only streams still ours: re-indexing one that just finished would invite a needless takeover.
+        # Only streams still ours, and only if still indexed (XX): one that finished in between was
+        # removed from the index, and putting it back would invite a needless takeover.
         alive = [stream_id for stream_id, reply in replies.items() if reply != "fenced"]
         if alive:
-            await self.redis.zadd(keys.RUNNING, dict.fromkeys(alive, float(now)))
+            await self.redis.zadd(keys.RUNNING, dict.fromkeys(alive, float(now)), xx=True)
         return replies
 
     async def release(self, stream_id: str, attempt: int, reason: str) -> bool:

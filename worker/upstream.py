@@ -54,7 +54,15 @@ def client(settings: Settings) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(
         max_retries=settings.upstream_max_retries,
         timeout=timeout,
-        http_client=openai.DefaultAioHttpClient(timeout=timeout),
+        # One connection per running stream: the SDK's default pool (1,000) would cap a worker
+        # below TAILGATE_CONCURRENCY when that is set higher.
+        http_client=openai.DefaultAioHttpClient(
+            timeout=timeout,
+            limits=httpx2.Limits(
+                max_connections=max(settings.concurrency, 100),
+                max_keepalive_connections=max(settings.concurrency, 100),
+            ),
+        ),
     )
 
 
