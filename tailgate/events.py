@@ -14,7 +14,6 @@ from typing import Any, NamedTuple
 TERMINAL = frozenset({"done", "error", "cancelled"})
 # The stream status each terminal event leaves behind.
 FINAL_STATUS = {"done": "completed", "error": "failed", "cancelled": "cancelled"}
-STATUSES = frozenset({"queued", "running", "completed", "failed", "cancelled"})
 FINISHED = frozenset(FINAL_STATUS.values())
 
 _CURSOR_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
