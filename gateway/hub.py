@@ -24,10 +24,9 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tailgate import keys
+from tailgate.connections import REDIS_ERRORS, Backoff
 from tailgate.events import Entry, parse_published
 from tailgate.store import StreamStore
 
@@ -114,23 +113,22 @@ class Hub:
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _run(self) -> None:
-        backoff = 0.05
+        backoff = Backoff()
         while True:
             try:
                 msg = await self._pubsub.get_message(timeout=None)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("hub lost its Redis connection (%s); retrying in %.2fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+            except REDIS_ERRORS as exc:
+                log.warning("hub lost its Redis connection (%s); retrying in %.2fs", exc, backoff.delay)
+                await backoff.wait()
                 continue
-            backoff = 0.05
+            backoff.reset()
             if msg is not None:
                 self._dispatch(msg)
 
     def _dispatch(self, msg: dict[str, str]) -> None:
         kind, channel = msg["type"], msg["channel"]
         if kind == "message":
-            stream_id = channel[4:36]  # tg:{<32 hex>}:notify
+            stream_id = keys.stream_of(channel)
             readers = self._readers.get(stream_id)
             if readers:
                 batch = parse_published(msg["data"])
@@ -142,13 +140,13 @@ class Hub:
                 if not ack.done():
                     ack.set_result(None)
             elif channel != _HUB_CHANNEL:
-                readers = self._readers.get(channel[4:36])
+                readers = self._readers.get(keys.stream_of(channel))
                 if readers:
                     for sub in readers:
                         sub.push(_RESYNC)
                 else:
                     # redis-py re-subscribed a channel whose readers left while the connection was down.
-                    self._schedule_unsubscribe(channel[4:36])
+                    self._schedule_unsubscribe(keys.stream_of(channel))
 
     async def _subscribe(self, stream_id: str, resumable: bool) -> Subscription:
         sub = Subscription(stream_id, resumable)
@@ -193,7 +191,7 @@ class Hub:
             return
         try:
             await self._pubsub.unsubscribe(keys.notify(stream_id))
-        except (RedisConnectionError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             # The connection is down; redis-py forgets the channel, so it is not re-subscribed.
             log.info("unsubscribe of %s deferred to reconnect: %s", stream_id, exc)
 
@@ -245,13 +243,12 @@ class Hub:
     async def _range(self, stream_id: str, after: str) -> list[Entry]:
         """XRANGE, riding out a Redis restart or a cut connection for a while."""
         deadline = asyncio.get_running_loop().time() + OUTAGE_PATIENCE_S
-        delay = 0.05
+        backoff = Backoff()
         while True:
             try:
                 return await self._store.after(stream_id, after, keys.CATCHUP_PAGE)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 if asyncio.get_running_loop().time() > deadline:
                     raise
-                log.info("stream %s: XRANGE failed (%s); retrying in %.2fs", stream_id, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                log.info("stream %s: XRANGE failed (%s); retrying in %.2fs", stream_id, exc, backoff.delay)
+                await backoff.wait()

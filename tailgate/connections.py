@@ -3,13 +3,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tailgate import keys
 from tailgate.settings import Settings
 from tailgate.store import StreamStore
+
+# What an unreachable or restarting Redis raises; every loop that rides out an outage catches these.
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class Backoff:
+    """Waits between retries while Redis is unreachable; ``reset`` after a success."""
+
+    __slots__ = ("delay",)
+
+    def __init__(self) -> None:
+        self.delay = keys.BACKOFF_FIRST_S
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.delay)
+        self.delay = min(self.delay * 2, keys.BACKOFF_MAX_S)
+
+    def reset(self) -> None:
+        self.delay = keys.BACKOFF_FIRST_S
 
 
 def client_name(role: str) -> str:

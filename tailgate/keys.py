@@ -27,6 +27,11 @@ def notify(stream_id: str) -> str:
     return f"tg:{{{stream_id}}}:notify"
 
 
+def stream_of(channel: str) -> str:
+    """The stream id in a :func:`notify` channel name."""
+    return channel[4:36]
+
+
 def idempotency(owner: str, key_hash: str) -> str:
     return f"tg:idem:{owner}:{key_hash}"
 
@@ -58,6 +63,9 @@ JOB_GENERATE = "generate"
 # Tuning.
 CATCHUP_PAGE = 512  # entries per XRANGE when a reader catches up
 READER_BACKLOG = 256  # live batches a slow reader may queue before it falls back to XRANGE
+# While Redis is unreachable, every loop retries after 50 ms, doubling up to 2 s.
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 2.0
 ACTIVE_STALE_S = 3600  # an entry in `active` older than job timeout + this is pruned
 # Redis connections of one gateway process, however many SSE clients it serves: readers share the
 # hub's pub/sub connection (taken from the streams pool) and commands share the rest; at most 4.

@@ -22,10 +22,9 @@ from typing import Any
 import openai
 from arq import Retry
 from arq.connections import ArqRedis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tailgate import keys
+from tailgate.connections import REDIS_ERRORS
 from tailgate.events import dumps
 from tailgate.settings import Settings
 from tailgate.store import Outcome, StreamStore
@@ -59,7 +58,7 @@ async def generate(ctx: dict[str, Any], stream_id: str) -> str:
         claim = await w.store.claim(
             stream_id, w.id, stale_after_s=w.settings.takeover_after_s, max_attempts=w.settings.max_attempts
         )
-    except (RedisConnectionError, RedisTimeoutError) as exc:
+    except REDIS_ERRORS as exc:
         log.warning("stream %s: Redis unavailable at claim (%s); retrying", stream_id, exc)
         raise Retry(defer=1) from exc
     if claim.outcome is not Outcome.OK or claim.request is None:

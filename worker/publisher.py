@@ -19,13 +19,10 @@ an append it already applied by its ``seq``) until it is back or the attempt tim
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
+from tailgate.connections import REDIS_ERRORS, Backoff
 from tailgate.events import TERMINAL
 from tailgate.store import Append, Outcome, StreamStore, Written
 
@@ -119,11 +116,10 @@ class Appender:
         self._ready: dict[Publisher, None] = {}  # insertion-ordered set
         self._wake = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> asyncio.Task[None]:
-        self._task = asyncio.create_task(self._run(), name="appender")
-        return self._task
+        """The appender's loop; the worker keeps and, at shutdown, cancels it with its other loops."""
+        return asyncio.create_task(self._run(), name="appender")
 
     def ready(self, pub: Publisher) -> None:
         self._ready[pub] = None
@@ -152,25 +148,20 @@ class Appender:
                 self._timer = loop.call_at(min(p.due_at for p in self._ready), self._wake.set)
 
     async def _write(self, work: list[tuple[Publisher, Append]]) -> None:
-        delay, retried = 0.05, False
+        backoff, retried = Backoff(), False
         while True:
             try:
                 results = await self._store.append_many([append for _, append in work])
                 break
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("append of %d streams failed (%s); retrying in %.2fs", len(work), exc, delay)
+            except REDIS_ERRORS as exc:
+                log.warning(
+                    "append of %d streams failed (%s); retrying in %.2fs", len(work), exc, backoff.delay
+                )
                 retried = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await backoff.wait()
         for (pub, append), result in zip(work, results, strict=True):
             if isinstance(result, Exception):
                 log.error("stream %s append failed: %s", pub.stream_id, result)
                 pub.refuse(Outcome.GONE)
             else:
                 pub.applied(append, result, retried)
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task

@@ -34,11 +34,9 @@ from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import func
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tailgate import keys
-from tailgate.connections import open_queue, open_store
+from tailgate.connections import REDIS_ERRORS, Backoff, open_queue, open_store
 from tailgate.settings import Settings
 from tailgate.store import Outcome, stamp
 from worker import upstream
@@ -46,8 +44,6 @@ from worker.job import WorkerState, generate, takeover
 from worker.publisher import Appender
 
 log = logging.getLogger(__name__)
-
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 # Claims a batch of queued ARQ jobs at once: the same in-progress key ARQ's own WATCH/MULTI sets, for
@@ -97,18 +93,17 @@ class TailgateWorker(Worker):
 
     async def main(self) -> None:
         self.ctx["redis"] = self.pool
-        backoff = 0.05
+        backoff = Backoff()
         while True:
             self.woken.clear()
             s = self.state
             self.allow_pick_jobs = not s.stopping and len(s.running) < s.settings.concurrency
             try:
                 await self._poll_iteration()
-                backoff = 0.05
+                backoff.reset()
             except REDIS_ERRORS as exc:
-                log.warning("queue unavailable (%s); retrying in %.2fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                log.warning("queue unavailable (%s); retrying in %.2fs", exc, backoff.delay)
+                await backoff.wait()
                 continue
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_delay_s):
@@ -176,7 +171,7 @@ async def run(settings: Settings) -> None:
 
 async def _listen(queue: ArqRedis, worker: TailgateWorker, state: WorkerState) -> None:
     pubsub = queue.pubsub()
-    backoff = 0.05
+    backoff = Backoff()
     try:
         await pubsub.subscribe(keys.WAKE_CHANNEL, keys.CANCEL_CHANNEL)
         while True:
@@ -184,10 +179,9 @@ async def _listen(queue: ArqRedis, worker: TailgateWorker, state: WorkerState) -
                 msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=None)
             except REDIS_ERRORS as exc:
                 log.warning("wake-up channel lost (%s); polling until it is back", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await backoff.wait()
                 continue
-            backoff = 0.05
+            backoff.reset()
             if msg is None:
                 continue
             # After a (re)subscription too: a wake-up may have been missed meanwhile.
