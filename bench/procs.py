@@ -25,7 +25,7 @@ import psutil  # type: ignore[import-untyped]
 import redis
 
 from tailgate import keys
-from tailgate.embedded import free_port, redis_binary, stop_process
+from tailgate.dev.procs import free_port, redis_binary, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -33,9 +33,9 @@ import httpx
 import openai
 
 from bench.procs import ROOT, Child, _wait_http, _wait_registered, raise_fd_limit
-from tailgate.embedded import RedisServer, free_port
+from tailgate.dev.faultproxy import FaultProxy
+from tailgate.dev.procs import RedisServer, free_port
 from tailgate.events import id_key
-from tailgate.faultproxy import FaultProxy
 
 RESULTS = ROOT / "bench" / "results"
 API_KEY = "tg-soak-key"

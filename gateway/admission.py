@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import ApiError, error_response
-from tailgate import keys
+from tailgate import keys, tuning
 from tailgate.settings import Settings
 
 
@@ -70,7 +70,7 @@ class Admission:
         async with self._streams.pipeline(transaction=False) as pipe:
             pipe.incr(keys.rate(owner, minute))
             pipe.expire(keys.rate(owner, minute), 120)
-            stale = now_ms - (s.job_timeout_s + keys.ACTIVE_STALE_S) * 1000
+            stale = now_ms - (s.job_timeout_s + tuning.ACTIVE_STALE_S) * 1000
             pipe.zremrangebyscore(keys.active(owner), "-inf", stale)
             pipe.zcard(keys.active(owner))
             count, _, _, active = await pipe.execute()

@@ -41,7 +41,7 @@ from gateway.errors import (
     on_validation_error,
 )
 from gateway.hub import Hub
-from tailgate import keys
+from tailgate import keys, tuning
 from tailgate.connections import open_queue, open_store
 from tailgate.events import START, CursorError, Entry, dumps, frames, parse_cursor
 from tailgate.settings import Settings
@@ -126,9 +126,9 @@ def _iso(ms: str | None) -> str | None:
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = open_store(settings, "gateway", keys.GATEWAY_STREAMS_POOL)
+        store = open_store(settings, "gateway", tuning.GATEWAY_STREAMS_POOL)
         streams = store.redis
-        queue = open_queue(settings, "gateway", keys.GATEWAY_QUEUE_POOL)
+        queue = open_queue(settings, "gateway", tuning.GATEWAY_QUEUE_POOL)
         hub = Hub(streams, store, idle_check_s=settings.ping_s)
         await hub.start()
         HUB_SUBSCRIPTIONS.set_function(lambda: hub.subscriptions)

@@ -23,14 +23,10 @@ from tailgate.settings import Settings
 ANONYMOUS = "anonymous"  # the owner of every stream when auth is turned off
 
 
-def key_hash(api_key: str) -> str:
-    return hashlib.sha256(api_key.encode()).hexdigest()
-
-
 class Auth:
     def __init__(self, settings: Settings, redis: Redis, secret: bytes) -> None:
         self._enabled = settings.auth
-        self._static = frozenset(key_hash(k) for k in settings.static_api_keys)
+        self._static = frozenset(keys.api_key_hash(k) for k in settings.static_api_keys)
         self._redis = redis
         self._secret = secret
         self._token_ttl = settings.read_token_ttl_s
@@ -52,7 +48,7 @@ class Auth:
         scheme, _, api_key = header.partition(" ")
         if scheme.lower() != "bearer" or not api_key.strip():
             raise ApiError(401, "unauthorized", "send your API key as `Authorization: Bearer <key>`")
-        digest = key_hash(api_key.strip())
+        digest = keys.api_key_hash(api_key.strip())
         if digest not in self._static and not await self._redis.hexists(keys.API_KEYS, digest):  # type: ignore[misc]
             raise ApiError(401, "unauthorized", "unknown API key")
         return digest[:32]

@@ -25,19 +25,16 @@ from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
 
-from tailgate import keys
-from tailgate.connections import REDIS_ERRORS, Backoff
+from tailgate import keys, tuning
+from tailgate.connections import REDIS_ERRORS, ride_out
 from tailgate.events import Entry, parse_published
 from tailgate.store import StreamStore
 
 log = logging.getLogger(__name__)
 
-_HUB_CHANNEL = "tg:hub"  # always subscribed, so the connection exists before the first reader
 _RESYNC = None  # pushed to a subscription: go back to XRANGE
 _LEAVE: list[Entry] = []  # pushed to a subscription: the process is shutting down
 _IDLE: list[Entry] = []  # from `Subscription.next`: nothing arrived for a while
-# How long a reader rides out a Redis outage before it lets its client go (to reconnect and resume).
-OUTAGE_PATIENCE_S = 30.0
 
 
 class Subscription:
@@ -54,7 +51,7 @@ class Subscription:
     def push(self, batch: list[Entry] | None) -> None:
         if batch is _LEAVE:
             self._batches.appendleft(batch)
-        elif len(self._batches) >= keys.READER_BACKLOG:
+        elif len(self._batches) >= tuning.READER_BACKLOG:
             self._batches.clear()  # a slow reader re-reads from the stream instead of growing memory
             self._batches.append(_RESYNC)
         else:
@@ -102,7 +99,7 @@ class Hub:
                     sub.push(_LEAVE)
 
     async def start(self) -> None:
-        await self._pubsub.subscribe(_HUB_CHANNEL)
+        await self._pubsub.subscribe(keys.HUB_CHANNEL)
         self._task = asyncio.create_task(self._run(), name="hub")
 
     async def close(self) -> None:
@@ -113,15 +110,8 @@ class Hub:
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _run(self) -> None:
-        backoff = Backoff()
         while True:
-            try:
-                msg = await self._pubsub.get_message(timeout=None)
-            except REDIS_ERRORS as exc:
-                log.warning("hub lost its Redis connection (%s); retrying in %.2fs", exc, backoff.delay)
-                await backoff.wait()
-                continue
-            backoff.reset()
+            msg = await ride_out(lambda: self._pubsub.get_message(timeout=None))
             if msg is not None:
                 self._dispatch(msg)
 
@@ -139,7 +129,7 @@ class Hub:
             if ack is not None:
                 if not ack.done():
                     ack.set_result(None)
-            elif channel != _HUB_CHANNEL:
+            elif channel != keys.HUB_CHANNEL:
                 readers = self._readers.get(keys.stream_of(channel))
                 if readers:
                     for sub in readers:
@@ -211,7 +201,7 @@ class Hub:
             while True:
                 if catching_up:
                     entries = await self._range(stream_id, after)
-                    catching_up = len(entries) == keys.CATCHUP_PAGE
+                    catching_up = len(entries) == tuning.CATCHUP_PAGE
                 else:
                     batch = await sub.next(self._idle_check_s)
                     if batch is _LEAVE:
@@ -225,7 +215,7 @@ class Hub:
                         if not entries:
                             yield entries
                             continue
-                        catching_up = len(entries) == keys.CATCHUP_PAGE
+                        catching_up = len(entries) == tuning.CATCHUP_PAGE
                     else:
                         entries = [e for e in batch if e.seq > last_seq]
                         if entries and entries[0].seq != last_seq + 1:
@@ -242,13 +232,7 @@ class Hub:
 
     async def _range(self, stream_id: str, after: str) -> list[Entry]:
         """XRANGE, riding out a Redis restart or a cut connection for a while."""
-        deadline = asyncio.get_running_loop().time() + OUTAGE_PATIENCE_S
-        backoff = Backoff()
-        while True:
-            try:
-                return await self._store.after(stream_id, after, keys.CATCHUP_PAGE)
-            except REDIS_ERRORS as exc:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise
-                log.info("stream %s: XRANGE failed (%s); retrying in %.2fs", stream_id, exc, backoff.delay)
-                await backoff.wait()
+        return await ride_out(
+            lambda: self._store.after(stream_id, after, tuning.CATCHUP_PAGE),
+            patience_s=tuning.OUTAGE_PATIENCE_S,
+        )

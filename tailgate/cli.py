@@ -1,10 +1,12 @@
-"""The ``tailgate`` command line. Every command reads the same ``TAILGATE_*`` environment."""
+"""The ``tailgate`` command line, and the composition root: the only place that reads the
+environment into :class:`~tailgate.settings.Settings`, configures logging, and picks what a process
+runs (``gateway.server``, ``worker.runner``, the development tools in ``tailgate.dev``). Every command
+reads the same ``TAILGATE_*`` environment."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import secrets
@@ -12,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from typing import Any
 
 from tailgate import keys
@@ -94,7 +95,7 @@ def _worker(settings: Settings) -> None:
 def _mock_upstream(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from tailgate.mock_upstream import MockConfig, create_app
+    from tailgate.dev.mock_upstream import MockConfig, create_app
 
     config = MockConfig(
         tokens=args.tokens, delay_ms=args.delay_ms, ttft_ms=args.ttft_ms, api_key=args.api_key
@@ -111,7 +112,7 @@ def _mock_upstream(args: argparse.Namespace) -> None:
 
 def _dev(args: argparse.Namespace) -> None:
     """Redis, mock upstream, gateway and worker as child processes; Ctrl-C stops them all."""
-    from tailgate.embedded import RedisServer, free_port
+    from tailgate.dev.procs import NotReady, RedisServer, free_port, http_ok, wait_until
 
     env = os.environ.copy()
     env.setdefault("TAILGATE_LOG_FORMAT", "text")
@@ -138,7 +139,16 @@ def _dev(args: argparse.Namespace) -> None:
         )
         children.append(subprocess.Popen([*me, "worker"], env=env))
         base = f"http://127.0.0.1:{args.port}"
-        _wait_ready(f"{base}/readyz", children)
+        try:
+            wait_until(
+                lambda: any(c.poll() is not None for c in children) or http_ok(f"{base}/readyz"),
+                f"{base}/readyz",
+                timeout=60,
+            )
+        except NotReady as exc:
+            raise SystemExit(f"tailgate dev: {exc}") from None
+        if any(c.poll() is not None for c in children):
+            raise SystemExit("tailgate dev: a child process failed to start")
         print(_banner(base, api_key), flush=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while all(c.poll() is None for c in children):
@@ -157,21 +167,6 @@ def _dev(args: argparse.Namespace) -> None:
                 c.kill()
         if redis is not None:
             redis.close()
-
-
-def _wait_ready(url: str, children: list[subprocess.Popen[bytes]], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(c.poll() is not None for c in children):
-            raise SystemExit("tailgate dev: a child process failed to start")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"tailgate dev: {url} not ready after {timeout:.0f}s")
 
 
 def _banner(base: str, api_key: str) -> str:
@@ -224,7 +219,7 @@ async def _keys(settings: Settings, action: str, value: str | None) -> None:
     try:
         if action == "add":
             key = f"tg-{secrets.token_urlsafe(24)}"
-            await redis.hset(keys.API_KEYS, hashlib.sha256(key.encode()).hexdigest(), value or "")
+            await redis.hset(keys.API_KEYS, keys.api_key_hash(key), value or "")
             print(key)
         elif action == "list":
             for digest, label in sorted((await redis.hgetall(keys.API_KEYS)).items()):
@@ -232,7 +227,7 @@ async def _keys(settings: Settings, action: str, value: str | None) -> None:
         else:
             if not value:
                 sys.exit("tailgate keys revoke: give the key or the hash prefix `tailgate keys list` shows")
-            digest = hashlib.sha256(value.encode()).hexdigest()
+            digest = keys.api_key_hash(value)
             matches = [d for d in await redis.hkeys(keys.API_KEYS) if d in (digest,) or d.startswith(value)]
             if len(matches) != 1:
                 sys.exit(f"tailgate keys revoke: {len(matches)} keys match {value!r}")

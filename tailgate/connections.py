@@ -1,48 +1,88 @@
-"""Redis clients, built the same way for every process: bounded pools, and a client name per process
-(`CLIENT LIST` shows which gateway or worker holds which connection)."""
+"""Redis clients, built the same way for every process, and the one retry policy for Redis outages.
+
+Clients have bounded pools and a client name per process (`CLIENT LIST` shows which gateway or worker
+holds which connection).
+
+Retries, in two layers, both with jitter so that a fleet reconnecting after a Redis restart does not
+retry in lockstep:
+
+- **Commands** (``command_retry``): redis-py's own ``Retry`` with full-jitter exponential backoff
+  re-sends a command whose connection failed. Only for clients whose commands are safe to repeat
+  (reads, ``SET NX``, the create and cancel scripts): a command can be applied and its reply lost.
+  The worker's store has none: its appends and claims are fenced scripts whose replays the worker
+  recognises itself.
+- **Loops** (``ride_out``): a loop that must survive an outage (the hub's subscription, the
+  appender, the worker's side loops) awaits its call through stamina, which retries with capped,
+  jittered exponential backoff, for ever or for a given patience.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import os
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+import stamina
 from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import FullJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tailgate import keys
+from tailgate import tuning
 from tailgate.settings import Settings
 from tailgate.store import StreamStore
 
 # What an unreachable or restarting Redis raises; every loop that rides out an outage catches these.
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
+T = TypeVar("T")
 
-class Backoff:
-    """Waits between retries while Redis is unreachable; ``reset`` after a success."""
 
-    __slots__ = ("delay",)
+def command_retry() -> Retry:
+    """redis-py's retry for one command: a few quick re-sends, full jitter."""
+    return Retry(
+        FullJitterBackoff(cap=tuning.COMMAND_RETRY_CAP_S, base=tuning.COMMAND_RETRY_BASE_S),
+        tuning.COMMAND_RETRIES,
+    )
 
-    def __init__(self) -> None:
-        self.delay = keys.BACKOFF_FIRST_S
 
-    async def wait(self) -> None:
-        await asyncio.sleep(self.delay)
-        self.delay = min(self.delay * 2, keys.BACKOFF_MAX_S)
-
-    def reset(self) -> None:
-        self.delay = keys.BACKOFF_FIRST_S
+async def ride_out(call: Callable[[], Awaitable[T]], *, patience_s: float | None = None) -> T:
+    """``await call()``, retrying through a Redis outage with capped, jittered exponential backoff,
+    for ``patience_s`` (``None``: until Redis is back). The first try costs nothing extra, so this
+    sits on hot paths too. After ``patience_s`` the last error is raised."""
+    try:
+        return await call()
+    except REDIS_ERRORS:
+        pass
+    async for attempt in stamina.retry_context(
+        on=REDIS_ERRORS,
+        attempts=None,
+        timeout=patience_s,
+        wait_initial=tuning.BACKOFF_FIRST_S,
+        wait_max=tuning.BACKOFF_MAX_S,
+        wait_jitter=tuning.BACKOFF_FIRST_S,
+    ):
+        with attempt:
+            return await call()
+    raise AssertionError("unreachable: stamina raises once it gives up")
 
 
 def client_name(role: str) -> str:
     return f"tailgate-{role}-{os.getpid()}"
 
 
-def open_store(settings: Settings, role: str, pool_size: int) -> StreamStore:
-    """The streams Redis (strings, not bytes) behind a :class:`StreamStore`."""
+def open_store(settings: Settings, role: str, pool_size: int, *, retry: bool = True) -> StreamStore:
+    """The streams Redis (strings, not bytes) behind a :class:`StreamStore`. ``retry``: re-send
+    commands whose connection failed (see the module docstring)."""
+    extra = {"retry": command_retry(), "retry_on_error": list(REDIS_ERRORS)} if retry else {}
     pool = BlockingConnectionPool.from_url(
-        settings.streams_url, max_connections=pool_size, decode_responses=True, client_name=client_name(role)
+        settings.streams_url,
+        max_connections=pool_size,
+        decode_responses=True,
+        client_name=client_name(role),
+        **extra,
     )
     return StreamStore(
         Redis(connection_pool=pool),
@@ -54,7 +94,13 @@ def open_store(settings: Settings, role: str, pool_size: int) -> StreamStore:
 
 
 def open_queue(settings: Settings, role: str, pool_size: int) -> ArqRedis:
+    """The queue Redis (bytes, as ARQ expects). ARQ's enqueue is a WATCH transaction, which redis-py
+    never re-sends; reads and publishes are safe to."""
     pool = BlockingConnectionPool.from_url(
-        settings.queue_url, max_connections=pool_size, client_name=client_name(role)
+        settings.queue_url,
+        max_connections=pool_size,
+        client_name=client_name(role),
+        retry=command_retry(),
+        retry_on_error=list(REDIS_ERRORS),
     )
     return ArqRedis(connection_pool=pool)

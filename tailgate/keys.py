@@ -1,4 +1,4 @@
-"""Every Redis key and channel tailgate uses, and the tuning numbers that are not settings.
+"""Every Redis key and channel tailgate uses (tuning numbers live in ``tailgate.tuning``).
 
 One stream's keys share a hash tag (``{<id>}``) so that a Redis Cluster keeps them in one slot and a
 script can touch both atomically.
@@ -6,6 +6,7 @@ script can touch both atomically.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 # Stream ids: 128 random bits as hex. Anything else in a path is a 404 without a Redis round trip.
@@ -30,6 +31,11 @@ def notify(stream_id: str) -> str:
 def stream_of(channel: str) -> str:
     """The stream id in a :func:`notify` channel name."""
     return channel[4:36]
+
+
+def api_key_hash(api_key: str) -> str:
+    """How an API key is stored and compared: its SHA-256, never the key itself."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
 
 
 def idempotency(owner: str, key_hash: str) -> str:
@@ -57,26 +63,9 @@ WAKE_CHANNEL = "tg:wake"
 CANCEL_CHANNEL = "tg:cancel"  # message: a stream id whose generation must stop
 WORKERS = "tg:workers"  # hash: worker id -> JSON {pid, host, running, beat_ms}
 
+# On the streams Redis: always subscribed by the gateway's hub, so its connection exists before the
+# first reader does.
+HUB_CHANNEL = "tg:hub"
+
 # The ARQ job function's name.
 JOB_GENERATE = "generate"
-
-# Tuning.
-CATCHUP_PAGE = 512  # entries per XRANGE when a reader catches up
-READER_BACKLOG = 256  # live batches a slow reader may queue before it falls back to XRANGE
-# While Redis is unreachable, every loop retries after 50 ms, doubling up to 2 s.
-BACKOFF_FIRST_S = 0.05
-BACKOFF_MAX_S = 2.0
-ACTIVE_STALE_S = 3600  # an entry in `active` older than job timeout + this is pruned
-# Redis connections of one gateway process, however many SSE clients it serves: readers share the
-# hub's pub/sub connection (taken from the streams pool) and commands share the rest; at most 4.
-# One queue connection enqueues a few thousand jobs a second (ARQ's enqueue is a WATCH transaction).
-GATEWAY_STREAMS_POOL = 3
-GATEWAY_QUEUE_POOL = 1
-# A worker appends for hundreds of streams side by side.
-WORKER_STREAMS_POOL = 64
-WORKER_QUEUE_POOL = 8
-# ARQ jobs only claim a stream and hand it to the worker's own supervisor, so few run at once;
-# TAILGATE_CONCURRENCY bounds the streams.
-WORKER_ARQ_JOBS = 64
-# How often a worker looks for streams whose worker stopped heartbeating.
-TAKEOVER_SCAN_S = 1.0

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tailgate.embedded import RedisServer, free_port
+from tailgate.dev.procs import RedisServer, free_port
 from tests.harness import Proc, Stack, iter_env, wait_http
 
 API_KEY = "tg-test-key-one"

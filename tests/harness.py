@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import openai
 
-from tailgate.embedded import free_port, stop_process
+from tailgate.dev.procs import free_port, stop_process
 
 MODEL = "gpt-4o-mini"  # the gateway's default model, which the worker sends upstream
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from tailgate.embedded import RedisServer, free_port
+from tailgate.dev.procs import RedisServer, free_port
 from tests.harness import iter_env, read_sse
 
 

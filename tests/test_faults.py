@@ -14,8 +14,8 @@ import httpx
 import pytest
 import redis
 
-from tailgate.embedded import RedisServer
-from tailgate.faultproxy import FaultProxy
+from tailgate.dev.faultproxy import FaultProxy
+from tailgate.dev.procs import RedisServer
 from tests.harness import (
     Proc,
     Stack,

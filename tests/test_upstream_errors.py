@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tailgate.embedded import free_port
+from tailgate.dev.procs import free_port
 from tests.harness import (
     Proc,
     assert_exactly_once,

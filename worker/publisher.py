@@ -22,7 +22,7 @@ import asyncio
 import logging
 from typing import Any
 
-from tailgate.connections import REDIS_ERRORS, Backoff
+from tailgate.connections import ride_out
 from tailgate.events import TERMINAL
 from tailgate.store import Append, Outcome, StreamStore, Written
 
@@ -148,17 +148,15 @@ class Appender:
                 self._timer = loop.call_at(min(p.due_at for p in self._ready), self._wake.set)
 
     async def _write(self, work: list[tuple[Publisher, Append]]) -> None:
-        backoff, retried = Backoff(), False
-        while True:
-            try:
-                results = await self._store.append_many([append for _, append in work])
-                break
-            except REDIS_ERRORS as exc:
-                log.warning(
-                    "append of %d streams failed (%s); retrying in %.2fs", len(work), exc, backoff.delay
-                )
-                retried = True
-                await backoff.wait()
+        tries = 0
+
+        async def write() -> list[Written | Exception]:
+            nonlocal tries
+            tries += 1
+            return await self._store.append_many([append for _, append in work])
+
+        results = await ride_out(write)
+        retried = tries > 1
         for (pub, append), result in zip(work, results, strict=True):
             if isinstance(result, Exception):
                 log.error("stream %s append failed: %s", pub.stream_id, result)

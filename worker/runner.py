@@ -35,8 +35,8 @@ from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import func
 
-from tailgate import keys
-from tailgate.connections import REDIS_ERRORS, Backoff, open_queue, open_store
+from tailgate import keys, tuning
+from tailgate.connections import REDIS_ERRORS, open_queue, open_store, ride_out
 from tailgate.settings import Settings
 from tailgate.store import Outcome, stamp
 from worker import upstream
@@ -93,18 +93,11 @@ class TailgateWorker(Worker):
 
     async def main(self) -> None:
         self.ctx["redis"] = self.pool
-        backoff = Backoff()
         while True:
             self.woken.clear()
             s = self.state
             self.allow_pick_jobs = not s.stopping and len(s.running) < s.settings.concurrency
-            try:
-                await self._poll_iteration()
-                backoff.reset()
-            except REDIS_ERRORS as exc:
-                log.warning("queue unavailable (%s); retrying in %.2fs", exc, backoff.delay)
-                await backoff.wait()
-                continue
+            await ride_out(self._poll_iteration)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_delay_s):
                     await self.woken.wait()
@@ -113,18 +106,17 @@ class TailgateWorker(Worker):
 async def run(settings: Settings) -> None:
     """Run one worker process until SIGTERM/SIGINT."""
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-    queue = open_queue(settings, "worker", keys.WORKER_QUEUE_POOL)
-    store = open_store(settings, "worker", keys.WORKER_STREAMS_POOL)
+    queue = open_queue(settings, "worker", tuning.WORKER_QUEUE_POOL)
+    store = open_store(settings, "worker", tuning.WORKER_STREAMS_POOL, retry=False)
     appender = Appender(store, settings.coalesce_ms / 1000)
     state = WorkerState(worker_id, settings, store, queue, upstream.client(settings), appender)
     worker = TailgateWorker(
         state,
-        # A claim that meets an unreachable Redis is retried every second (arq.Retry), for minutes.
-        functions=[func(generate, name=keys.JOB_GENERATE, max_tries=300)],
+        functions=[func(generate, name=keys.JOB_GENERATE, max_tries=tuning.CLAIM_MAX_TRIES)],
         redis_pool=queue,
         queue_name=settings.queue_name,
-        max_jobs=keys.WORKER_ARQ_JOBS,
-        job_timeout=30,
+        max_jobs=tuning.WORKER_ARQ_JOBS,
+        job_timeout=tuning.ARQ_JOB_TIMEOUT_S,
         keep_result=0,
         poll_delay=settings.poll_delay_s,
         handle_signals=False,
@@ -171,17 +163,11 @@ async def run(settings: Settings) -> None:
 
 async def _listen(queue: ArqRedis, worker: TailgateWorker, state: WorkerState) -> None:
     pubsub = queue.pubsub()
-    backoff = Backoff()
     try:
         await pubsub.subscribe(keys.WAKE_CHANNEL, keys.CANCEL_CHANNEL)
         while True:
-            try:
-                msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=None)
-            except REDIS_ERRORS as exc:
-                log.warning("wake-up channel lost (%s); polling until it is back", exc)
-                await backoff.wait()
-                continue
-            backoff.reset()
+            # While the channel is lost, ARQ's poll still finds new jobs.
+            msg = await ride_out(lambda: pubsub.get_message(ignore_subscribe_messages=False, timeout=None))
             if msg is None:
                 continue
             # After a (re)subscription too: a wake-up may have been missed meanwhile.
@@ -220,7 +206,7 @@ async def _heartbeat(state: WorkerState) -> None:
 async def _scan(state: WorkerState) -> None:
     s = state.settings
     while True:
-        await asyncio.sleep(keys.TAKEOVER_SCAN_S)
+        await asyncio.sleep(tuning.TAKEOVER_SCAN_S)
         if state.stopping:
             continue
         try:

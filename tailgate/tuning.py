@@ -1,0 +1,42 @@
+"""The tuning numbers that are not settings: pool sizes, pages, backoff, scan intervals, patience.
+
+Each has a why-comment where its value is not obvious. Settings (``tailgate.settings``) are what an
+operator changes; these are what a developer changes after measuring.
+"""
+
+from __future__ import annotations
+
+CATCHUP_PAGE = 512  # entries per XRANGE when a reader catches up
+READER_BACKLOG = 256  # live batches a slow reader may queue before it falls back to XRANGE
+# While Redis is unreachable, every loop retries after 50 ms, doubling up to 2 s, plus up to 50 ms
+# of jitter (tailgate.connections.ride_out).
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 2.0
+# One command whose connection failed is re-sent up to 3 times, after a random 0..min(0.5 s,
+# 10 ms * 2^n): enough for a dropped connection, short enough that a real outage reaches the loops.
+COMMAND_RETRIES = 3
+COMMAND_RETRY_BASE_S = 0.01
+COMMAND_RETRY_CAP_S = 0.5
+ACTIVE_STALE_S = 3600  # an entry in `active` older than job timeout + this is pruned
+# Redis connections of one gateway process, however many SSE clients it serves: readers share the
+# hub's pub/sub connection (taken from the streams pool) and commands share the rest; at most 4.
+# One queue connection enqueues a few thousand jobs a second (ARQ's enqueue is a WATCH transaction).
+GATEWAY_STREAMS_POOL = 3
+GATEWAY_QUEUE_POOL = 1
+# A worker appends for hundreds of streams side by side.
+WORKER_STREAMS_POOL = 64
+WORKER_QUEUE_POOL = 8
+# ARQ jobs only claim a stream and hand it to the worker's own supervisor, so few run at once;
+# TAILGATE_CONCURRENCY bounds the streams.
+WORKER_ARQ_JOBS = 64
+# How often a worker looks for streams whose worker stopped heartbeating.
+TAKEOVER_SCAN_S = 1.0
+# How long a gateway's reader rides out a Redis outage before it lets its client go (to reconnect,
+# elsewhere perhaps, and resume from its cursor).
+OUTAGE_PATIENCE_S = 30.0
+# ARQ's own timeout for a `generate` job. The job only claims a stream (a round trip or two); the
+# generation runs under the worker's supervision, bounded by TAILGATE_JOB_TIMEOUT_S.
+ARQ_JOB_TIMEOUT_S = 30
+# A claim that meets an unreachable Redis is retried every second (arq.Retry): 300 tries ride out
+# a five-minute outage.
+CLAIM_MAX_TRIES = 300
