@@ -1,0 +1,160 @@
+"""Reading tailgate's SSE as a client does, strictly, for the tests, the benchmark and the soak.
+
+Built on ``httpx-sse`` (a decoder that follows the SSE spec to the letter) over real HTTP connections.
+Strict: every event must carry an ``id`` and a JSON object with an integer ``seq``, else
+:class:`ProtocolError`; ``retry:`` hints and keep-alive comments are collected, not hidden.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from httpx_sse import EventSource
+
+TERMINAL = frozenset({"done", "error", "cancelled"})
+
+
+class ProtocolError(AssertionError):
+    """The server sent something a tailgate client cannot accept."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: str
+    event: str
+    data: dict[str, Any]
+
+    @property
+    def seq(self) -> int:
+        return int(self.data["seq"])
+
+    @property
+    def terminal(self) -> bool:
+        return self.event in TERMINAL
+
+
+@dataclass(slots=True)
+class Extras:
+    """What a stream carried besides events: ``retry:`` hints (in ms), in order."""
+
+    retries: list[int] = field(default_factory=list)
+
+
+async def events(response: httpx.Response, extras: Extras | None = None) -> AsyncIterator[Event]:
+    """The events of one SSE response as they arrive."""
+    async for sse in EventSource(response).aiter_sse():
+        if sse.retry is not None and extras is not None:
+            extras.retries.append(sse.retry)
+        if not sse.data:
+            continue  # a `retry:`-only block
+        if not sse.id:
+            raise ProtocolError(f"an event without an id: {sse.event} {sse.data[:200]}")
+        data = json.loads(sse.data)
+        if not isinstance(data, dict) or not isinstance(data.get("seq"), int):
+            raise ProtocolError(f"data is not an object with an integer seq: {sse.data[:200]}")
+        yield Event(sse.id, sse.event, data)
+
+
+async def read_sse(
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+    limit: int | None = None,
+    extras: Extras | None = None,
+) -> tuple[httpx.Response, list[Event]]:
+    """Read one SSE response until the server closes it, or until ``limit`` events (then disconnect).
+    A non-200 answer is returned read, with no events."""
+    out: list[Event] = []
+    async with client.stream("GET", url, headers=headers, params=params) as response:
+        if response.status_code != 200:
+            await response.aread()
+            return response, out
+        async for event in events(response, extras):
+            out.append(event)
+            if limit is not None and len(out) >= limit:
+                break
+    return response, out
+
+
+@dataclass(slots=True)
+class Resumed:
+    events: list[Event]
+    reconnects: int
+
+
+async def read_resuming(
+    client: httpx.AsyncClient,
+    urls: Sequence[str],
+    path: str,
+    headers: dict[str, str],
+    *,
+    pick: Callable[[Sequence[str]], str] | None = None,
+    deadline_s: float = 90.0,
+) -> Resumed:
+    """Read a stream to its end the way ``EventSource`` does: on a dropped connection or an error
+    status, reconnect (to the next of ``urls``, or to ``pick(urls)``) with ``Last-Event-ID``; stop at
+    a terminal event or a 204. Events are returned as received, duplicates included, so the caller
+    can prove there were none. A ``Last-Event-ID`` in ``headers`` is where the first request resumes."""
+    got: list[Event] = []
+    reconnects = -1
+    give_up = time.monotonic() + deadline_s
+    while time.monotonic() < give_up:
+        reconnects += 1
+        base = pick(urls) if pick is not None else urls[reconnects % len(urls)]
+        cursor = {"Last-Event-ID": got[-1].id} if got else {}
+        try:
+            async with client.stream("GET", base + path, headers=headers | cursor) as response:
+                if response.status_code == 204:
+                    return Resumed(got, reconnects)
+                if response.status_code != 200:
+                    await response.aread()
+                    await asyncio.sleep(0.2)
+                    continue
+                async for event in events(response):
+                    got.append(event)
+        except httpx.TransportError:
+            await asyncio.sleep(0.1)
+        if got and got[-1].terminal:
+            return Resumed(got, reconnects)
+    raise TimeoutError(f"stream did not end within {deadline_s}s; {len(got)} events read")
+
+
+def exactly_once_problems(events: list[Event]) -> list[str]:
+    """What a client can prove, as a list of problems (empty: none): seq 1..n, each once; exactly
+    one terminal event, and it is last."""
+    problems = []
+    seqs = [e.seq for e in events]
+    if seqs != list(range(1, len(events) + 1)):
+        seen = set(seqs)
+        lost = [s for s in range(1, max(seqs, default=0) + 1) if s not in seen]
+        dup = len(seqs) - len(seen)
+        problems.append(f"seq not contiguous: lost {lost[:10]}, {dup} duplicated")
+    terminals = [e for e in events if e.terminal]
+    if len(terminals) != 1 or terminals[0] is not events[-1]:
+        last = events[-1].event if events else None
+        problems.append(f"{len(terminals)} terminal events; the last event is {last}")
+    return problems
+
+
+def assert_exactly_once(events: list[Event]) -> None:
+    problems = exactly_once_problems(events)
+    assert not problems, "; ".join(problems)
+
+
+def text_of(events: list[Event]) -> str:
+    """The answer a client assembles: deltas after the last reset."""
+    text = ""
+    for e in events:
+        if e.event == "reset":
+            text = ""
+        elif e.event == "delta":
+            text += e.data["text"]
+    return text
