@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from sse_starlette.sse import AppStatus
 
 from gateway.app import Services, create_app
+from gateway.protocol import GuardedProtocol
 from tailgate.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,11 @@ def serve(settings: Settings, host: str, port: int) -> None:
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
         timeout_keep_alive=settings.keepalive_s,
+        http=GuardedProtocol.configured(
+            request_timeout_s=settings.request_timeout_s,
+            max_header_bytes=settings.max_header_bytes,
+            max_connections=settings.max_connections,
+        ),
         backlog=4096,
     )
     GatewayServer(config, app, settings.drain_s).run()

@@ -40,3 +40,9 @@ ARQ_JOB_TIMEOUT_S = 30
 # A claim that meets an unreachable Redis is retried every second (arq.Retry): 300 tries ride out
 # a five-minute outage.
 CLAIM_MAX_TRIES = 300
+# Half-open client connections (the peer vanished without a FIN): TCP keepalive probes after 30 s
+# of silence, every 10 s, 3 unanswered close it; data unacknowledged for 60 s closes it too.
+TCP_KEEPIDLE_S = 30
+TCP_KEEPINTVL_S = 10
+TCP_KEEPCNT = 3
+TCP_USER_TIMEOUT_MS = 60_000
