@@ -16,7 +16,10 @@ TERMINAL = frozenset({"done", "error", "cancelled"})
 FINAL_STATUS = {"done": "completed", "error": "failed", "cancelled": "cancelled"}
 FINISHED = frozenset(FINAL_STATUS.values())
 
-_CURSOR_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
+# ASCII digits only (`\d` also matches other scripts' digits, which Redis refuses), whole string
+# (`$` would let a trailing newline through); each part at most 2**64 - 1, as Redis's ids are.
+_CURSOR_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_ID_MAX = 2**64 - 1
 START = "0-0"  # the cursor before the first entry
 
 
@@ -66,7 +69,8 @@ def parse_cursor(raw: str | None) -> str | None:
     """Validate a client cursor; ``None`` means from the start."""
     if raw is None or raw == "":
         return None
-    if not _CURSOR_RE.match(raw):
+    m = _CURSOR_RE.fullmatch(raw)
+    if m is None or int(m[1]) > _ID_MAX or int(m[2]) > _ID_MAX:
         raise CursorError(f"malformed cursor {raw[:40]!r}: send back an `id` this stream gave you")
     return raw
 
