@@ -4,14 +4,14 @@ processes. Each fixture that starts something stops it."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tailgate.dev.procs import RedisServer, free_port
-from tests.harness import Proc, Stack, iter_env, wait_http
+from tailgate.dev.procs import RedisServer, child_env
+from tests.harness import MakeStack, Stack, start_mock
 
 API_KEY = "tg-test-key-one"
 OTHER_KEY = "tg-test-key-two"
@@ -31,34 +31,30 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="session")
 def mock_url(log_dir: Path) -> Iterator[str]:
-    port = free_port()
-    args = ["mock-upstream", "--port", str(port), "--tokens", "24", "--delay-ms", "3", "--ttft-ms", "5"]
-    proc = Proc("mock", args, dict(iter_env()), log_dir)
-    url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/v1/models", proc)
+    child, url = start_mock(log_dir, "mock", "--tokens", "24", "--delay-ms", "3", "--ttft-ms", "5")
     yield url
-    proc.stop()
+    child.stop()
 
 
 @pytest.fixture(scope="session")
-def make_stack(redis_server: RedisServer, mock_url: str, log_dir: Path) -> Iterator[Callable[..., Stack]]:
+def make_stack(redis_server: RedisServer, mock_url: str, log_dir: Path) -> Iterator[MakeStack]:
     """A factory of stacks with their own queue; every process they start is stopped at the end."""
     stacks: list[Stack] = []
 
     def make(redis_url: str | None = None, **env: str) -> Stack:
-        base = dict(iter_env()) | {
-            "TAILGATE_REDIS_URL": redis_url or redis_server.url,
-            "TAILGATE_QUEUE_NAME": f"tg:queue:{secrets.token_hex(4)}",
-            "TAILGATE_API_KEYS": f"{API_KEY},{OTHER_KEY}",
-            "TAILGATE_LOG_FORMAT": "text",
-            "TAILGATE_DRAIN_S": "0",  # no load balancer here; the drain test sets its own
-            "TAILGATE_SHUTDOWN_GRACE_S": "5",
-            "TAILGATE_UPSTREAM_IDLE_TIMEOUT_S": "2",
-            "TAILGATE_RATE_LIMIT_PER_MIN": "1000000",
-            "TAILGATE_MAX_ACTIVE_PER_KEY": "100000",
-            "OPENAI_API_KEY": "sk-test",
-            "OPENAI_BASE_URL": f"{mock_url}/v1",
-        }
+        base = child_env(
+            TAILGATE_REDIS_URL=redis_url or redis_server.url,
+            TAILGATE_QUEUE_NAME=f"tg:queue:{secrets.token_hex(4)}",
+            TAILGATE_API_KEYS=f"{API_KEY},{OTHER_KEY}",
+            TAILGATE_LOG_FORMAT="text",
+            TAILGATE_DRAIN_S="0",  # no load balancer here; the drain test sets its own
+            TAILGATE_SHUTDOWN_GRACE_S="5",
+            TAILGATE_UPSTREAM_IDLE_TIMEOUT_S="2",
+            TAILGATE_RATE_LIMIT_PER_MIN="1000000",
+            TAILGATE_MAX_ACTIVE_PER_KEY="100000",
+            OPENAI_API_KEY="sk-test",
+            OPENAI_BASE_URL=f"{mock_url}/v1",
+        )
         stack = Stack(base | env, log_dir, API_KEY)
         stacks.append(stack)
         return stack
@@ -69,7 +65,7 @@ def make_stack(redis_server: RedisServer, mock_url: str, log_dir: Path) -> Itera
 
 
 @pytest.fixture(scope="session")
-def stack(make_stack: Callable[..., Stack]) -> Stack:
+def stack(make_stack: MakeStack) -> Stack:
     """One gateway and one worker, shared by the tests that do not kill anything."""
     s = make_stack()
     s.gateway()

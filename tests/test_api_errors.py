@@ -4,33 +4,41 @@ from __future__ import annotations
 
 import secrets
 
+import httpx
 import pytest
-import redis
+from redis.asyncio import Redis
 
+from tailgate.dev.procs import RedisServer, arun, tailgate_command
+from tailgate.dev.sse import read_sse
 from tests.conftest import OTHER_KEY
-from tests.harness import read_sse
+from tests.harness import MakeStack, Stack
 
 UNKNOWN = "0" * 32
 
 
-def error_of(response) -> dict[str, str]:
+def error_of(response: httpx.Response) -> dict[str, str]:
     body = response.json()
     assert set(body) == {"error"}
     assert set(body["error"]) == {"code", "message"}
     assert body["error"]["message"]
-    return body["error"]  # type: ignore[no-any-return]
+    error: dict[str, str] = body["error"]
+    return error
 
 
 @pytest.mark.parametrize(
     "path", [f"/v1/streams/{UNKNOWN}", f"/v1/streams/{UNKNOWN}/events", "/v1/streams/not-an-id/events"]
 )
-async def test_unknown_stream_is_404_with_json_error(client, stack, path):
+async def test_unknown_stream_is_404_with_json_error(
+    client: httpx.AsyncClient, stack: Stack, path: str
+) -> None:
     r = await client.get(stack.url + path, headers=stack.headers)
     assert r.status_code == 404
     assert error_of(r)["code"] == "not_found"
 
 
-async def test_stream_of_another_key_is_404_not_403(client, stack, prompt):
+async def test_stream_of_another_key_is_404_not_403(
+    client: httpx.AsyncClient, stack: Stack, prompt: str
+) -> None:
     created = await client.post(f"{stack.url}/v1/streams", json={"prompt": prompt}, headers=stack.headers)
     stream_id = created.json()["id"]
     other = {"Authorization": f"Bearer {OTHER_KEY}"}
@@ -47,7 +55,9 @@ async def test_stream_of_another_key_is_404_not_403(client, stack, prompt):
 
 
 @pytest.mark.parametrize("cursor", ["abc", "12", "1-2-3", "-1-0", "1732400000000-0;DROP"])
-async def test_malformed_cursor_is_400(client, stack, prompt, cursor):
+async def test_malformed_cursor_is_400(
+    client: httpx.AsyncClient, stack: Stack, prompt: str, cursor: str
+) -> None:
     created = (
         await client.post(f"{stack.url}/v1/streams", json={"prompt": prompt}, headers=stack.headers)
     ).json()
@@ -73,17 +83,19 @@ async def test_malformed_cursor_is_400(client, stack, prompt, cursor):
         ({"prompt": "a", "promt": "typo"}, "promt"),
     ],
 )
-async def test_invalid_body_is_422_and_creates_nothing(client, stack, redis_server, body, says):
-    before = _stream_keys(redis_server.url)
+async def test_invalid_body_is_422_and_creates_nothing(
+    client: httpx.AsyncClient, stack: Stack, redis_server: RedisServer, body: dict[str, object], says: str
+) -> None:
+    before = await _stream_keys(redis_server.url)
     r = await client.post(f"{stack.url}/v1/streams", json=body, headers=stack.headers)
     assert r.status_code == 422
     error = error_of(r)
     assert error["code"] == "invalid_request"
     assert says in error["message"]
-    assert _stream_keys(redis_server.url) == before
+    assert await _stream_keys(redis_server.url) == before
 
 
-async def test_body_that_is_not_json_is_422(client, stack):
+async def test_body_that_is_not_json_is_422(client: httpx.AsyncClient, stack: Stack) -> None:
     r = await client.post(
         f"{stack.url}/v1/streams",
         content=b"{not json",
@@ -93,14 +105,16 @@ async def test_body_that_is_not_json_is_422(client, stack):
     assert error_of(r)["code"] == "invalid_request"
 
 
-async def test_body_over_the_limit_is_413(client, stack):
+async def test_body_over_the_limit_is_413(client: httpx.AsyncClient, stack: Stack) -> None:
     r = await client.post(f"{stack.url}/v1/streams", json={"prompt": "x" * (1 << 20)}, headers=stack.headers)
     assert r.status_code == 413
     assert error_of(r)["code"] == "body_too_large"
 
 
 @pytest.mark.parametrize("auth", [None, "Bearer", "Bearer wrong-key", "Basic dXNlcjpwYXNz"])
-async def test_missing_or_unknown_key_is_401(client, stack, auth):
+async def test_missing_or_unknown_key_is_401(
+    client: httpx.AsyncClient, stack: Stack, auth: str | None
+) -> None:
     headers = {"Authorization": auth} if auth else {}
     r = await client.post(f"{stack.url}/v1/streams", json={"prompt": "hi"}, headers=headers)
     assert r.status_code == 401
@@ -109,34 +123,30 @@ async def test_missing_or_unknown_key_is_401(client, stack, auth):
     assert r.status_code == 401
 
 
-async def test_key_added_in_redis_by_the_cli_is_accepted(client, stack, redis_server):
-    import subprocess
-    import sys
-
+async def test_key_added_in_redis_by_the_cli_is_accepted(
+    client: httpx.AsyncClient, stack: Stack, redis_server: RedisServer
+) -> None:
     env = stack.env | {"TAILGATE_REDIS_URL": redis_server.url}
-    key = subprocess.run(
-        [sys.executable, "-m", "tailgate", "keys", "add", "ci"],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    added = await arun(tailgate_command("keys", "add", "ci"), env)
+    assert added.returncode == 0, added.stderr
+    key = added.stdout.strip()
     headers = {"Authorization": f"Bearer {key}"}
     r = await client.post(f"{stack.url}/v1/streams", json={"prompt": "hi [mock:tokens=1]"}, headers=headers)
     assert r.status_code == 202
-    subprocess.run(
-        [sys.executable, "-m", "tailgate", "keys", "revoke", key], env=env, check=True, capture_output=True
-    )
+    revoked = await arun(tailgate_command("keys", "revoke", key), env)
+    assert revoked.returncode == 0, revoked.stderr
     r = await client.post(f"{stack.url}/v1/streams", json={"prompt": "hi"}, headers=headers)
     assert r.status_code == 401
 
 
-async def test_limits_per_key_answer_429_with_retry_after(client, make_stack):
+async def test_limits_per_key_answer_429_with_retry_after(
+    client: httpx.AsyncClient, make_stack: MakeStack
+) -> None:
     key = f"tg-limited-{secrets.token_hex(4)}"  # counters are per key: start from zero
     limited = make_stack(
         TAILGATE_MAX_ACTIVE_PER_KEY="2", TAILGATE_RATE_LIMIT_PER_MIN="4", TAILGATE_API_KEYS=key
     )
-    limited.gateway()  # no worker: streams stay queued, so they count as active
+    await limited.agateway()  # no worker: streams stay queued, so they count as active
     url, headers = f"{limited.url}/v1/streams", {"Authorization": f"Bearer {key}"}
 
     ids = [(await client.post(url, json={"prompt": "a"}, headers=headers)).json()["id"] for _ in range(2)]
@@ -158,9 +168,11 @@ async def test_limits_per_key_answer_429_with_retry_after(client, make_stack):
     assert 1 <= int(r.headers["retry-after"]) <= 60
 
 
-async def test_cancel_of_a_queued_stream_ends_it_at_once(client, make_stack):
+async def test_cancel_of_a_queued_stream_ends_it_at_once(
+    client: httpx.AsyncClient, make_stack: MakeStack
+) -> None:
     idle = make_stack()
-    idle.gateway()  # no worker
+    await idle.agateway()  # no worker
     created = (await client.post(f"{idle.url}/v1/streams", json={"prompt": "a"}, headers=idle.headers)).json()
     r = await client.post(f"{idle.url}/v1/streams/{created['id']}/cancel", headers=idle.headers)
     assert r.status_code == 200
@@ -171,13 +183,13 @@ async def test_cancel_of_a_queued_stream_ends_it_at_once(client, make_stack):
     ]
 
 
-async def test_health_and_readiness(client, stack):
+async def test_health_and_readiness(client: httpx.AsyncClient, stack: Stack) -> None:
     assert (await client.get(f"{stack.url}/healthz")).json() == {"status": "ok"}
     assert (await client.get(f"{stack.url}/readyz")).json() == {"status": "ready"}
     metrics = (await client.get(f"{stack.url}/metrics")).text
     assert "tailgate_streams_created_total" in metrics
 
 
-def _stream_keys(url: str) -> set[str]:
-    with redis.Redis.from_url(url, decode_responses=True) as r:
-        return set(r.scan_iter("tg:{*"))
+async def _stream_keys(url: str) -> set[str]:
+    async with Redis.from_url(url, decode_responses=True) as r:
+        return {key async for key in r.scan_iter("tg:{*")}

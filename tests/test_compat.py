@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 from pathlib import Path
 
-from tests.harness import expected_answer, mock_requests
+import httpx
+
+from tailgate.dev.procs import arun
+from tests.harness import MakeStack, Stack, expected_answer, mock_requests
 
 HERE = Path(__file__).parent
 
 
-async def test_ask_query_streams_the_tutorials_json_lines(client, stack, mock_url, prompt):
+async def test_ask_query_streams_the_tutorials_json_lines(
+    client: httpx.AsyncClient, stack: Stack, mock_url: str, prompt: str
+) -> None:
     async with client.stream(
         "POST", f"{stack.url}/ask_query", json={"prompt": prompt}, headers=stack.headers
     ) as response:
@@ -27,7 +31,7 @@ async def test_ask_query_streams_the_tutorials_json_lines(client, stack, mock_ur
     assert "".join(line["data"] for line in lines[:-1]) == expected
 
 
-async def test_ask_query_requires_a_key_when_auth_is_on(client, stack):
+async def test_ask_query_requires_a_key_when_auth_is_on(client: httpx.AsyncClient, stack: Stack) -> None:
     r = await client.post(f"{stack.url}/ask_query", json={"prompt": "hi"})
     assert r.status_code == 401
     assert r.json()["error"]["code"] == "unauthorized"
@@ -35,26 +39,20 @@ async def test_ask_query_requires_a_key_when_auth_is_on(client, stack):
     assert r.status_code == 422
 
 
-async def test_tutorial_javascript_client_works_unchanged(make_stack, mock_url, prompt):
+async def test_tutorial_javascript_client_works_unchanged(
+    make_stack: MakeStack, mock_url: str, prompt: str
+) -> None:
     node = shutil.which("node")
     assert node, "Node.js is needed to run the tutorial's client (scripts/test installs it)"
     open_stack = make_stack(TAILGATE_AUTH="false")  # the tutorial's client sends no key
-    url = open_stack.gateway()
-    open_stack.worker()
+    url = await open_stack.agateway()
+    await open_stack.aworker()
 
-    proc = await asyncio.create_subprocess_exec(
-        node,
-        str(HERE / "run_tutorial_client.js"),
-        url,
-        prompt,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    run = await arun([node, str(HERE / "run_tutorial_client.js"), url, prompt], within=60)
 
-    assert proc.returncode == 0, stderr.decode()
-    assert stderr.decode() == ""
-    printed = stdout.decode().splitlines()
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""
+    printed = run.stdout.splitlines()
     assert printed[-1] == "[complete] Stream finished"
     assert all(line.startswith("[processing] ") for line in printed[:-1])
     assert "".join(line[len("[processing] ") :] for line in printed[:-1]) == await expected_answer(

@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -21,21 +22,23 @@ SETTINGS = {f"TAILGATE_{name.upper()}" for name in Settings.model_fields}
 SDK_ENV = {"OPENAI_API_KEY", "OPENAI_BASE_URL"}
 
 
-def k8s_docs() -> list[dict]:
+def k8s_docs() -> list[dict[str, Any]]:
     return [d for f in sorted((ROOT / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
 
 
-def compose() -> dict:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())  # type: ignore[no-any-return]
+def compose() -> dict[str, Any]:
+    spec: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return spec
 
 
 def tailgate_commands() -> set[str]:
     parser = build_parser()
     [sub] = [a for a in parser._actions if a.dest == "command"]
-    return set(sub.choices)  # type: ignore[arg-type]
+    assert sub.choices is not None
+    return set(sub.choices)
 
 
-def test_compose_file_is_valid_against_the_compose_spec():
+def test_compose_file_is_valid_against_the_compose_spec() -> None:
     r = subprocess.run(
         [BIN / "check-jsonschema", "--builtin-schema", "vendor.compose-spec", ROOT / "docker-compose.yml"],
         capture_output=True,
@@ -44,7 +47,7 @@ def test_compose_file_is_valid_against_the_compose_spec():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_k8s_manifests_are_valid_kubernetes_resources():
+def test_k8s_manifests_are_valid_kubernetes_resources() -> None:
     files = sorted((ROOT / "k8s").glob("*.yaml"))
     assert {f.name for f in files} >= {"config.yaml", "gateway.yaml", "worker.yaml", "redis.yaml"}
     r = subprocess.run(
@@ -53,7 +56,7 @@ def test_k8s_manifests_are_valid_kubernetes_resources():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_dockerfile_copies_what_exists_and_runs_the_cli():
+def test_dockerfile_copies_what_exists_and_runs_the_cli() -> None:
     text = (ROOT / "Dockerfile").read_text()
     for line in text.splitlines():
         if line.startswith("COPY "):
@@ -64,7 +67,7 @@ def test_dockerfile_copies_what_exists_and_runs_the_cli():
     assert cmd and yaml.safe_load(cmd.group(1))[0] in tailgate_commands()
 
 
-def test_every_command_setting_route_and_port_referenced_exists():
+def test_every_command_setting_route_and_port_referenced_exists() -> None:
     routes = {getattr(r, "path", None) for r in create_app(Settings()).routes}
     services = compose()["services"]
     commands = [s["command"] for s in services.values() if "build" in s]
@@ -90,7 +93,7 @@ def test_every_command_setting_route_and_port_referenced_exists():
     assert "/readyz" in routes and "/healthz" in routes
 
 
-def test_redis_is_configured_to_lose_no_acknowledged_event():
+def test_redis_is_configured_to_lose_no_acknowledged_event() -> None:
     redis_cmd = compose()["services"]["redis"]["command"]
     [statefulset] = [d for d in k8s_docs() if d["kind"] == "StatefulSet"]
     k8s_cmd = statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -99,7 +102,7 @@ def test_redis_is_configured_to_lose_no_acknowledged_event():
         assert cmd[cmd.index("--appendfsync") + 1] == "always"
 
 
-def test_load_balancer_config_exists_and_does_not_buffer_sse():
+def test_load_balancer_config_exists_and_does_not_buffer_sse() -> None:
     [mount] = compose()["services"]["lb"]["volumes"]
     conf = ROOT / mount.split(":")[0]
     text = conf.read_text()

@@ -9,24 +9,19 @@ import random
 import signal
 import socket
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
-import redis
+from redis.asyncio import Redis
 
 from tailgate.dev.faultproxy import FaultProxy
-from tailgate.dev.procs import RedisServer
-from tests.harness import (
-    Proc,
-    Stack,
-    assert_exactly_once,
-    expected_answer,
-    read_resuming,
-    read_sse,
-    text_of,
-)
+from tailgate.dev.procs import Child, RedisServer, await_until
+from tailgate.dev.sse import Event, Extras, assert_exactly_once, read_resuming, read_sse, text_of
+from tests.harness import MakeStack, Stack, expected_answer
 
 FAST_TAKEOVER = {"TAILGATE_HEARTBEAT_S": "0.5", "TAILGATE_TAKEOVER_AFTER_S": "2"}
+OUTAGE_S = 1.0  # how long Redis stays down: the scenario itself, not a wait for anything
 
 
 async def create(client: httpx.AsyncClient, url: str, stack: Stack, prompt: str) -> str:
@@ -35,47 +30,56 @@ async def create(client: httpx.AsyncClient, url: str, stack: Stack, prompt: str)
     return str(r.json()["events_url"])
 
 
-def meta(redis_url: str, events_url: str) -> dict[str, str]:
+async def meta(redis_url: str, events_url: str) -> dict[str, str]:
+    """The stream's meta hash, read straight from Redis."""
     stream_id = events_url.split("/")[3]
-    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
-        return r.hgetall(f"tg:{{{stream_id}}}:meta")  # type: ignore[return-value]
+    async with Redis.from_url(redis_url, decode_responses=True) as r:
+        fields: dict[str, str] = await r.hgetall(f"tg:{{{stream_id}}}:meta")
+    return fields
 
 
-def owner(stack: Stack, redis_url: str, events_url: str) -> Proc:
+async def written(redis_url: str, events_urls: list[str], seq: int) -> bool:
+    """Whether every one of these streams has stored its event ``seq``."""
+    return all([int((await meta(redis_url, url)).get("seq", 0)) >= seq for url in events_urls])
+
+
+async def owner(stack: Stack, redis_url: str, events_url: str) -> Child:
     """The worker process running the stream (its id is host-pid-random)."""
-    pid = int(meta(redis_url, events_url)["worker"].rsplit("-", 2)[1])
-    [proc] = [p for p in stack.procs if p.popen.pid == pid]
-    return proc
+    pid = int((await meta(redis_url, events_url))["worker"].rsplit("-", 2)[1])
+    [child] = [c for c in stack.procs if c.pid == pid]
+    return child
 
 
-async def until(predicate, within_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + within_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.05)
-
-
-def resets(events) -> list:  # type: ignore[no-untyped-def]
+def resets(events: list[Event]) -> list[Event]:
     return [e for e in events if e.event == "reset"]
 
 
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of this test's own, to kill and restart; append-only, so a restart keeps every
+    acknowledged write (appendfsync always)."""
+    server = RedisServer(appendonly=True).start()
+    yield server
+    server.close()
+
+
 async def test_killed_worker_is_taken_over_within_10s_and_the_client_sees_one_reset(
-    client, make_stack, redis_server, mock_url, prompt
-):
+    client: httpx.AsyncClient, make_stack: MakeStack, redis_server: RedisServer, mock_url: str, prompt: str
+) -> None:
     s = make_stack()  # default heartbeat (2 s) and takeover (6 s)
-    url = s.gateway()
-    s.worker()
-    s.worker()
+    url = await s.agateway()
+    await s.aworker()
+    await s.aworker()
     prompt += " [mock:tokens=100,delay_ms=20]"
     path = await create(client, url, s, prompt)
     _, first = await read_sse(client, url + path, headers=s.headers, limit=12)
 
-    owner(s, redis_server.url, path).signal(signal.SIGKILL)
+    (await owner(s, redis_server.url, path)).signal(signal.SIGKILL)
     killed = time.monotonic()
-    events, _ = await read_resuming(client, [url], path, s.headers | {"Last-Event-ID": first[-1].id})
+    rest = await read_resuming(client, [url], path, s.headers | {"Last-Event-ID": first[-1].id})
     elapsed = time.monotonic() - killed
 
-    events = first + events
+    events = first + rest.events
     assert_exactly_once(events)
     [reset] = resets(events)
     assert reset.data["attempt"] == 2 and reset.data["reason"] == "worker_lost"
@@ -87,26 +91,29 @@ async def test_killed_worker_is_taken_over_within_10s_and_the_client_sees_one_re
 
 
 async def test_paused_worker_is_fenced_after_takeover_and_nothing_it_writes_reaches_readers(
-    client, make_stack, redis_server, mock_url, prompt
-):
+    client: httpx.AsyncClient, make_stack: MakeStack, redis_server: RedisServer, mock_url: str, prompt: str
+) -> None:
     s = make_stack(**FAST_TAKEOVER)
-    url = s.gateway()
-    s.worker()
-    s.worker()
+    url = await s.agateway()
+    await s.aworker()
+    await s.aworker()
     prompt += " [mock:tokens=300,delay_ms=10]"
     path = await create(client, url, s, prompt)
     reader = asyncio.create_task(read_resuming(client, [url], path, s.headers))
-    await until(lambda: int(meta(redis_server.url, path).get("seq", 0)) >= 12)
+    await await_until(lambda: written(redis_server.url, [path], 12), "12 events stored")
 
-    zombie = owner(s, redis_server.url, path)
+    async def taken_over() -> bool:
+        return (await meta(redis_server.url, path))["attempt"] == "2"
+
+    zombie = await owner(s, redis_server.url, path)
     zombie.signal(signal.SIGSTOP)
     try:
-        await until(lambda: meta(redis_server.url, path)["attempt"] == "2")
+        await await_until(taken_over, "attempt 2 under another worker")
     finally:
         zombie.signal(signal.SIGCONT)  # it wakes with upstream chunks buffered and tries to append them
-    events, _ = await reader
+    events = (await reader).events
 
-    zombie.wait_for_log("refused: fenced")
+    await zombie.await_log("refused: fenced")
     assert_exactly_once(events)
     [reset] = resets(events)
     assert events[events.index(reset) + 1].data == {
@@ -119,11 +126,11 @@ async def test_paused_worker_is_fenced_after_takeover_and_nothing_it_writes_reac
 
 
 async def test_sigterm_worker_finishes_short_streams_and_hands_long_ones_back(
-    client, make_stack, redis_server, mock_url, prompt
-):
+    client: httpx.AsyncClient, make_stack: MakeStack, redis_server: RedisServer, mock_url: str, prompt: str
+) -> None:
     s = make_stack(TAILGATE_SHUTDOWN_GRACE_S="1", **FAST_TAKEOVER)
-    url = s.gateway()
-    leaving = s.worker()
+    url = await s.agateway()
+    leaving = await s.aworker()
     long_prompt, short_prompt = (
         prompt + " long [mock:tokens=300,delay_ms=10]",
         prompt + " short [mock:tokens=40,delay_ms=10]",
@@ -133,13 +140,14 @@ async def test_sigterm_worker_finishes_short_streams_and_hands_long_ones_back(
     readers = [
         asyncio.create_task(read_resuming(client, [url], p, s.headers)) for p in (long_path, short_path)
     ]
-    await until(lambda: int(meta(redis_server.url, short_path).get("seq", 0)) >= 5)
+    await await_until(lambda: written(redis_server.url, [short_path], 5), "5 events stored")
 
     leaving.signal(signal.SIGTERM)
-    s.worker()  # the one that resumes the handed-back stream
-    (long_events, _), (short_events, _) = await asyncio.gather(*readers)
+    await s.aworker()  # the one that resumes the handed-back stream
+    long_read, short_read = await asyncio.gather(*readers)
+    long_events, short_events = long_read.events, short_read.events
 
-    assert leaving.popen.wait(30) == 0
+    assert await leaving.await_exit(30) == 0
     for events, p in ((long_events, long_prompt), (short_events, short_prompt)):
         assert_exactly_once(events)
         assert events[-1].event == "done"
@@ -150,102 +158,108 @@ async def test_sigterm_worker_finishes_short_streams_and_hands_long_ones_back(
 
 
 async def test_sigterm_gateway_drains_then_sends_readers_elsewhere_without_a_5xx(
-    client, make_stack, redis_server, mock_url, prompt
-):
+    client: httpx.AsyncClient, make_stack: MakeStack, redis_server: RedisServer, mock_url: str, prompt: str
+) -> None:
     s = make_stack(TAILGATE_DRAIN_S="1")
-    leaving, staying = s.gateway(), s.gateway()
-    s.worker()
+    leaving, staying = await s.agateway(), await s.agateway()
+    await s.aworker()
     prompt += " [mock:tokens=300,delay_ms=10]"
     path = await create(client, leaving, s, prompt)
-    hints: list[str] = []
-    reader = asyncio.create_task(read_sse(client, leaving + path, headers=s.headers, retries=hints))
-    await until(lambda: int(meta(redis_server.url, path).get("seq", 0)) >= 10)
+    extras = Extras()
+    reader = asyncio.create_task(read_sse(client, leaving + path, headers=s.headers, extras=extras))
+    await await_until(lambda: written(redis_server.url, [path], 10), "10 events stored")
+
+    async def not_ready() -> bool:
+        return (await client.get(f"{leaving}/readyz")).status_code == 503
 
     gateway_proc = s.procs[0]
     gateway_proc.signal(signal.SIGTERM)
-    await until(lambda: httpx.get(f"{leaving}/readyz").status_code == 503, within_s=5)
+    await await_until(not_ready, "the draining gateway's /readyz answering 503", within=5)
     during = await client.post(f"{leaving}/v1/streams", json={"prompt": prompt}, headers=s.headers)
     assert during.status_code == 202  # draining: still serving, only readiness fails
     response, first = await reader
 
     assert response.status_code == 200
-    assert hints == ["500"]
+    assert extras.retries == [500]
     assert first[-1].event == "delta"  # ended without a terminal event: the client reconnects
-    rest, _ = await read_resuming(client, [staying], path, s.headers | {"Last-Event-ID": first[-1].id})
-    events = first + rest
+    rest = await read_resuming(client, [staying], path, s.headers | {"Last-Event-ID": first[-1].id})
+    events = first + rest.events
     assert_exactly_once(events)
     assert resets(events) == []
     assert text_of(events) == await expected_answer(mock_url, prompt)
     # An orderly shutdown; uvicorn then re-raises the SIGTERM it caught, as it does by design.
-    assert gateway_proc.popen.wait(30) in (0, -signal.SIGTERM)
-    assert "Application shutdown complete" in gateway_proc.log()
+    assert await gateway_proc.await_exit(30) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in await asyncio.to_thread(gateway_proc.log)
 
 
-async def test_redis_restart_mid_stream_loses_and_repeats_nothing(client, make_stack, mock_url, prompt):
-    with RedisServer(appendonly=True) as server:
-        s = make_stack(redis_url=server.url, **FAST_TAKEOVER)
-        url = s.gateway()
-        s.worker()
-        prompts = [f"{prompt} {i} [mock:tokens=200,delay_ms=10]" for i in range(5)]
-        paths = [await create(client, url, s, p) for p in prompts]
-        readers = [asyncio.create_task(read_resuming(client, [url], p, s.headers)) for p in paths]
-        await until(lambda: all(int(meta(server.url, p).get("seq", 0)) >= 10 for p in paths))
+async def test_redis_restart_mid_stream_loses_and_repeats_nothing(
+    client: httpx.AsyncClient, make_stack: MakeStack, own_redis: RedisServer, mock_url: str, prompt: str
+) -> None:
+    s = make_stack(redis_url=own_redis.url, **FAST_TAKEOVER)
+    url = await s.agateway()
+    await s.aworker()
+    prompts = [f"{prompt} {i} [mock:tokens=200,delay_ms=10]" for i in range(5)]
+    paths = [await create(client, url, s, p) for p in prompts]
+    readers = [asyncio.create_task(read_resuming(client, [url], p, s.headers)) for p in paths]
+    await await_until(lambda: written(own_redis.url, paths, 10), "10 events of each stream stored")
 
-        server.stop(kill=True)  # every acknowledged write is on disk (appendfsync always)
-        await asyncio.sleep(1.0)  # the outage itself
-        server.start()
-        results = await asyncio.gather(*readers)
+    await own_redis.astop(kill=True)  # every acknowledged write is on disk (appendfsync always)
+    await asyncio.sleep(OUTAGE_S)
+    await own_redis.astart()
+    results = await asyncio.gather(*readers)
 
-        for (events, _), p in zip(results, prompts, strict=True):
-            assert_exactly_once(events)
-            assert events[-1].event == "done"
-            assert resets(events) == []  # live workers are not taken over because Redis blinked
-            assert text_of(events) == await expected_answer(mock_url, p)
+    for result, p in zip(results, prompts, strict=True):
+        events = result.events
+        assert_exactly_once(events)
+        assert events[-1].event == "done"
+        assert resets(events) == []  # live workers are not taken over because Redis blinked
+        assert text_of(events) == await expected_answer(mock_url, p)
 
 
 async def test_cut_gateway_redis_connection_mid_stream_loses_and_repeats_nothing(
-    client, make_stack, redis_server, mock_url, prompt
-):
+    client: httpx.AsyncClient, make_stack: MakeStack, redis_server: RedisServer, mock_url: str, prompt: str
+) -> None:
     proxy = await FaultProxy(redis_server.port).start()
     try:
         s = make_stack()
-        # The worker talks to Redis directly. (In a thread: the proxy runs on this event loop.)
-        url = await asyncio.to_thread(s.gateway, TAILGATE_REDIS_URL=proxy.url)
-        s.worker()
+        # The worker talks to Redis directly; the gateway through the proxy, which runs on this loop.
+        url = await s.agateway(TAILGATE_REDIS_URL=proxy.url)
+        await s.aworker()
         prompts = [f"{prompt} {i} [mock:tokens=200,delay_ms=10]" for i in range(5)]
         paths = [await create(client, url, s, p) for p in prompts]
         readers = [asyncio.create_task(read_resuming(client, [url], p, s.headers)) for p in paths]
-        await until(lambda: all(int(meta(redis_server.url, p).get("seq", 0)) >= 10 for p in paths))
+        await await_until(lambda: written(redis_server.url, paths, 10), "10 events of each stream stored")
 
         assert proxy.cut() >= 1
-        await until(lambda: all(int(meta(redis_server.url, p).get("seq", 0)) >= 100 for p in paths))
+        await await_until(lambda: written(redis_server.url, paths, 100), "100 events of each stream stored")
         assert proxy.cut() >= 1
         results = await asyncio.gather(*readers)
     finally:
         await proxy.close()
 
-    for (events, _), p in zip(results, prompts, strict=True):
+    for result, p in zip(results, prompts, strict=True):
+        events = result.events
         assert_exactly_once(events)
         assert events[-1].event == "done"
         assert text_of(events) == await expected_answer(mock_url, p)
 
 
 async def test_1000_random_disconnects_alternating_gateways_lose_and_repeat_nothing(
-    make_stack, mock_url, prompt
-):
+    make_stack: MakeStack, mock_url: str, prompt: str
+) -> None:
     s = make_stack()
-    gateways = [s.gateway(), s.gateway()]
-    s.worker()
+    gateways = [await s.agateway(), await s.agateway()]
+    await s.aworker()
     prompts = [f"{prompt} {i} [mock:tokens=400,delay_ms=5]" for i in range(10)]
     rng = random.Random(7)
     reconnects = 0
     limits = httpx.Limits(max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(30.0), limits=limits) as client:
 
-        async def hop(p: str) -> list:  # type: ignore[type-arg]
+        async def hop(p: str) -> list[Event]:
             nonlocal reconnects
             path = await create(client, gateways[0], s, p)
-            events: list = []  # type: ignore[type-arg]
+            events: list[Event] = []
             while not events or events[-1].event != "done":
                 cursor = {"Last-Event-ID": events[-1].id} if events else {}
                 url = gateways[reconnects % 2] + path
@@ -262,29 +276,37 @@ async def test_1000_random_disconnects_alternating_gateways_lose_and_repeat_noth
         assert text_of(events) == await expected_answer(mock_url, p)
 
 
-async def test_reader_that_stops_reading_is_dropped_and_frees_its_subscription(client, make_stack, prompt):
+async def test_reader_that_stops_reading_is_dropped_and_frees_its_subscription(
+    client: httpx.AsyncClient, make_stack: MakeStack, prompt: str
+) -> None:
     s = make_stack(TAILGATE_SEND_TIMEOUT_S="1")
-    url = s.gateway()
-    s.worker()
+    url = await s.agateway()
+    await s.aworker()
     path = await create(client, url, s, prompt + " [mock:tokens=20000,delay_ms=0]")
 
-    def gauge(name: str) -> float:
-        for line in httpx.get(f"{url}/metrics").text.splitlines():
+    async def gauge(name: str) -> float:
+        for line in (await client.get(f"{url}/metrics")).text.splitlines():
             if line.startswith(name + " "):
                 return float(line.split()[1])
         raise AssertionError(f"no {name} in /metrics")
 
-    assert gauge("tailgate_hub_readers") == 0
+    async def gauge_is(name: str, value: float) -> bool:
+        return await gauge(name) == value
+
+    assert await gauge("tailgate_hub_readers") == 0
+    loop = asyncio.get_running_loop()
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.setblocking(False)
     host, port = url.removeprefix("http://").split(":")
-    stalled.connect((host, int(port)))
     auth = s.headers["Authorization"]
-    stalled.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\n\r\n".encode())
     try:
-        await until(lambda: gauge("tailgate_hub_readers") == 1)
-        await until(lambda: gauge("tailgate_hub_readers") == 0)  # dropped after the send timeout
-        await until(lambda: gauge("tailgate_hub_subscriptions") == 0)
+        await loop.sock_connect(stalled, (host, int(port)))
+        request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\n\r\n"
+        await loop.sock_sendall(stalled, request.encode())
+        await await_until(lambda: gauge_is("tailgate_hub_readers", 1), "one hub reader")
+        await await_until(lambda: gauge_is("tailgate_hub_readers", 0), "reader dropped (send timeout)")
+        await await_until(lambda: gauge_is("tailgate_hub_subscriptions", 0), "no hub subscription")
     finally:
         stalled.close()
 
@@ -296,7 +318,7 @@ async def test_reader_that_stops_reading_is_dropped_and_frees_its_subscription(c
 
 
 @pytest.fixture(autouse=True)
-def _no_stopped_children():
+def _no_stopped_children() -> Iterator[None]:
     """A test that SIGSTOPs a worker must not leave it stopped for the fixtures' teardown."""
     yield
     for pid in _stopped_pids():
@@ -304,7 +326,7 @@ def _no_stopped_children():
 
 
 def _stopped_pids() -> list[int]:
-    out = []
+    out: list[int] = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:

@@ -8,15 +8,17 @@ import random
 import httpx
 import openai
 import pytest
-import redis
+from redis.asyncio import Redis
 
 from tailgate import keys
+from tailgate.dev.procs import RedisServer
+from tailgate.dev.sse import Event, events, read_sse, text_of
 from tests.conftest import API_KEY
-from tests.harness import MODEL, Stack, read_sse, text_of
+from tests.harness import MODEL, MakeStack, Stack
 
 
 @pytest.fixture(scope="module")
-def pair(make_stack) -> Stack:
+def pair(make_stack: MakeStack) -> Stack:
     """Two gateway processes and two workers on one queue."""
     s = make_stack()
     s.gateway()
@@ -26,7 +28,9 @@ def pair(make_stack) -> Stack:
     return s
 
 
-async def test_500_concurrent_streams_through_two_gateways_each_get_exactly_their_text(pair, mock_url):
+async def test_500_concurrent_streams_through_two_gateways_each_get_exactly_their_text(
+    pair: Stack, mock_url: str
+) -> None:
     n = 500
     prompts = [f"load {i} {random.random()} [mock:tokens=20,delay_ms=20]" for i in range(n)]
     async with openai.AsyncOpenAI(base_url=f"{mock_url}/v1", api_key="sk-test") as api:
@@ -46,9 +50,9 @@ async def test_500_concurrent_streams_through_two_gateways_each_get_exactly_thei
                 f"{create_on}/v1/streams", json={"prompt": prompts[i]}, headers=pair.headers
             )
             assert r.status_code == 202, r.text
-            _, events = await read_sse(client, read_on + r.json()["events_url"], headers=pair.headers)
-            assert events[-1].event == "done", events[-1]
-            return text_of(events), [e.data["seq"] for e in events]
+            _, got = await read_sse(client, read_on + r.json()["events_url"], headers=pair.headers)
+            assert got[-1].event == "done", got[-1]
+            return text_of(got), [e.data["seq"] for e in got]
 
         results = await asyncio.gather(*(one(i) for i in range(n)))
 
@@ -57,19 +61,21 @@ async def test_500_concurrent_streams_through_two_gateways_each_get_exactly_thei
         assert seqs == list(range(1, len(seqs) + 1)), f"stream {i}"
 
 
-async def test_readers_joining_mid_stream_get_prefix_and_live_rest_with_no_seam(client, pair, mock_url):
+async def test_readers_joining_mid_stream_get_prefix_and_live_rest_with_no_seam(
+    client: httpx.AsyncClient, pair: Stack
+) -> None:
     r = await client.post(
         f"{pair.gateways[0]}/v1/streams",
         json={"prompt": f"seam {random.random()} [mock:tokens=150,delay_ms=10]"},
         headers=pair.headers,
     )
     url = r.json()["events_url"]
-    joined = []
+    joined: list[asyncio.Task[tuple[httpx.Response, list[Event]]]] = []
     # Read from the start; every 10 deltas, another reader joins with no cursor, on either gateway.
     async with client.stream("GET", pair.gateways[0] + url, headers=pair.headers) as response:
         deltas = 0
-        async for line in response.aiter_lines():
-            if line.startswith("event: delta"):
+        async for event in events(response):
+            if event.event == "delta":
                 deltas += 1
                 if deltas % 10 == 0:
                     gateway = pair.gateways[len(joined) % 2]
@@ -77,27 +83,29 @@ async def test_readers_joining_mid_stream_get_prefix_and_live_rest_with_no_seam(
     full = (await read_sse(client, pair.gateways[1] + url, headers=pair.headers))[1]
     assert len(joined) == 15
     for task in joined:
-        _, events = await task
-        assert [(e.id, e.event, e.data) for e in events] == [(e.id, e.event, e.data) for e in full]
+        _, got = await task
+        assert [(e.id, e.event, e.data) for e in got] == [(e.id, e.event, e.data) for e in full]
 
 
-async def test_gateway_redis_connections_do_not_grow_with_sse_clients(make_stack, redis_server):
+async def test_gateway_redis_connections_do_not_grow_with_sse_clients(
+    make_stack: MakeStack, redis_server: RedisServer
+) -> None:
     idle = make_stack()
-    url = idle.gateway()  # no worker: every stream stays queued and its readers stay connected
-    gateway_pid = idle.procs[-1].popen.pid
+    url = await idle.agateway()  # no worker: every stream stays queued and its readers stay connected
+    gateway_pid = idle.procs[-1].pid
     name = f"tailgate-gateway-{gateway_pid}"  # tailgate.connections.client_name in that process
 
-    def connections() -> int:
-        with redis.Redis.from_url(redis_server.url, decode_responses=True) as r:
-            return sum(1 for c in r.client_list() if c["name"] == name)
+    async def connections() -> int:
+        async with Redis.from_url(redis_server.url, decode_responses=True) as r:
+            return sum(1 for c in await r.client_list() if c["name"] == name)
 
     limits = httpx.Limits(max_connections=400)
     async with httpx.AsyncClient(timeout=httpx.Timeout(60.0), limits=limits) as client:
-        ids = []
+        ids: list[str] = []
         for _ in range(20):
             r = await client.post(f"{url}/v1/streams", json={"prompt": "idle"}, headers=idle.headers)
             ids.append(r.json()["id"])
-        baseline = connections()
+        baseline = await connections()
         opened = asyncio.Event()
         readers_open = 0
 
@@ -106,8 +114,8 @@ async def test_gateway_redis_connections_do_not_grow_with_sse_clients(make_stack
             async with client.stream(
                 "GET", f"{url}/v1/streams/{stream_id}/events", headers=idle.headers
             ) as resp:
-                async for line in resp.aiter_lines():
-                    if line.startswith("event: queued"):
+                async for event in events(resp):
+                    if event.event == "queued":
                         readers_open += 1
                         if readers_open == 300:
                             opened.set()
@@ -115,7 +123,7 @@ async def test_gateway_redis_connections_do_not_grow_with_sse_clients(make_stack
 
         holders = [asyncio.create_task(hold(ids[i % len(ids)])) for i in range(300)]
         await asyncio.wait_for(opened.wait(), 60)
-        with_clients = connections()
+        with_clients = await connections()
         for h in holders:
             h.cancel()
         await asyncio.gather(*holders, return_exceptions=True)
@@ -124,21 +132,25 @@ async def test_gateway_redis_connections_do_not_grow_with_sse_clients(make_stack
     assert with_clients <= 4
 
 
-async def test_wake_up_starts_a_job_without_waiting_for_the_poll(client, make_stack, prompt):
+async def test_wake_up_starts_a_job_without_waiting_for_the_poll(
+    client: httpx.AsyncClient, make_stack: MakeStack, prompt: str
+) -> None:
     # A poll every 10 minutes: only the wake-up can start this job before the test times out.
     lazy = make_stack(TAILGATE_POLL_DELAY_S="600")
-    url = lazy.gateway()
-    worker = lazy.worker()
-    worker.wait_for_log("ready (concurrency")
+    url = await lazy.agateway()
+    worker = await lazy.aworker()
+    await worker.await_log("ready (concurrency")
     for i in range(3):
         r = await client.post(
             f"{url}/v1/streams", json={"prompt": f"{prompt} {i} [mock:tokens=3]"}, headers=lazy.headers
         )
-        _, events = await read_sse(client, url + r.json()["events_url"], headers=lazy.headers)
-        assert events[-1].event == "done"
+        _, got = await read_sse(client, url + r.json()["events_url"], headers=lazy.headers)
+        assert got[-1].event == "done"
 
 
-async def test_fallback_poll_starts_a_job_whose_wake_up_was_lost(client, make_stack, redis_server, prompt):
+async def test_fallback_poll_starts_a_job_whose_wake_up_was_lost(
+    client: httpx.AsyncClient, make_stack: MakeStack, redis_server: RedisServer, prompt: str
+) -> None:
     from arq.connections import ArqRedis
 
     from tailgate.connections import open_store
@@ -146,8 +158,8 @@ async def test_fallback_poll_starts_a_job_whose_wake_up_was_lost(client, make_st
     from tailgate.settings import Settings
 
     polling = make_stack(TAILGATE_POLL_DELAY_S="0.2")
-    url = polling.gateway()
-    polling.worker()
+    url = await polling.agateway()
+    await polling.aworker()
     # Enqueue exactly as the gateway does, but publish no wake-up.
     settings = Settings(redis_url=redis_server.url, queue_name=polling.env["TAILGATE_QUEUE_NAME"])
     store = open_store(settings, "test", 2)
@@ -161,5 +173,5 @@ async def test_fallback_poll_starts_a_job_whose_wake_up_was_lost(client, make_st
     await queue.aclose()
     await store.redis.aclose()
 
-    _, events = await read_sse(client, f"{url}/v1/streams/{stream_id}/events", headers=polling.headers)
-    assert [e.event for e in events] == ["queued", "started", "delta", "delta", "delta", "done"]
+    _, got = await read_sse(client, f"{url}/v1/streams/{stream_id}/events", headers=polling.headers)
+    assert [e.event for e in got] == ["queued", "started", "delta", "delta", "delta", "done"]

