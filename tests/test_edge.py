@@ -7,13 +7,12 @@ import asyncio
 import json
 import subprocess
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 
 from tailgate.dev.sse import assert_exactly_once, read_sse, text_of
-from tests.harness import Stack, expected_answer
+from tests.harness import MakeStack, expected_answer
 
 DEADLINE = {"TAILGATE_REQUEST_TIMEOUT_S": "1"}
 
@@ -32,9 +31,9 @@ async def _answer(reader: asyncio.StreamReader, within: float = 5.0) -> tuple[in
 
 
 async def test_silent_and_trickling_clients_get_408_and_are_closed_at_the_request_deadline(
-    make_stack: Callable[..., Stack],
+    make_stack: MakeStack,
 ) -> None:
-    url = make_stack(**DEADLINE).gateway()
+    url = await make_stack(**DEADLINE).agateway()
     port = _port(url)
     silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
     trickling = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
@@ -62,9 +61,9 @@ async def test_silent_and_trickling_clients_get_408_and_are_closed_at_the_reques
 
 
 async def test_a_trickling_second_request_on_a_kept_alive_connection_gets_408(
-    make_stack: Callable[..., Stack],
+    make_stack: MakeStack,
 ) -> None:
-    url = make_stack(**DEADLINE).gateway()  # keep-alive stays at its default 75 s
+    url = await make_stack(**DEADLINE).agateway()  # keep-alive stays at its default 75 s
     reader, writer = await asyncio.open_connection("127.0.0.1", _port(url))
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await reader.readuntil(b'{"status":"ok"}')).startswith(b"HTTP/1.1 200")
@@ -84,8 +83,8 @@ async def test_a_trickling_second_request_on_a_kept_alive_connection_gets_408(
     assert (status, body["error"]["code"]) == (408, "request_timeout")
 
 
-async def test_a_body_that_never_completes_gets_408(make_stack: Callable[..., Stack]) -> None:
-    url = make_stack(**DEADLINE).gateway()
+async def test_a_body_that_never_completes_gets_408(make_stack: MakeStack) -> None:
+    url = await make_stack(**DEADLINE).agateway()
     reader, writer = await asyncio.open_connection("127.0.0.1", _port(url))
     head = b"POST /v1/streams HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     writer.write(head + b'Content-Length: 100\r\n\r\n{"prompt": "hi')
@@ -94,8 +93,8 @@ async def test_a_body_that_never_completes_gets_408(make_stack: Callable[..., St
     assert (status, body["error"]["code"]) == (408, "request_timeout")
 
 
-async def test_a_head_over_the_size_limit_gets_431(make_stack: Callable[..., Stack]) -> None:
-    url = make_stack(TAILGATE_MAX_HEADER_BYTES="4096").gateway()
+async def test_a_head_over_the_size_limit_gets_431(make_stack: MakeStack) -> None:
+    url = await make_stack(TAILGATE_MAX_HEADER_BYTES="4096").agateway()
     port = _port(url)
     # One endless header line, and a complete head of many headers.
     endless = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 8000
@@ -114,9 +113,9 @@ async def test_a_head_over_the_size_limit_gets_431(make_stack: Callable[..., Sta
 
 
 async def test_connections_past_the_cap_get_503_until_idle_ones_are_closed(
-    make_stack: Callable[..., Stack],
+    make_stack: MakeStack,
 ) -> None:
-    url = make_stack(TAILGATE_MAX_CONNECTIONS="5", TAILGATE_REQUEST_TIMEOUT_S="2").gateway()
+    url = await make_stack(TAILGATE_MAX_CONNECTIONS="5", TAILGATE_REQUEST_TIMEOUT_S="2").agateway()
     port = _port(url)
     held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -132,9 +131,9 @@ async def test_connections_past_the_cap_get_503_until_idle_ones_are_closed(
 
 
 async def test_client_connections_carry_tcp_keepalive_so_half_open_peers_are_closed(
-    make_stack: Callable[..., Stack],
+    make_stack: MakeStack,
 ) -> None:
-    url = make_stack().gateway()
+    url = await make_stack().agateway()
     port = _port(url)
     _, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /healthz HTTP/1.1\r\n")
@@ -152,11 +151,11 @@ async def test_client_connections_carry_tcp_keepalive_so_half_open_peers_are_clo
 
 
 async def test_a_stream_lasting_longer_than_the_request_deadline_is_served_whole(
-    make_stack: Callable[..., Stack], mock_url: str, prompt: str
+    make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
     stack = make_stack(**DEADLINE)
-    url = stack.gateway()
-    stack.worker()
+    url = await stack.agateway()
+    await stack.aworker()
     prompt += " [mock:tokens=25,delay_ms=100]"  # 2.5 s of tokens
     async with httpx.AsyncClient(timeout=30) as client:
         r = await client.post(f"{url}/v1/streams", json={"prompt": prompt}, headers=stack.headers)
