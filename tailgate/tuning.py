@@ -40,3 +40,7 @@ ARQ_JOB_TIMEOUT_S = 30
 # A claim that meets an unreachable Redis is retried every second (arq.Retry): 300 tries ride out
 # a five-minute outage.
 CLAIM_MAX_TRIES = 300
+# Worker shutdown, beside TAILGATE_SHUTDOWN_GRACE_S: how long it waits for claims in flight (a round
+# trip each) before it counts its streams, and for handed-back streams to be released and re-enqueued.
+SHUTDOWN_CLAIMS_S = 5.0
+SHUTDOWN_HANDBACK_S = 10.0
