@@ -202,16 +202,15 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             await s.admission.admit(owner, now)
             request = body.upstream_request(s.settings.default_model)
-            fields = {"owner": owner, "model": request["model"], "request": dumps(request)}
+            fields = {"model": request["model"], "request": dumps(request)}
             if body.metadata:
                 fields["metadata"] = dumps(body.metadata)
-            await s.store.create(stream_id, fields)
+            await s.store.create(stream_id, owner, fields)
         except BaseException:
             if idem is not None:
                 await s.streams.delete(idem)
             raise
         try:
-            await s.admission.started(owner, stream_id, now)
             await s.queue.enqueue_job(
                 keys.JOB_GENERATE, stream_id, _job_id=stream_id, _queue_name=s.settings.queue_name
             )
@@ -219,8 +218,7 @@ def create_app(settings: Settings) -> FastAPI:
         except Exception as exc:
             # No half-written state: a stream nobody will ever run must not exist.
             log.error("enqueue of %s failed: %s", stream_id, exc)
-            await s.streams.delete(keys.meta(stream_id), keys.events(stream_id))
-            await s.admission.finished(owner, stream_id)
+            await s.store.discard(stream_id)
             if idem is not None:
                 await s.streams.delete(idem)
             raise ApiError(
@@ -276,9 +274,7 @@ def create_app(settings: Settings) -> FastAPI:
         owner = await s.auth.owner(request)
         await owned_meta(s, stream_id, owner)
         status = await s.store.cancel(stream_id)
-        if status == "cancelled":
-            await s.admission.finished(owner, stream_id)
-        elif status == "running":
+        if status == "running":
             await s.queue.publish(keys.CANCEL_CHANNEL, stream_id)
         code = 202 if status == "running" else 200
         return JSONResponse({"id": stream_id, "status": status, "cancel_requested": True}, status_code=code)

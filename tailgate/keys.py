@@ -42,9 +42,15 @@ def idempotency(owner: str, key_hash: str) -> str:
     return f"tg:idem:{owner}:{key_hash}"
 
 
+# The store's scripts that know a stream only by its id build its owner's `active` key from this
+# prefix and the owner in its meta (see tailgate.store).
+ACTIVE_PREFIX = "tg:active:"
+
+
 def active(owner: str) -> str:
-    """Sorted set of one key's unfinished streams (score: creation ms), for the concurrency limit."""
-    return f"tg:active:{owner}"
+    """Sorted set of one key's unfinished streams (score: creation ms), for the concurrency limit.
+    Kept by the store's scripts: a create adds the stream, every way of ending it removes it."""
+    return ACTIVE_PREFIX + owner
 
 
 def rate(owner: str, minute: int) -> str:
@@ -54,8 +60,11 @@ def rate(owner: str, minute: int) -> str:
 # On the streams Redis.
 API_KEYS = "tg:apikeys"  # hash: sha256(key) -> label; keys added by `tailgate keys add`
 SECRET = "tg:secret"  # read-token signing secret shared by every replica when none is configured
-STATS = "tg:stats"  # hash of counters: created, completed, failed, cancelled
-# Sorted set of running streams, score: last heartbeat (ms). Workers scan it for streams to take over.
+# Hash of counters for `tailgate top`, kept by the store's scripts: created (a discard takes one
+# back), and completed, failed, cancelled: each stream counted once, by how it ended.
+STATS = "tg:stats"
+# Sorted set of running streams, score: last heartbeat (ms; 0: handed back). Workers scan it for
+# streams to take over. Kept by the store's scripts: claim adds, heartbeat refreshes, every end removes.
 RUNNING = "tg:running"
 
 # On the queue Redis: the worker listens here, so a fresh job starts without waiting for ARQ's poll.

@@ -1,14 +1,52 @@
-"""The stream store: every write to a stream goes through one of four atomic scripts.
+"""The stream store: every write to a stream goes through one of seven atomic scripts.
 
-- ``create``: the meta hash and the ``queued`` event, or nothing if the id exists.
-- ``claim``: a worker starts an attempt; the attempt number goes up by one and becomes the fencing token.
+- ``create``: the meta hash (with the stream's owner) and the ``queued`` event, or nothing if the id
+  exists.
+- ``discard``: undoes a create whose job could not be enqueued; nothing of the stream is left.
+- ``claim``: a worker starts an attempt; the attempt number goes up by one and becomes the fencing
+  token. Past ``max_attempts`` the stream ends with ``error`` instead.
 - ``append``: events of one attempt, checked against the fencing token and the expected ``seq``
-  (so a retried append after a lost reply is recognised, not duplicated); a terminal event also sets
-  the final status and the retention TTL. Each appended batch is published to the stream's channel.
+  (so a retried append after a lost reply is recognised, not duplicated); a terminal event ends the
+  stream. Each appended batch is published to the stream's channel.
+- ``beat``: the attempt's heartbeat, if it still owns the stream; answers the cancel flag.
+- ``release``: the attempt hands the stream back, for another worker to claim at once.
 - ``cancel``: ends a queued stream at once, or flags a running one for its worker.
 
 Each script assigns ``seq`` itself, so ``seq`` is contiguous over the whole stream across attempts.
-Only EVAL/EVALSHA, so Redis 6.2 works; both keys carry the stream's hash tag, so Redis Cluster works.
+Only EVAL/EVALSHA, so Redis 6.2 works.
+
+**Bookkeeping.** Besides a stream's own two keys, three structures follow its life: its owner's
+active set (``keys.active``, the per-key limit on unfinished streams), the running index
+(``keys.RUNNING``, which takeover scans) and the counters (``keys.STATS``, for ``tailgate top``).
+These scripts keep them, and nothing else writes them: ``create`` adds the stream to the active set
+and counts ``created``; ``claim`` indexes it as running, ``beat`` and ``release`` restamp it; every way
+a stream ends (a terminal append; a claim past ``max_attempts``, which ends it with ``error``; a
+cancel of a queued stream) goes through one Lua function, ``close``, which also takes the stream out
+of both sets and counts its final status. A script that finds its stream ended returns before
+writing, so no stream is counted twice. ``discard`` takes a create back, ``created`` included.
+
+**Keys.** Every key a script touches is in its KEYS but one: the owner's active set, where the caller
+does not know the owner (``claim`` ending an exhausted stream, ``cancel``, ``discard``: their callers
+hold only the stream id). Those scripts read the owner from the meta and build the key from
+``keys.ACTIVE_PREFIX``, passed in ARGV; the alternative, a read of the meta before the script, would
+cost a round trip and open a race. ``create`` and a terminal ``append`` get the key in KEYS: the
+gateway and the attempt know the owner. The member of both sets is the stream id, which the scripts
+take from the hash tag of the stream's keys.
+
+**Redis Cluster.** A stream's own keys share a slot (the hash tag); the bookkeeping keys do not
+(``tg:running`` and ``tg:stats`` are global, ``tg:active:<owner>`` is per owner). So today every
+script but a non-terminal ``append`` crosses slots: ``create``, ``discard``, ``claim``, ``cancel``, a
+terminal ``append`` (running, stats, active), ``beat`` and ``release`` (running). Before the store can
+run on a cluster, each of these must be split into the stream's own step and a bookkeeping step.
+
+**Replays.** The worker opens its store without redis-py's command re-send (``retry=False``): the
+worker's loops retry themselves, knowing that they did, which recognising a replay needs. A re-sent
+append is recognised by its ``seq``; a re-sent terminal append finds its stream ended, which the
+writer, knowing it retried, counts as its own. A claim whose reply was lost is not recognised: its
+retry (ARQ runs the job again) finds the claimant's fresh heartbeat and answers ``busy``, and the
+stream waits for the takeover scan (``takeover_after_s``, then one ``reset``). Recognising it would
+need a claim token no later job can carry, and ARQ job ids are reused (a takeover job's id is the
+stream's id and the heartbeat it found stale), so a re-send could not be told from a second claim.
 """
 
 from __future__ import annotations
@@ -39,38 +77,70 @@ end
 local function finished(status)
   return status == 'completed' or status == 'failed' or status == 'cancelled'
 end
-local function close(ek, mk, status, now, retention)
+-- A stream's id: the hash tag of its keys (tailgate.keys).
+local function id_of(key)
+  return string.match(key, '{(.-)}')
+end
+-- The one place a stream ends: its final status, the retention TTL, and the bookkeeping (it leaves
+-- the running index and its owner's active set; its final status is counted).
+local function close(ek, mk, status, now, retention, running, stats, active)
   redis.call('HSET', mk, 'status', status, 'finished_at', now)
   redis.call('EXPIRE', ek, retention)
   redis.call('EXPIRE', mk, retention)
+  local id = id_of(mk)
+  redis.call('ZREM', running, id)
+  redis.call('ZREM', active, id)
+  redis.call('HINCRBY', stats, status, 1)
 end
 """
 
-# KEYS: events, meta. ARGV: maxlen, live_ttl, now, then meta field/value pairs.
+# KEYS: events, meta, active (the owner's), stats. ARGV: maxlen, live_ttl, now, owner, then meta
+# field/value pairs (the owner argument wins over an `owner` among them).
 _CREATE = (
     _LIB
     + """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('HSET', KEYS[2], 'status', 'queued', 'attempt', 0, 'cancel', 0, 'created_at', ARGV[3])
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[2], 'owner', ARGV[4])
 local seq, id = add(KEYS[1], ARGV[1], 0, 'queued', '{}', {})
 redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], id_of(KEYS[2]))
+redis.call('HINCRBY', KEYS[4], 'created', 1)
 return 1
 """
 )
 
-# KEYS: events, meta. ARGV: maxlen, channel, now, worker, stale_before, max_attempts, retention.
-# A running stream is claimed only if its heartbeat is older than stale_before (its worker is gone or
-# handed it back); past max_attempts it ends with `error` instead.
+# KEYS: events, meta, running, stats. ARGV: active prefix.
+_DISCARD = (
+    _LIB
+    + """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+local owner = redis.call('HGET', KEYS[2], 'owner') or ''
+local id = id_of(KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], id)
+redis.call('ZREM', ARGV[1] .. owner, id)
+redis.call('HINCRBY', KEYS[4], 'created', -1)
+return 1
+"""
+)
+
+# KEYS: events, meta, running, stats. ARGV: maxlen, channel, now, worker, stale_before, max_attempts,
+# retention, active prefix. A running stream is claimed only if its heartbeat is older than
+# stale_before (its worker is gone or handed it back); past max_attempts it ends with `error` instead.
+# A stream that is gone or ended leaves the running index (it may have expired there).
 _CLAIM = (
     _LIB
     + """
 local m = redis.call('HMGET', KEYS[2], 'status', 'seq', 'cancel', 'heartbeat', 'attempt', 'release',
   'request', 'owner', 'model')
-if not m[1] then return {'gone'} end
-if finished(m[1]) then return {'finished'} end
+if not m[1] or finished(m[1]) then
+  redis.call('ZREM', KEYS[3], id_of(KEYS[2]))
+  return {m[1] and 'finished' or 'gone'}
+end
 if m[1] == 'running' and tonumber(m[4]) > tonumber(ARGV[5]) then return {'busy'} end
 local reason = m[6] or 'worker_lost'
 local attempt = tonumber(m[5]) + 1
@@ -81,13 +151,14 @@ if attempt > tonumber(ARGV[6]) then
     'the stream lost its worker ' .. m[5] .. ' times (last: ' .. reason .. '); giving up') .. '}'
   seq, id = add(KEYS[1], ARGV[1], seq, 'error', err, lines)
   redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id, 'error', err)
-  close(KEYS[1], KEYS[2], 'failed', ARGV[3], ARGV[7])
+  close(KEYS[1], KEYS[2], 'failed', ARGV[3], ARGV[7], KEYS[3], KEYS[4], ARGV[8] .. (m[8] or ''))
   redis.call('PUBLISH', ARGV[2], table.concat(lines, '\\n'))
-  return {'exhausted', '', '', '', m[8] or ''}
+  return {'exhausted'}
 end
 redis.call('HSET', KEYS[2], 'attempt', attempt, 'status', 'running', 'worker', ARGV[4], 'heartbeat', ARGV[3])
 redis.call('HDEL', KEYS[2], 'release')
 redis.call('HSETNX', KEYS[2], 'started_at', ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[3], id_of(KEYS[2]))
 if attempt > 1 then
   seq, id = add(KEYS[1], ARGV[1], seq, 'reset',
     '{"attempt":' .. attempt .. ',"reason":' .. cjson.encode(reason) .. '}', lines)
@@ -100,8 +171,9 @@ return {'ok', tostring(attempt), tostring(seq), m[3] or '0', m[8] or '', m[7]}
 """
 )
 
-# KEYS: events, meta. ARGV: attempt, expected seq, maxlen, channel, final status or '', now,
-# retention, extra meta field/value pairs count, pairs..., then event type/data pairs.
+# KEYS: events, meta, and with a final status also running, stats, active (the owner's). ARGV:
+# attempt, expected seq, maxlen, channel, final status or '', now, retention, extra meta field/value
+# pairs count, pairs..., then event type/data pairs.
 _APPEND = (
     _LIB
     + """
@@ -118,41 +190,58 @@ for i = 9 + nextra * 2, #ARGV, 2 do
   seq, id = add(KEYS[1], ARGV[3], seq, ARGV[i], ARGV[i + 1], lines)
 end
 redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id)
-if ARGV[5] ~= '' then close(KEYS[1], KEYS[2], ARGV[5], ARGV[6], ARGV[7]) end
+if ARGV[5] ~= '' then close(KEYS[1], KEYS[2], ARGV[5], ARGV[6], ARGV[7], KEYS[3], KEYS[4], KEYS[5]) end
 redis.call('PUBLISH', ARGV[4], table.concat(lines, '\\n'))
 return {'ok', tostring(seq), m[4] or '0'}
 """
 )
 
-# KEYS: meta. ARGV: attempt, now. Stamps the heartbeat if this attempt still owns the stream;
-# answers its cancel flag, or 'fenced'.
-_BEAT = """
-local m = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'cancel')
-if m[1] ~= 'running' or m[2] ~= ARGV[1] then return 'fenced' end
-redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2])
+# KEYS: meta, running. ARGV: attempt, now. Stamps the heartbeat (in the meta and the running index)
+# if this attempt still owns the stream; answers its cancel flag, or why not ('gone', 'fenced',
+# 'finished'). A released stream keeps its zero heartbeat, or a beat racing the hand-back would make
+# it look busy to the next claim.
+_BEAT = (
+    _LIB
+    + """
+local m = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'cancel', 'release')
+if not m[1] then return 'gone' end
+if m[2] ~= ARGV[1] then return 'fenced' end
+if finished(m[1]) then return 'finished' end
+if not m[4] then
+  redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2])
+  redis.call('ZADD', KEYS[2], ARGV[2], id_of(KEYS[1]))
+end
 return m[3] or '0'
 """
+)
 
-# KEYS: meta. ARGV: attempt, reason. Gives the stream up for another worker to claim at once.
-_RELEASE = """
+# KEYS: meta, running. ARGV: attempt, reason. Gives the stream up for another worker to claim at
+# once: a zero heartbeat, in the running index too, so the takeover scan finds it if the job is lost.
+_RELEASE = (
+    _LIB
+    + """
 local m = redis.call('HMGET', KEYS[1], 'status', 'attempt')
-if m[1] ~= 'running' or m[2] ~= ARGV[1] then return 0 end
+if not m[1] then return 'gone' end
+if finished(m[1]) then return 'finished' end
+if m[1] ~= 'running' or m[2] ~= ARGV[1] then return 'fenced' end
 redis.call('HSET', KEYS[1], 'heartbeat', 0, 'release', ARGV[2])
-return 1
+redis.call('ZADD', KEYS[2], 0, id_of(KEYS[1]))
+return 'ok'
 """
+)
 
-# KEYS: events, meta. ARGV: maxlen, channel, now, retention.
+# KEYS: events, meta, running, stats. ARGV: maxlen, channel, now, retention, active prefix.
 _CANCEL = (
     _LIB
     + """
-local m = redis.call('HMGET', KEYS[2], 'status', 'seq')
+local m = redis.call('HMGET', KEYS[2], 'status', 'seq', 'owner')
 if not m[1] then return 'gone' end
 if finished(m[1]) then return m[1] end
 if m[1] == 'queued' then
   local lines = {}
   local seq, id = add(KEYS[1], ARGV[1], tonumber(m[2]), 'cancelled', '{"usage":null}', lines)
   redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id, 'cancel', 1)
-  close(KEYS[1], KEYS[2], 'cancelled', ARGV[3], ARGV[4])
+  close(KEYS[1], KEYS[2], 'cancelled', ARGV[3], ARGV[4], KEYS[3], KEYS[4], ARGV[5] .. (m[3] or ''))
   redis.call('PUBLISH', ARGV[2], table.concat(lines, '\\n'))
   return 'cancelled'
 end
@@ -162,7 +251,9 @@ return m[1]
 )
 
 
-class Outcome(enum.Enum):
+class Reply(enum.Enum):
+    """What a script answered."""
+
     OK = "ok"
     GONE = "gone"  # the stream expired or never existed
     FENCED = "fenced"  # another attempt owns the stream now
@@ -177,7 +268,7 @@ class SeqConflict(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Written:
-    outcome: Outcome
+    reply: Reply
     seq: int = 0
     attempt: int = 0
     cancel: bool = False
@@ -188,6 +279,7 @@ class Append:
     """One stream's events for one append, by the attempt that owns it, expected at ``seq``."""
 
     stream_id: str
+    owner: str  # whose active set a terminal event takes the stream out of
     attempt: int
     seq: int
     events: list[tuple[str, dict[str, Any]]]
@@ -199,16 +291,16 @@ def _written(a: Append, r: Any) -> Written | Exception:
         return r
     if r[0] == "seq":
         if int(r[1]) == a.seq + len(a.events):
-            return Written(Outcome.OK, seq=int(r[1]), attempt=a.attempt)
+            return Written(Reply.OK, seq=int(r[1]), attempt=a.attempt)
         return SeqConflict(f"stream {a.stream_id} at seq {r[1]}, writer expected {a.seq}")
     if r[0] != "ok":
-        return Written(Outcome(r[0]))
-    return Written(Outcome.OK, seq=int(r[1]), attempt=a.attempt, cancel=r[2] == "1")
+        return Written(Reply(r[0]))
+    return Written(Reply.OK, seq=int(r[1]), attempt=a.attempt, cancel=r[2] == "1")
 
 
 @dataclass(frozen=True, slots=True)
 class Claimed:
-    outcome: Outcome
+    reply: Reply
     attempt: int = 0
     seq: int = 0
     cancel: bool = False
@@ -217,7 +309,7 @@ class Claimed:
 
 
 class StreamStore:
-    """The streams Redis, seen through the four scripts plus plain reads."""
+    """The streams Redis, seen through the seven scripts plus plain reads."""
 
     def __init__(self, redis: Redis, *, maxlen: int, retention_s: int, live_ttl_s: int) -> None:
         self.redis = redis
@@ -225,46 +317,54 @@ class StreamStore:
         self._retention = retention_s
         self._live_ttl = live_ttl_s
         self._create = redis.register_script(_CREATE)
+        self._discard = redis.register_script(_DISCARD)
         self._claim = redis.register_script(_CLAIM)
         self._append = redis.register_script(_APPEND)
         self._cancel = redis.register_script(_CANCEL)
         self._beat = redis.register_script(_BEAT)
         self._release = redis.register_script(_RELEASE)
 
-    async def create(self, stream_id: str, fields: dict[str, str]) -> bool:
-        args: list[Any] = [self._maxlen, self._live_ttl, stamp()]
+    async def create(self, stream_id: str, owner: str, fields: dict[str, str]) -> bool:
+        """A new stream of ``owner``, queued: its meta (``fields`` and the owner), the ``queued``
+        event, a place in the owner's active set, and one more ``created``. False if the id exists."""
+        args: list[Any] = [self._maxlen, self._live_ttl, stamp(), owner]
         for k, v in fields.items():
             args += [k, v]
-        return bool(await self._create(keys=[keys.events(stream_id), keys.meta(stream_id)], args=args))
+        ks = [keys.events(stream_id), keys.meta(stream_id), keys.active(owner), keys.STATS]
+        return bool(await self._create(keys=ks, args=args))
+
+    async def discard(self, stream_id: str) -> None:
+        """Undo a :meth:`create` whose job could not be enqueued: its meta and events, its place in
+        its owner's active set (and the running index), and its ``created`` count."""
+        ks = [keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS]
+        await self._discard(keys=ks, args=[keys.ACTIVE_PREFIX])
 
     async def claim(self, stream_id: str, worker: str, *, stale_after_s: float, max_attempts: int) -> Claimed:
-        """Start a new attempt: writes ``reset`` (from the second attempt on) and ``started``.
+        """Start a new attempt: writes ``reset`` (from the second attempt on) and ``started``, and
+        indexes the stream as running in the same step, so a worker that dies right after claiming
+        is still found by the takeover scan.
 
-        A running stream is taken over only if its heartbeat is older than ``stale_after_s``. The
-        stream enters the running index first (same round trip), so a worker that dies right after
-        claiming is still found by the takeover scan.
+        A running stream is taken over only if its heartbeat is older than ``stale_after_s``. Past
+        ``max_attempts`` the stream ends with ``error`` (:attr:`Reply.EXHAUSTED`).
         """
         now = time.time() * 1000
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(keys.RUNNING, {stream_id: now})
-            await self._claim(
-                keys=[keys.events(stream_id), keys.meta(stream_id)],
-                args=[
-                    self._maxlen,
-                    keys.notify(stream_id),
-                    f"{now:.3f}",
-                    worker,
-                    f"{now - stale_after_s * 1000:.3f}",
-                    max_attempts,
-                    self._retention,
-                ],
-                client=pipe,
-            )
-            _, r = await pipe.execute()
-        outcome = Outcome(r[0])
-        if outcome is not Outcome.OK:
-            return Claimed(outcome, owner=r[4] if len(r) > 4 else "")
-        return Claimed(outcome, int(r[1]), int(r[2]), r[3] == "1", r[4], json.loads(r[5]))
+        r = await self._claim(
+            keys=[keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS],
+            args=[
+                self._maxlen,
+                keys.notify(stream_id),
+                f"{now:.3f}",
+                worker,
+                f"{now - stale_after_s * 1000:.3f}",
+                max_attempts,
+                self._retention,
+                keys.ACTIVE_PREFIX,
+            ],
+        )
+        reply = Reply(r[0])
+        if reply is not Reply.OK:
+            return Claimed(reply)
+        return Claimed(reply, int(r[1]), int(r[2]), r[3] == "1", r[4], json.loads(r[5]))
 
     async def append_many(self, appends: list[Append]) -> list[Written | Exception]:
         """Each of ``appends`` in one pipelined round trip, each atomic on its own: its events go in if
@@ -285,29 +385,29 @@ class StreamStore:
                     args += [k, v]
                 for kind, data in a.events:
                     args += [kind, dumps(data)]
-                await self._append(
-                    keys=[keys.events(a.stream_id), keys.meta(a.stream_id)], args=args, client=pipe
-                )
+                ks = [keys.events(a.stream_id), keys.meta(a.stream_id)]
+                if final:  # the bookkeeping keys, only for the append that ends the stream
+                    ks += [keys.RUNNING, keys.STATS, keys.active(a.owner)]
+                await self._append(keys=ks, args=args, client=pipe)
             replies = await pipe.execute(raise_on_error=False)
         return [_written(a, r) for a, r in zip(appends, replies, strict=True)]
 
     async def beat(self, attempts: dict[str, int]) -> dict[str, str]:
-        """Heartbeat every stream in ``attempts`` (id -> attempt) in one round trip, and refresh
-        them in the running index. Answers per stream: ``"1"`` cancel requested, ``"0"``, or ``"fenced"``."""
+        """Heartbeat every stream in ``attempts`` (id -> attempt) in one round trip, in its meta and
+        in the running index. Answers per stream: ``"1"`` cancel requested, ``"0"``, or a
+        :class:`Reply` value saying why the attempt no longer owns it (``gone``, ``fenced``,
+        ``finished``)."""
         now = stamp()
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream_id, attempt in attempts.items():
-                await self._beat(keys=[keys.meta(stream_id)], args=[attempt, now], client=pipe)
-            replies = dict(zip(attempts, (str(r) for r in await pipe.execute()), strict=True))
-        # Only streams still ours, and only if still indexed (XX): one that finished in between was
-        # removed from the index, and putting it back would invite a needless takeover.
-        alive = [stream_id for stream_id, reply in replies.items() if reply != "fenced"]
-        if alive:
-            await self.redis.zadd(keys.RUNNING, dict.fromkeys(alive, float(now)), xx=True)
-        return replies
+                await self._beat(keys=[keys.meta(stream_id), keys.RUNNING], args=[attempt, now], client=pipe)
+            return dict(zip(attempts, (str(r) for r in await pipe.execute()), strict=True))
 
-    async def release(self, stream_id: str, attempt: int, reason: str) -> bool:
-        return bool(await self._release(keys=[keys.meta(stream_id)], args=[attempt, reason]))
+    async def release(self, stream_id: str, attempt: int, reason: str) -> Reply:
+        """Hand the stream back (heartbeat 0): the next claim takes it at once and writes ``reset``
+        with ``reason``. Anything but :attr:`Reply.OK` means the attempt no longer owns it."""
+        r = await self._release(keys=[keys.meta(stream_id), keys.RUNNING], args=[attempt, reason])
+        return Reply(r)
 
     async def stale(self, stale_after_s: float, limit: int = 100) -> list[tuple[str, float]]:
         """Streams in the running index whose heartbeat is older than ``stale_after_s``."""
@@ -318,11 +418,12 @@ class StreamStore:
         return [(str(m), float(s)) for m, s in rows]
 
     async def cancel(self, stream_id: str) -> str:
-        """Returns the status after the request: ``cancelled`` at once if it was queued."""
+        """Returns the status after the request: a queued stream is ended at once (``cancelled``),
+        a running one is flagged for its worker (``running``)."""
         return str(
             await self._cancel(
-                keys=[keys.events(stream_id), keys.meta(stream_id)],
-                args=[self._maxlen, keys.notify(stream_id), stamp(), self._retention],
+                keys=[keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS],
+                args=[self._maxlen, keys.notify(stream_id), stamp(), self._retention, keys.ACTIVE_PREFIX],
             )
         )
 

@@ -46,3 +46,7 @@ TCP_KEEPIDLE_S = 30
 TCP_KEEPINTVL_S = 10
 TCP_KEEPCNT = 3
 TCP_USER_TIMEOUT_MS = 60_000
+# Worker shutdown, beside TAILGATE_SHUTDOWN_GRACE_S: how long it waits for claims in flight (a round
+# trip each) before it counts its streams, and for handed-back streams to be released and re-enqueued.
+SHUTDOWN_CLAIMS_S = 5.0
+SHUTDOWN_HANDBACK_S = 10.0

@@ -167,7 +167,7 @@ async def test_fallback_poll_starts_a_job_whose_wake_up_was_lost(
     stream_id = "f" * 16 + random.randbytes(8).hex()
     request = {"model": MODEL, "messages": [{"role": "user", "content": prompt + " [mock:tokens=3]"}]}
     await store.create(
-        stream_id, {"owner": keys.api_key_hash(API_KEY)[:32], "model": MODEL, "request": dumps(request)}
+        stream_id, keys.api_key_hash(API_KEY)[:32], {"model": MODEL, "request": dumps(request)}
     )
     await queue.enqueue_job(keys.JOB_GENERATE, stream_id, _job_id=stream_id, _queue_name=settings.queue_name)
     await queue.aclose()

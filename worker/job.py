@@ -9,6 +9,8 @@ Losing a worker is handled by heartbeats and takeover (``worker.runner``), not b
 An attempt ends the stream with exactly one terminal event (``done``, ``error``, ``cancelled``),
 or stops without one when its appends are refused (another attempt took over), or hands the stream
 back on shutdown (``release``), enqueueing a takeover job so another worker resumes it at once.
+:class:`~worker.attempt.Outcome` says which. The bookkeeping of an ended stream (its owner's active
+set, the running index, the counters) is the store's scripts' business, not the job's.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from tailgate import keys
 from tailgate.connections import REDIS_ERRORS
 from tailgate.events import dumps
 from tailgate.settings import Settings
-from tailgate.store import Outcome, StreamStore
+from tailgate.store import Reply, StreamStore
 from worker import upstream
-from worker.publisher import Appender, Publisher
+from worker.attempt import Attempt, Outcome, refused
+from worker.publisher import Appender
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +47,24 @@ class WorkerState:
     queue: ArqRedis
     api: openai.AsyncOpenAI
     appender: Appender
-    running: dict[str, Publisher] = field(default_factory=dict)
-    attempts: set[asyncio.Task[None]] = field(default_factory=set)
+    # The attempts this worker runs, by stream id, each holding its task: the one registry (the
+    # concurrency count, the heartbeat, cancel requests, hand-back). An attempt leaves it when its
+    # task is done.
+    running: dict[str, Attempt] = field(default_factory=dict)
     stopping: bool = False
 
 
 async def generate(ctx: dict[str, Any], stream_id: str) -> str:
-    """ARQ job: claim ``stream_id`` and start its attempt in the background."""
+    """ARQ job: claim ``stream_id`` and start its attempt in the background. Answers what the claim
+    answered (ARQ logs it)."""
     w: WorkerState = ctx["tailgate"]
     if w.stopping:
         raise Retry(defer=0.1)  # another worker takes it
+    if stream_id in w.running:
+        # Ours already: a takeover job for a stream whose heartbeat failed here (a Redis outage), not
+        # its attempt. Claiming would start a second attempt beside the first for nothing.
+        log.info("stream %s not claimed: it runs here", stream_id)
+        return str(Reply.BUSY.value)
     try:
         claim = await w.store.claim(
             stream_id, w.id, stale_after_s=w.settings.takeover_after_s, max_attempts=w.settings.max_attempts
@@ -61,87 +72,86 @@ async def generate(ctx: dict[str, Any], stream_id: str) -> str:
     except REDIS_ERRORS as exc:
         log.warning("stream %s: Redis unavailable at claim (%s); retrying", stream_id, exc)
         raise Retry(defer=1) from exc
-    if claim.outcome is not Outcome.OK or claim.request is None:
-        log.info("stream %s not claimed: %s", stream_id, claim.outcome.value)
-        if claim.outcome is Outcome.EXHAUSTED:
-            await _bookkeep(w, stream_id, claim.owner, "failed")
-        elif claim.outcome is not Outcome.BUSY:
-            await w.store.redis.zrem(keys.RUNNING, stream_id)
-        return str(claim.outcome.value)
+    if claim.reply is not Reply.OK or claim.request is None:
+        log.info("stream %s not claimed: %s", stream_id, claim.reply.value)
+        return str(claim.reply.value)
     log.info("stream %s attempt %d started", stream_id, claim.attempt)
-    pub = Publisher(w.appender, stream_id, claim.attempt, claim.seq)
+    attempt = Attempt(w.appender, stream_id, claim.owner, claim.attempt, claim.seq)
     if claim.cancel:
-        pub.request_cancel()
-    w.running[stream_id] = pub
-    task = asyncio.create_task(_attempt(w, pub, claim.request, claim.owner), name=f"attempt-{stream_id}")
-    w.attempts.add(task)
-    task.add_done_callback(w.attempts.discard)
-    return "started"
+        attempt.request_cancel()
+    attempt.task = asyncio.create_task(_attempt(w, attempt, claim.request), name=f"attempt-{stream_id}")
+    w.running[stream_id] = attempt
+
+    def leave(_: asyncio.Task[Outcome]) -> None:
+        if w.running.get(stream_id) is attempt:
+            del w.running[stream_id]
+
+    attempt.task.add_done_callback(leave)
+    return str(claim.reply.value)
 
 
-async def _attempt(w: WorkerState, pub: Publisher, request: dict[str, Any], owner: str) -> None:
+async def _attempt(w: WorkerState, attempt: Attempt, request: dict[str, Any]) -> Outcome:
     try:
-        try:
-            async with asyncio.timeout(w.settings.job_timeout_s):
-                status = await _run(w, pub, request)
-        except TimeoutError:
-            error = {
-                "code": "generation_timeout",
-                "message": f"generation ran past {w.settings.job_timeout_s}s",
-            }
-            ok = await pub.finish("error", error, {"error": dumps(error)})
-            status = "failed" if ok else _refused(pub)
+        outcome = await _run(w, attempt, request)
     except Exception:
-        log.exception("stream %s attempt %d crashed", pub.stream_id, pub.attempt)
-        raise  # the stream is taken over once its heartbeat stops
+        # The stream is taken over once its heartbeat stops, which it does as this task ends.
+        log.exception("stream %s attempt %d crashed", attempt.stream_id, attempt.number)
+        outcome = Outcome.CRASHED
     finally:
-        w.running.pop(pub.stream_id, None)
-    if status in ("completed", "failed", "cancelled"):
-        await _bookkeep(w, pub.stream_id, owner, status)
-    log.info("stream %s attempt %d %s", pub.stream_id, pub.attempt, status)
+        attempt.close()
+    outcome = attempt.end(outcome)  # a hand-back stays one, whatever a heartbeat learns after it
+    log.info("stream %s attempt %d %s", attempt.stream_id, attempt.number, outcome.value)
+    return outcome
 
 
-async def _run(w: WorkerState, pub: Publisher, request: dict[str, Any]) -> str:
-    call = asyncio.create_task(upstream.stream(w.api, request, lambda text: pub.add("delta", {"text": text})))
-    halted = asyncio.create_task(pub.halted.wait())
+async def _run(w: WorkerState, attempt: Attempt, request: dict[str, Any]) -> Outcome:
+    """Call the upstream until it ends, the attempt halts, or the job timeout; then end the stream
+    (or give it up) accordingly."""
+    call = asyncio.create_task(
+        upstream.stream(w.api, request, lambda text: attempt.add("delta", {"text": text}))
+    )
+    halted = asyncio.create_task(attempt.halted.wait())
     try:
-        await asyncio.wait({call, halted}, return_when=asyncio.FIRST_COMPLETED)
+        # The timeout bounds the generation, not the terminal append after it: that one must go in.
+        done, _ = await asyncio.wait(
+            {call, halted}, timeout=w.settings.job_timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
         halted.cancel()
         if not call.done():
             call.cancel()  # closes the upstream response: no more tokens generated or billed
             with contextlib.suppress(asyncio.CancelledError, upstream.UpstreamError):
                 await call
-    if pub.refused is not None:
-        pub.abandon()
-        return pub.refused.value
-    if pub.handing_back:
-        return await _hand_back(w, pub)
-    if pub.cancel_requested:
+    if attempt.outcome is not None:  # refused: another attempt owns the stream, or it ended
+        return attempt.outcome
+    if attempt.handing_back and call not in done:  # a generation that just completed is written
+        return await _hand_back(w, attempt)
+    if attempt.cancel_requested:
         # Usage so far: the upstream reports usage only at the end, so count the chunks streamed.
-        usage = {"completion_tokens": pub.deltas}
-        ok = await pub.finish("cancelled", {"usage": usage}, {"usage": dumps(usage)})
-        return "cancelled" if ok else _refused(pub)
+        usage = {"completion_tokens": attempt.deltas}
+        return await attempt.finish("cancelled", {"usage": usage}, {"usage": dumps(usage)})
+    if not done:
+        error = {"code": "generation_timeout", "message": f"generation ran past {w.settings.job_timeout_s}s"}
+        return await attempt.finish("error", error, {"error": dumps(error)})
     try:
         result = call.result()
     except upstream.UpstreamError as exc:
-        log.warning("stream %s upstream failed: %s", pub.stream_id, exc)
+        log.warning("stream %s upstream failed: %s", attempt.stream_id, exc)
         error = {"code": exc.code, "message": exc.message}
-        ok = await pub.finish("error", error, {"error": dumps(error)})
-        return "failed" if ok else _refused(pub)
+        return await attempt.finish("error", error, {"error": dumps(error)})
     meta = {"usage": dumps(result.usage)} if result.usage else None
-    ok = await pub.finish("done", {"finish_reason": result.finish_reason, "usage": result.usage}, meta)
-    return "completed" if ok else _refused(pub)
+    return await attempt.finish("done", {"finish_reason": result.finish_reason, "usage": result.usage}, meta)
 
 
-async def _hand_back(w: WorkerState, pub: Publisher) -> str:
+async def _hand_back(w: WorkerState, attempt: Attempt) -> Outcome:
     """Give the stream up for another worker: it resumes with a ``reset`` (``worker_shutdown``)."""
-    pub.abandon()
-    if not await w.store.release(pub.stream_id, pub.attempt, "worker_shutdown"):
-        return "refused"
-    await w.store.redis.zadd(keys.RUNNING, {pub.stream_id: 0})
-    await takeover(w.queue, w.settings.queue_name, pub.stream_id, f"release-{pub.attempt}")
-    return "handed_back"
+    attempt.close()
+    reply = await w.store.release(attempt.stream_id, attempt.number, "worker_shutdown")
+    if reply is not Reply.OK:
+        return attempt.refuse(refused(reply))
+    attempt.end(Outcome.HANDED_BACK)
+    await takeover(w.queue, w.settings.queue_name, attempt.stream_id, f"release-{attempt.number}")
+    return Outcome.HANDED_BACK
 
 
 async def takeover(queue: ArqRedis, queue_name: str, stream_id: str, tag: str) -> None:
@@ -151,17 +161,3 @@ async def takeover(queue: ArqRedis, queue_name: str, stream_id: str, tag: str) -
         keys.JOB_GENERATE, stream_id, _job_id=f"{stream_id}:{tag}", _queue_name=queue_name
     )
     await queue.publish(keys.WAKE_CHANNEL, stream_id)
-
-
-def _refused(pub: Publisher) -> str:
-    return pub.refused.value if pub.refused is not None else "refused"
-
-
-async def _bookkeep(w: WorkerState, stream_id: str, owner: str, status: str) -> None:
-    """After the terminal event: counters for `tailgate top`, the running index, the owner's slot."""
-    async with w.store.redis.pipeline(transaction=False) as pipe:
-        pipe.hincrby(keys.STATS, status, 1)
-        pipe.zrem(keys.RUNNING, stream_id)
-        if owner:
-            pipe.zrem(keys.active(owner), stream_id)
-        await pipe.execute()

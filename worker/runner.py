@@ -4,7 +4,7 @@
   waits on that signal and polls ARQ's queue at once. ARQ's ``poll_delay`` remains only as a fallback
   (a lost message, a worker that was busy). At ``concurrency`` running streams it stops taking jobs,
   which stay queued for other workers.
-- **Cancel.** ``tg:cancel`` names a stream whose generation must stop; if it runs here, its publisher
+- **Cancel.** ``tg:cancel`` names a stream whose generation must stop; if it runs here, its attempt
   halts and the upstream response is closed.
 - **Heartbeat.** Every ``heartbeat_s`` the worker stamps the meta of each stream it runs (an attempt
   that is no longer the stream's owner learns it here and stops), reads their cancel flags, and
@@ -12,9 +12,10 @@
 - **Takeover.** Every second it looks for running streams whose heartbeat is older than
   ``takeover_after_s`` and enqueues a job that claims them again. Right after Redis itself restarted
   it waits one takeover period first: every heartbeat looks old then, though the workers are alive.
-- **Shutdown.** SIGTERM/SIGINT: stop taking jobs, let running streams finish within
-  ``shutdown_grace_s``, then hand the rest back (``reset`` reason ``worker_shutdown``) so other
-  workers resume them at once.
+- **Shutdown.** SIGTERM/SIGINT, or a side loop that died: stop taking jobs, let claims in flight
+  land, let running streams finish within ``shutdown_grace_s``, then hand the rest back (``reset``
+  reason ``worker_shutdown``) so other workers resume them at once; cancel what is still stuck, then
+  the side loops, then close the pools (``run``'s ``finally``). A loop's error is raised after that.
 """
 
 from __future__ import annotations
@@ -38,12 +39,15 @@ from arq.worker import func
 from tailgate import keys, tuning
 from tailgate.connections import REDIS_ERRORS, open_queue, open_store, ride_out
 from tailgate.settings import Settings
-from tailgate.store import Outcome, stamp
+from tailgate.store import Reply, stamp
 from worker import upstream
+from worker.attempt import Outcome, refused
 from worker.job import WorkerState, generate, takeover
 from worker.publisher import Appender
 
 log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 # Claims a batch of queued ARQ jobs at once: the same in-progress key ARQ's own WATCH/MULTI sets, for
@@ -104,61 +108,104 @@ class TailgateWorker(Worker):
 
 
 async def run(settings: Settings) -> None:
-    """Run one worker process until SIGTERM/SIGINT."""
+    """Run one worker process until SIGTERM/SIGINT, or until one of its loops dies (a bug, whose
+    error is raised once the worker has shut down)."""
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     queue = open_queue(settings, "worker", tuning.WORKER_QUEUE_POOL)
     store = open_store(settings, "worker", tuning.WORKER_STREAMS_POOL, retry=False)
-    appender = Appender(store, settings.coalesce_ms / 1000)
-    state = WorkerState(worker_id, settings, store, queue, upstream.client(settings), appender)
-    worker = TailgateWorker(
+    api = upstream.client(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        appender = Appender(store, settings.coalesce_ms / 1000)
+        state = WorkerState(worker_id, settings, store, queue, api, appender)
+        worker = _arq_worker(state)
+        loops = [
+            asyncio.create_task(_listen(queue, worker, state), name="listen"),
+            asyncio.create_task(_heartbeat(state), name="heartbeat"),
+            asyncio.create_task(_scan(state), name="takeover-scan"),
+            asyncio.create_task(worker.main(), name="arq-main"),
+            appender.start(),
+        ]
+        log.info("worker %s ready (concurrency %d)", worker_id, settings.concurrency)
+        stopping = asyncio.create_task(stop.wait(), name="signal")
+        try:
+            await asyncio.wait({*loops, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            died = [t for t in loops if t.done()]
+            for t in died:  # a bug: shut down in order all the same, then raise its error
+                log.error("worker %s: loop %s ended; shutting down", worker_id, t.get_name())
+        finally:
+            stopping.cancel()
+            await _shut_down(state, worker, loops)
+        for t in died:
+            t.result()
+            raise RuntimeError(f"worker loop {t.get_name()} ended without an error")
+    finally:
+        for sig in SIGNALS:
+            loop.remove_signal_handler(sig)
+        with contextlib.suppress(*REDIS_ERRORS):
+            await queue.hdel(keys.WORKERS, worker_id)  # type: ignore[misc]
+        await api.close()
+        await store.redis.aclose()
+        await queue.aclose()
+        log.info("worker %s stopped", worker_id)
+
+
+def _arq_worker(state: WorkerState) -> TailgateWorker:
+    s = state.settings
+    return TailgateWorker(
         state,
         functions=[func(generate, name=keys.JOB_GENERATE, max_tries=tuning.CLAIM_MAX_TRIES)],
-        redis_pool=queue,
-        queue_name=settings.queue_name,
+        redis_pool=state.queue,
+        queue_name=s.queue_name,
         max_jobs=tuning.WORKER_ARQ_JOBS,
         job_timeout=tuning.ARQ_JOB_TIMEOUT_S,
         keep_result=0,
-        poll_delay=settings.poll_delay_s,
+        poll_delay=s.poll_delay_s,
         handle_signals=False,
         ctx={"tailgate": state},
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
 
-    loops = [
-        asyncio.create_task(_listen(queue, worker, state), name="listen"),
-        asyncio.create_task(_heartbeat(state), name="heartbeat"),
-        asyncio.create_task(_scan(state), name="takeover-scan"),
-        asyncio.create_task(worker.main(), name="arq-main"),
-        appender.start(),
-    ]
-    log.info("worker %s ready (concurrency %d)", worker_id, settings.concurrency)
-    stopping = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({*loops, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    for task in done - {stopping}:
-        task.result()  # a side loop that died is a bug: surface it
 
-    log.info("worker %s stopping: %d streams running", worker_id, len(state.running))
+async def _shut_down(state: WorkerState, worker: TailgateWorker, loops: list[asyncio.Task[None]]) -> None:
+    """In order: drain the streams (below), then cancel the side loops, even if draining failed."""
+    try:
+        await _drain(state, worker)
+    finally:
+        for t in loops:
+            t.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+
+
+async def _drain(state: WorkerState, worker: TailgateWorker) -> None:
+    """Stop taking jobs; let the running streams finish within the grace period, then hand the rest
+    back; then cancel what still runs. The side loops keep running meanwhile: the heartbeat keeps the
+    finishing streams ours, the appender writes their ends."""
+    s = state.settings
+    log.info("worker %s stopping: %d streams running", state.id, len(state.running))
     state.stopping = True
     worker.allow_pick_jobs = False
-    if state.attempts:
-        _, late = await asyncio.wait(state.attempts, timeout=settings.shutdown_grace_s)
+    # Claims in flight (a round trip each) become attempts, which the steps below must see.
+    jobs = [t for t in worker.tasks.values() if not t.done()]
+    if jobs:
+        await asyncio.wait(jobs, timeout=tuning.SHUTDOWN_CLAIMS_S)
+    attempts = _tasks(state)
+    if attempts:
+        _, late = await asyncio.wait(attempts, timeout=s.shutdown_grace_s)
         if late:
-            log.info("worker %s hands back %d streams", worker_id, len(state.running))
-            for pub in list(state.running.values()):
-                pub.request_handback()
-            await asyncio.wait(late, timeout=10)
-    for task in loops:
-        task.cancel()
-    await asyncio.gather(*loops, return_exceptions=True)
-    with contextlib.suppress(*REDIS_ERRORS):
-        await queue.hdel(keys.WORKERS, worker_id)  # type: ignore[misc]
-    await state.api.close()
-    await store.redis.aclose()
-    await queue.aclose()
-    log.info("worker %s stopped", worker_id)
+            log.info("worker %s hands back %d streams", state.id, len(late))
+            for attempt in list(state.running.values()):
+                attempt.request_handback()
+            _, late = await asyncio.wait(late, timeout=tuning.SHUTDOWN_HANDBACK_S)
+        for task in late:  # stuck (Redis unreachable, say): their heartbeat stops, they are taken over
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+
+
+def _tasks(state: WorkerState) -> list[asyncio.Task[Outcome]]:
+    return [a.task for a in state.running.values() if a.task is not None]
 
 
 async def _listen(queue: ArqRedis, worker: TailgateWorker, state: WorkerState) -> None:
@@ -175,27 +222,29 @@ async def _listen(queue: ArqRedis, worker: TailgateWorker, state: WorkerState) -
             if channel == keys.WAKE_CHANNEL or msg["type"] == "subscribe":
                 worker.woken.set()
             elif msg["type"] == "message" and channel == keys.CANCEL_CHANNEL:
-                pub = state.running.get(msg["data"].decode())
-                if pub is not None:
-                    log.info("stream %s cancel requested", pub.stream_id)
-                    pub.request_cancel()
+                attempt = state.running.get(msg["data"].decode())
+                if attempt is not None:
+                    log.info("stream %s cancel requested", attempt.stream_id)
+                    attempt.request_cancel()
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 async def _heartbeat(state: WorkerState) -> None:
     while True:
-        running = dict(state.running)
+        # A finishing attempt is left out: what Redis answers its terminal append decides its outcome.
+        running = {i: a for i, a in state.running.items() if not a.finishing}
         try:
             if running:
-                replies = await state.store.beat({i: pub.attempt for i, pub in running.items()})
+                replies = await state.store.beat({i: a.number for i, a in running.items()})
                 for stream_id, reply in replies.items():
-                    pub = running[stream_id]
-                    if reply == "fenced":
-                        pub.refuse(Outcome.FENCED)
-                    elif reply == "1" and not pub.cancel_requested:
-                        pub.request_cancel()
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "running": len(running)}
+                    attempt = running[stream_id]
+                    if reply == "1":
+                        if not attempt.cancel_requested:
+                            attempt.request_cancel()
+                    elif reply != "0" and not attempt.finishing:
+                        attempt.refuse(refused(Reply(reply)))
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "running": len(state.running)}
             info["beat_ms"] = float(stamp())
             await state.queue.hset(keys.WORKERS, state.id, json.dumps(info))  # type: ignore[misc]
         except REDIS_ERRORS as exc:

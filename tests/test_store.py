@@ -1,0 +1,295 @@
+"""The store's scripts against a real redis-server: every way a stream can end leaves its owner's
+active set and the running index and is counted once; fencing and replayed appends; and the worker's
+appender writing an attempt through them.
+
+The counters (``tg:stats``) are global, so these tests use a database of their own on the shared
+server and empty it before each test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tailgate import keys
+from tailgate.connections import open_store
+from tailgate.dev.procs import RedisServer
+from tailgate.events import dumps
+from tailgate.settings import Settings
+from tailgate.store import Append, Reply, StreamStore, Written
+from worker.attempt import Attempt, Outcome
+from worker.publisher import Appender
+
+OWNER = "owner-one"
+WORKER = "test-worker"
+REQUEST: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+DB = 11  # no other test uses it
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[StreamStore]:
+    url = redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
+    s = open_store(Settings(redis_url=url), "test", 4)
+    await s.redis.flushdb()
+    yield s
+    await s.redis.aclose()
+
+
+async def create(store: StreamStore) -> str:
+    stream_id = secrets.token_hex(16)
+    assert await store.create(stream_id, OWNER, {"model": REQUEST["model"], "request": dumps(REQUEST)})
+    return stream_id
+
+
+async def claim(store: StreamStore, stream_id: str, max_attempts: int = 3) -> Any:
+    return await store.claim(stream_id, WORKER, stale_after_s=60, max_attempts=max_attempts)
+
+
+async def stats(store: StreamStore) -> dict[str, int]:
+    return {k: int(v) for k, v in (await store.redis.hgetall(keys.STATS)).items()}  # type: ignore[misc]
+
+
+async def active(store: StreamStore) -> dict[str, float]:
+    return dict(await store.redis.zrange(keys.active(OWNER), 0, -1, withscores=True))
+
+
+async def running(store: StreamStore) -> dict[str, float]:
+    return dict(await store.redis.zrange(keys.RUNNING, 0, -1, withscores=True))
+
+
+async def events(store: StreamStore, stream_id: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(e.type, json.loads(e.data)) for e in await store.after(stream_id, "0-0", 1000)]
+
+
+async def write(store: StreamStore, one: Append) -> Written:
+    [written] = await store.append_many([one])
+    assert isinstance(written, Written), written
+    return written
+
+
+def append(stream_id: str, attempt: int, seq: int, *evs: tuple[str, dict[str, Any]]) -> Append:
+    return Append(stream_id, OWNER, attempt, seq, list(evs))
+
+
+async def test_create_writes_meta_and_queued_counts_created_and_enters_the_owners_active_set(
+    store: StreamStore,
+) -> None:
+    stream_id = await create(store)
+
+    meta = await store.meta(stream_id)
+    assert meta["owner"] == OWNER and meta["status"] == "queued"
+    assert await events(store, stream_id) == [("queued", {"seq": 1})]
+    assert await stats(store) == {"created": 1}
+    assert await active(store) == {stream_id: float(meta["created_at"])}
+    # The same id again writes and counts nothing.
+    assert not await store.create(stream_id, OWNER, {"model": "other"})
+    assert await stats(store) == {"created": 1}
+    assert (await store.meta(stream_id))["model"] == REQUEST["model"]
+
+
+async def test_cancel_of_a_queued_stream_ends_it_at_once_and_settles_its_bookkeeping(
+    store: StreamStore,
+) -> None:
+    stream_id = await create(store)
+
+    assert await store.cancel(stream_id) == "cancelled"
+
+    assert await events(store, stream_id) == [
+        ("queued", {"seq": 1}),
+        ("cancelled", {"seq": 2, "usage": None}),
+    ]
+    assert (await store.meta(stream_id))["status"] == "cancelled"
+    assert await stats(store) == {"created": 1, "cancelled": 1}
+    assert await active(store) == {}
+    # Idempotent: a second cancel neither writes nor counts.
+    assert await store.cancel(stream_id) == "cancelled"
+    assert len(await events(store, stream_id)) == 2
+    assert await stats(store) == {"created": 1, "cancelled": 1}
+
+
+async def test_cancel_of_a_running_stream_only_flags_it_for_its_worker(store: StreamStore) -> None:
+    stream_id = await create(store)
+    c = await claim(store, stream_id)
+
+    assert await store.cancel(stream_id) == "running"
+
+    assert (await store.meta(stream_id))["cancel"] == "1"
+    assert await stats(store) == {"created": 1}
+    assert stream_id in await active(store) and stream_id in await running(store)
+    written = await write(store, append(stream_id, c.attempt, c.seq, ("delta", {"text": "a"})))
+    assert written.cancel  # the worker learns it from its next append (or heartbeat)
+
+
+@pytest.mark.parametrize(
+    ("kind", "data", "status"),
+    [
+        ("done", {"finish_reason": "stop", "usage": None}, "completed"),
+        ("error", {"code": "upstream_error", "message": "boom"}, "failed"),
+        ("cancelled", {"usage": {"completion_tokens": 1}}, "cancelled"),
+    ],
+)
+async def test_a_terminal_append_ends_the_stream_and_settles_its_bookkeeping_once(
+    store: StreamStore, kind: str, data: dict[str, Any], status: str
+) -> None:
+    stream_id = await create(store)
+    c = await claim(store, stream_id)
+    assert c.reply is Reply.OK and c.owner == OWNER and c.request == REQUEST
+    meta = await store.meta(stream_id)
+    assert await running(store) == {stream_id: float(meta["heartbeat"])}
+
+    last = append(stream_id, c.attempt, c.seq, ("delta", {"text": "hi"}), (kind, data))
+    written = await write(store, last)
+
+    assert written.reply is Reply.OK and written.seq == c.seq + 2
+    assert (await store.meta(stream_id))["status"] == status
+    assert [t for t, _ in await events(store, stream_id)] == ["queued", "started", "delta", kind]
+    assert await stats(store) == {"created": 1, status: 1}
+    assert await active(store) == {}
+    assert await running(store) == {}
+    # The same append again (its reply lost): the stream has ended, nothing is written or counted.
+    again = await write(store, last)
+    assert again.reply is Reply.FINISHED
+    assert await stats(store) == {"created": 1, status: 1}
+    assert len(await events(store, stream_id)) == 4
+
+
+async def test_a_claim_past_max_attempts_ends_the_stream_with_error_and_settles_its_bookkeeping(
+    store: StreamStore,
+) -> None:
+    stream_id = await create(store)
+    first = await claim(store, stream_id, max_attempts=1)
+    assert await store.release(stream_id, first.attempt, "worker_shutdown") is Reply.OK
+
+    second = await claim(store, stream_id, max_attempts=1)
+
+    assert second.reply is Reply.EXHAUSTED
+    kind, data = (await events(store, stream_id))[-1]
+    assert kind == "error" and data["code"] == "worker_lost"
+    assert "worker_shutdown" in data["message"]
+    assert (await store.meta(stream_id))["status"] == "failed"
+    assert await stats(store) == {"created": 1, "failed": 1}
+    assert await active(store) == {}
+    assert await running(store) == {}
+
+
+@pytest.mark.parametrize("claimed", [False, True])
+async def test_discard_undoes_a_create_and_leaves_nothing(store: StreamStore, claimed: bool) -> None:
+    stream_id = await create(store)
+    if claimed:  # the enqueue went through after all, and its reply was lost
+        await claim(store, stream_id)
+
+    await store.discard(stream_id)
+
+    assert not await store.redis.exists(keys.meta(stream_id), keys.events(stream_id))
+    assert await active(store) == {}
+    assert await running(store) == {}
+    assert await stats(store) == {"created": 0}
+    await store.discard(stream_id)  # nothing left to undo: counts nothing
+    assert await stats(store) == {"created": 0}
+
+
+async def test_heartbeat_restamps_the_running_index_and_a_hand_back_zeroes_it_for_good(
+    store: StreamStore,
+) -> None:
+    stream_id = await create(store)
+    c = await claim(store, stream_id)
+    before = (await running(store))[stream_id]
+    await asyncio.sleep(0.005)  # so that the new stamp differs
+
+    assert await store.beat({stream_id: c.attempt}) == {stream_id: "0"}
+    beat = float((await store.meta(stream_id))["heartbeat"])
+    assert await running(store) == {stream_id: beat} and beat > before
+
+    assert await store.release(stream_id, c.attempt, "worker_shutdown") is Reply.OK
+    assert await running(store) == {stream_id: 0.0}
+    # A heartbeat racing the hand-back must not make the stream look busy to the next claim.
+    assert await store.beat({stream_id: c.attempt}) == {stream_id: "0"}
+    assert await running(store) == {stream_id: 0.0}
+    after = await claim(store, stream_id)
+    assert after.reply is Reply.OK and after.attempt == 2
+    assert await store.beat({stream_id: c.attempt}) == {stream_id: "fenced"}
+
+
+async def test_a_claim_of_a_gone_stream_drops_it_from_the_running_index(store: StreamStore) -> None:
+    stream_id = secrets.token_hex(16)
+    await store.redis.zadd(keys.RUNNING, {stream_id: 1})  # indexed, then expired
+
+    assert (await claim(store, stream_id)).reply is Reply.GONE
+    assert await running(store) == {}
+
+
+async def test_an_attempt_that_was_taken_over_cannot_write(store: StreamStore) -> None:
+    stream_id = await create(store)
+    zombie = await claim(store, stream_id)
+    await store.redis.hset(keys.meta(stream_id), "heartbeat", "0")  # type: ignore[misc]  # its worker stopped heartbeating
+    taker = await claim(store, stream_id)
+    assert taker.attempt == zombie.attempt + 1
+    kinds = [t for t, _ in await events(store, stream_id)]
+    assert kinds == ["queued", "started", "reset", "started"]
+
+    late = append(stream_id, zombie.attempt, zombie.seq, ("delta", {"text": "late"}), ("done", {}))
+    written = await write(store, late)
+
+    assert written.reply is Reply.FENCED
+    assert [t for t, _ in await events(store, stream_id)] == kinds
+    assert await stats(store) == {"created": 1}
+
+
+async def test_an_append_replayed_after_its_reply_was_lost_is_recognised_by_seq(store: StreamStore) -> None:
+    stream_id = await create(store)
+    c = await claim(store, stream_id)
+    batch = append(stream_id, c.attempt, c.seq, ("delta", {"text": "a"}), ("delta", {"text": "b"}))
+
+    first = await write(store, batch)
+    replayed = await write(store, batch)
+
+    assert first.reply is replayed.reply is Reply.OK
+    assert first.seq == replayed.seq == c.seq + 2
+    texts = [d["text"] for t, d in await events(store, stream_id) if t == "delta"]
+    assert texts == ["a", "b"]
+
+
+async def test_the_appender_writes_an_attempts_events_in_order_and_its_end_settles_the_stream(
+    store: StreamStore,
+) -> None:
+    appender = Appender(store, window_s=0.005)
+    loop = appender.start()
+    try:
+        stream_id = await create(store)
+        c = await claim(store, stream_id)
+        attempt = Attempt(appender, stream_id, c.owner, c.attempt, c.seq)
+        for i in range(50):
+            attempt.add("delta", {"text": f"t{i} "})
+            if i % 10 == 0:
+                await asyncio.sleep(0.002)  # some in one batch, some across batches
+
+        outcome = await attempt.finish("done", {"finish_reason": "stop", "usage": None})
+
+        assert outcome is Outcome.COMPLETED and attempt.outcome is Outcome.COMPLETED
+        evs = await events(store, stream_id)
+        assert [d["seq"] for _, d in evs] == list(range(1, 54))
+        assert "".join(d["text"] for t, d in evs if t == "delta") == "".join(f"t{i} " for i in range(50))
+        assert evs[-1][0] == "done"
+        assert await stats(store) == {"created": 1, "completed": 1}
+        assert await active(store) == {} and await running(store) == {}
+
+        # An attempt that was taken over meanwhile is refused, and says so.
+        other = await create(store)
+        z = await claim(store, other)
+        await store.redis.hset(keys.meta(other), "heartbeat", "0")  # type: ignore[misc]
+        await claim(store, other)
+        zombie = Attempt(appender, other, z.owner, z.attempt, z.seq)
+        zombie.add("delta", {"text": "late"})
+        await asyncio.wait_for(zombie.halted.wait(), 5)
+        assert zombie.outcome is Outcome.FENCED
+        assert await zombie.finish("done", {}) is Outcome.FENCED
+        assert "late" not in json.dumps(await events(store, other))
+    finally:
+        loop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loop
