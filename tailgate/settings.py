@@ -35,7 +35,7 @@ class Settings(BaseSettings):
 
     # Streams.
     retention_s: int = 24 * 3600
-    stream_maxlen: int = 100_000  # safety cap per stream (XADD MAXLEN ~); far above any one answer
+    stream_maxlen: int = 100_000  # events per stream; past it the stream ends with `stream_too_long`
     default_model: str = "gpt-4o-mini"
 
     # Gateway.

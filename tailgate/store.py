@@ -7,7 +7,9 @@
   token. Past ``max_attempts`` the stream ends with ``error`` instead.
 - ``append``: events of one attempt, checked against the fencing token and the expected ``seq``
   (so a retried append after a lost reply is recognised, not duplicated); a terminal event ends the
-  stream. Each appended batch is published to the stream's channel.
+  stream. Each appended batch is published to the stream's channel. A stream is never trimmed: at
+  ``TAILGATE_STREAM_MAXLEN`` events the append ends it with ``error`` (``stream_too_long``) instead,
+  so a reader from the start never meets a silent gap.
 - ``beat``: the attempt's heartbeat, if it still owns the stream; answers the cancel flag.
 - ``release``: the attempt hands the stream back, for another worker to claim at once.
 - ``cancel``: ends a queued stream at once, or flags a running one for its worker.
@@ -29,15 +31,16 @@ writing, so no stream is counted twice. ``discard`` takes a create back, ``creat
 does not know the owner (``claim`` ending an exhausted stream, ``cancel``, ``discard``: their callers
 hold only the stream id). Those scripts read the owner from the meta and build the key from
 ``keys.ACTIVE_PREFIX``, passed in ARGV; the alternative, a read of the meta before the script, would
-cost a round trip and open a race. ``create`` and a terminal ``append`` get the key in KEYS: the
-gateway and the attempt know the owner. The member of both sets is the stream id, which the scripts
-take from the hash tag of the stream's keys.
+cost a round trip and open a race. ``create`` and ``append`` get the key in KEYS: the gateway and the
+attempt know the owner. Every ``append`` gets the bookkeeping keys, as any append may end its stream
+(a terminal event, or the length cap); only one that does touches them. The member of both sets is
+the stream id, which the scripts take from the hash tag of the stream's keys.
 
 **Redis Cluster.** A stream's own keys share a slot (the hash tag); the bookkeeping keys do not
 (``tg:running`` and ``tg:stats`` are global, ``tg:active:<owner>`` is per owner). So today every
-script but a non-terminal ``append`` crosses slots: ``create``, ``discard``, ``claim``, ``cancel``, a
-terminal ``append`` (running, stats, active), ``beat`` and ``release`` (running). Before the store can
-run on a cluster, each of these must be split into the stream's own step and a bookkeeping step.
+script crosses slots: ``create``, ``discard``, ``claim``, ``cancel``, ``append`` (running, stats,
+active; a non-terminal append only names them), ``beat`` and ``release`` (running). Before the store
+can run on a cluster, each of these must be split into the stream's own step and a bookkeeping step.
 
 **Replays.** The worker opens its store without redis-py's command re-send (``retry=False``): the
 worker's loops retry themselves, knowing that they did, which recognising a replay needs. A re-sent
@@ -63,14 +66,14 @@ from tailgate import keys
 from tailgate.events import FINAL_STATUS, FINISHED, Entry, dumps, entry
 
 _LIB = """
-local function add(ek, maxlen, seq, kind, data, lines)
+local function add(ek, seq, kind, data, lines)
   seq = seq + 1
   if data == '{}' then
     data = '{"seq":' .. seq .. '}'
   else
     data = '{"seq":' .. seq .. ',' .. string.sub(data, 2)
   end
-  local id = redis.call('XADD', ek, 'MAXLEN', '~', maxlen, '*', 't', kind, 'd', data)
+  local id = redis.call('XADD', ek, '*', 't', kind, 'd', data)
   lines[#lines + 1] = id .. '\\t' .. kind .. '\\t' .. data
   return seq, id
 end
@@ -94,20 +97,20 @@ local function close(ek, mk, status, now, retention, running, stats, active)
 end
 """
 
-# KEYS: events, meta, active (the owner's), stats. ARGV: maxlen, live_ttl, now, owner, then meta
+# KEYS: events, meta, active (the owner's), stats. ARGV: live_ttl, now, owner, then meta
 # field/value pairs (the owner argument wins over an `owner` among them).
 _CREATE = (
     _LIB
     + """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-redis.call('HSET', KEYS[2], 'status', 'queued', 'attempt', 0, 'cancel', 0, 'created_at', ARGV[3])
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-redis.call('HSET', KEYS[2], 'owner', ARGV[4])
-local seq, id = add(KEYS[1], ARGV[1], 0, 'queued', '{}', {})
+redis.call('HSET', KEYS[2], 'status', 'queued', 'attempt', 0, 'cancel', 0, 'created_at', ARGV[2])
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[2], 'owner', ARGV[3])
+local seq, id = add(KEYS[1], 0, 'queued', '{}', {})
 redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id)
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], id_of(KEYS[2]))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], id_of(KEYS[2]))
 redis.call('HINCRBY', KEYS[4], 'created', 1)
 return 1
 """
@@ -128,7 +131,7 @@ return 1
 """
 )
 
-# KEYS: events, meta, running, stats. ARGV: maxlen, channel, now, worker, stale_before, max_attempts,
+# KEYS: events, meta, running, stats. ARGV: channel, now, worker, stale_before, max_attempts,
 # retention, active prefix. A running stream is claimed only if its heartbeat is older than
 # stale_before (its worker is gone or handed it back); past max_attempts it ends with `error` instead.
 # A stream that is gone or ended leaves the running index (it may have expired there).
@@ -141,39 +144,39 @@ if not m[1] or finished(m[1]) then
   redis.call('ZREM', KEYS[3], id_of(KEYS[2]))
   return {m[1] and 'finished' or 'gone'}
 end
-if m[1] == 'running' and tonumber(m[4]) > tonumber(ARGV[5]) then return {'busy'} end
+if m[1] == 'running' and tonumber(m[4]) > tonumber(ARGV[4]) then return {'busy'} end
 local reason = m[6] or 'worker_lost'
 local attempt = tonumber(m[5]) + 1
 local lines = {}
 local seq, id = tonumber(m[2]), nil
-if attempt > tonumber(ARGV[6]) then
+if attempt > tonumber(ARGV[5]) then
   local err = '{"code":"worker_lost","message":' .. cjson.encode(
     'the stream lost its worker ' .. m[5] .. ' times (last: ' .. reason .. '); giving up') .. '}'
-  seq, id = add(KEYS[1], ARGV[1], seq, 'error', err, lines)
+  seq, id = add(KEYS[1], seq, 'error', err, lines)
   redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id, 'error', err)
-  close(KEYS[1], KEYS[2], 'failed', ARGV[3], ARGV[7], KEYS[3], KEYS[4], ARGV[8] .. (m[8] or ''))
-  redis.call('PUBLISH', ARGV[2], table.concat(lines, '\\n'))
+  close(KEYS[1], KEYS[2], 'failed', ARGV[2], ARGV[6], KEYS[3], KEYS[4], ARGV[7] .. (m[8] or ''))
+  redis.call('PUBLISH', ARGV[1], table.concat(lines, '\\n'))
   return {'exhausted'}
 end
-redis.call('HSET', KEYS[2], 'attempt', attempt, 'status', 'running', 'worker', ARGV[4], 'heartbeat', ARGV[3])
+redis.call('HSET', KEYS[2], 'attempt', attempt, 'status', 'running', 'worker', ARGV[3], 'heartbeat', ARGV[2])
 redis.call('HDEL', KEYS[2], 'release')
-redis.call('HSETNX', KEYS[2], 'started_at', ARGV[3])
-redis.call('ZADD', KEYS[3], ARGV[3], id_of(KEYS[2]))
+redis.call('HSETNX', KEYS[2], 'started_at', ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[2], id_of(KEYS[2]))
 if attempt > 1 then
-  seq, id = add(KEYS[1], ARGV[1], seq, 'reset',
+  seq, id = add(KEYS[1], seq, 'reset',
     '{"attempt":' .. attempt .. ',"reason":' .. cjson.encode(reason) .. '}', lines)
 end
-seq, id = add(KEYS[1], ARGV[1], seq, 'started',
+seq, id = add(KEYS[1], seq, 'started',
   '{"attempt":' .. attempt .. ',"model":' .. cjson.encode(m[9] or '') .. '}', lines)
 redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id)
-redis.call('PUBLISH', ARGV[2], table.concat(lines, '\\n'))
+redis.call('PUBLISH', ARGV[1], table.concat(lines, '\\n'))
 return {'ok', tostring(attempt), tostring(seq), m[3] or '0', m[8] or '', m[7]}
 """
 )
 
-# KEYS: events, meta, and with a final status also running, stats, active (the owner's). ARGV:
-# attempt, expected seq, maxlen, channel, final status or '', now, retention, extra meta field/value
-# pairs count, pairs..., then event type/data pairs.
+# KEYS: events, meta, running, stats, active (the owner's). ARGV: attempt, expected seq, maxlen (the
+# length cap, in events), channel, final status or '', now, retention, extra meta field/value pairs
+# count, pairs..., then event type/data pairs.
 _APPEND = (
     _LIB
     + """
@@ -185,9 +188,22 @@ if m[3] ~= ARGV[2] then return {'seq', m[3]} end
 local seq, id = tonumber(m[3]), nil
 local lines = {}
 local nextra = tonumber(ARGV[8])
-for i = 9, 8 + nextra * 2, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-for i = 9 + nextra * 2, #ARGV, 2 do
-  seq, id = add(KEYS[1], ARGV[3], seq, ARGV[i], ARGV[i + 1], lines)
+local first = 9 + nextra * 2
+-- The length cap: a stream never grows past it silently (no trimming). A batch that would leave no
+-- room for a terminal event (or, ending the stream, pass the cap) ends it with `error` instead.
+local room = tonumber(ARGV[3]) - seq - (#ARGV - first + 1) / 2
+if room < 0 or (room == 0 and ARGV[5] == '') then
+  local err = '{"code":"stream_too_long","message":' .. cjson.encode(
+    'the stream reached ' .. ARGV[3] .. ' events (TAILGATE_STREAM_MAXLEN) and was ended') .. '}'
+  seq, id = add(KEYS[1], seq, 'error', err, lines)
+  redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id, 'error', err)
+  close(KEYS[1], KEYS[2], 'failed', ARGV[6], ARGV[7], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('PUBLISH', ARGV[4], table.concat(lines, '\\n'))
+  return {'too_long'}
+end
+for i = 9, first - 1, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = first, #ARGV, 2 do
+  seq, id = add(KEYS[1], seq, ARGV[i], ARGV[i + 1], lines)
 end
 redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id)
 if ARGV[5] ~= '' then close(KEYS[1], KEYS[2], ARGV[5], ARGV[6], ARGV[7], KEYS[3], KEYS[4], KEYS[5]) end
@@ -230,7 +246,7 @@ return 'ok'
 """
 )
 
-# KEYS: events, meta, running, stats. ARGV: maxlen, channel, now, retention, active prefix.
+# KEYS: events, meta, running, stats. ARGV: channel, now, retention, active prefix.
 _CANCEL = (
     _LIB
     + """
@@ -239,10 +255,10 @@ if not m[1] then return 'gone' end
 if finished(m[1]) then return m[1] end
 if m[1] == 'queued' then
   local lines = {}
-  local seq, id = add(KEYS[1], ARGV[1], tonumber(m[2]), 'cancelled', '{"usage":null}', lines)
+  local seq, id = add(KEYS[1], tonumber(m[2]), 'cancelled', '{"usage":null}', lines)
   redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id, 'cancel', 1)
-  close(KEYS[1], KEYS[2], 'cancelled', ARGV[3], ARGV[4], KEYS[3], KEYS[4], ARGV[5] .. (m[3] or ''))
-  redis.call('PUBLISH', ARGV[2], table.concat(lines, '\\n'))
+  close(KEYS[1], KEYS[2], 'cancelled', ARGV[2], ARGV[3], KEYS[3], KEYS[4], ARGV[4] .. (m[3] or ''))
+  redis.call('PUBLISH', ARGV[1], table.concat(lines, '\\n'))
   return 'cancelled'
 end
 redis.call('HSET', KEYS[2], 'cancel', 1)
@@ -260,6 +276,7 @@ class Reply(enum.Enum):
     FINISHED = "finished"  # the stream already ended
     BUSY = "busy"  # claim: a live worker runs it
     EXHAUSTED = "exhausted"  # claim: too many attempts; the stream was ended with `error`
+    TOO_LONG = "too_long"  # append: past TAILGATE_STREAM_MAXLEN; the stream was ended with `error`
 
 
 class SeqConflict(RuntimeError):
@@ -327,7 +344,7 @@ class StreamStore:
     async def create(self, stream_id: str, owner: str, fields: dict[str, str]) -> bool:
         """A new stream of ``owner``, queued: its meta (``fields`` and the owner), the ``queued``
         event, a place in the owner's active set, and one more ``created``. False if the id exists."""
-        args: list[Any] = [self._maxlen, self._live_ttl, stamp(), owner]
+        args: list[Any] = [self._live_ttl, stamp(), owner]
         for k, v in fields.items():
             args += [k, v]
         ks = [keys.events(stream_id), keys.meta(stream_id), keys.active(owner), keys.STATS]
@@ -351,7 +368,6 @@ class StreamStore:
         r = await self._claim(
             keys=[keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS],
             args=[
-                self._maxlen,
                 keys.notify(stream_id),
                 f"{now:.3f}",
                 worker,
@@ -385,9 +401,9 @@ class StreamStore:
                     args += [k, v]
                 for kind, data in a.events:
                     args += [kind, dumps(data)]
-                ks = [keys.events(a.stream_id), keys.meta(a.stream_id)]
-                if final:  # the bookkeeping keys, only for the append that ends the stream
-                    ks += [keys.RUNNING, keys.STATS, keys.active(a.owner)]
+                # The bookkeeping keys: the stream may end here (a terminal event, or the cap).
+                ks = [keys.events(a.stream_id), keys.meta(a.stream_id), keys.RUNNING, keys.STATS]
+                ks.append(keys.active(a.owner))
                 await self._append(keys=ks, args=args, client=pipe)
             replies = await pipe.execute(raise_on_error=False)
         return [_written(a, r) for a, r in zip(appends, replies, strict=True)]
@@ -423,7 +439,7 @@ class StreamStore:
         return str(
             await self._cancel(
                 keys=[keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS],
-                args=[self._maxlen, keys.notify(stream_id), stamp(), self._retention, keys.ACTIVE_PREFIX],
+                args=[keys.notify(stream_id), stamp(), self._retention, keys.ACTIVE_PREFIX],
             )
         )
 

@@ -293,3 +293,31 @@ async def test_the_appender_writes_an_attempts_events_in_order_and_its_end_settl
         loop.cancel()
         with pytest.raises(asyncio.CancelledError):
             await loop
+
+
+async def test_an_append_past_the_length_cap_ends_the_stream_with_stream_too_long(
+    redis_server: RedisServer,
+) -> None:
+    url = redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
+    capped = open_store(Settings(redis_url=url, stream_maxlen=6), "test", 2)
+    try:
+        await capped.redis.flushdb()
+        stream_id = await create(capped)  # queued (1)
+        c = await claim(capped, stream_id)  # started (2)
+        ok = await write(
+            capped, append(stream_id, c.attempt, c.seq, ("delta", {"text": "a"}), ("delta", {"text": "b"}))
+        )
+        assert ok.reply is Reply.OK and ok.seq == 4  # room for one more delta and a terminal event
+        more = ("delta", {"text": "c"}), ("delta", {"text": "d"})
+        refused = await write(capped, append(stream_id, c.attempt, ok.seq, *more))
+
+        assert refused.reply is Reply.TOO_LONG
+        got = await events(capped, stream_id)
+        assert [t for t, _ in got] == ["queued", "started", "delta", "delta", "error"]
+        assert [d["seq"] for _, d in got] == [1, 2, 3, 4, 5]  # nothing trimmed, nothing skipped
+        assert got[-1][1]["code"] == "stream_too_long"
+        assert (await capped.meta(stream_id))["status"] == "failed"
+        assert await stats(capped) == {"created": 1, "failed": 1}
+        assert await active(capped) == {} and await running(capped) == {}
+    finally:
+        await capped.redis.aclose()

@@ -54,6 +54,8 @@ def refused(reply: Reply) -> Outcome:
     """The outcome of an attempt whose write (append, release) Redis refused with ``reply``."""
     if reply is Reply.FINISHED:
         return Outcome.FINISHED_ELSEWHERE
+    if reply is Reply.TOO_LONG:
+        return Outcome.FAILED  # the append script ended the stream with `stream_too_long`
     return Outcome.GONE if reply is Reply.GONE else Outcome.FENCED
 
 

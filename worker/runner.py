@@ -79,7 +79,10 @@ class TailgateWorker(Worker):
         self._claim_jobs = self.pool.register_script(_CLAIM_JOBS)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        room = self.max_jobs - self.job_counter
+        # TAILGATE_CONCURRENCY is a hard cap: every job in flight may become a running stream, so
+        # the jobs started here and the streams running already never add up to more than it.
+        s = self.state
+        room = min(self.max_jobs, s.settings.concurrency - len(s.running)) - self.job_counter
         if room <= 0 or not job_ids:
             return
         ids = [j.decode() for j in job_ids[:room]]

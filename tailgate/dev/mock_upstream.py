@@ -63,6 +63,10 @@ class Served:
     tokens_sent: int = 0
     completed: bool = False
     closed_early: bool = False
+    # The mock's monotonic clock when the streamed body began and ended: tests compute how many
+    # streams the upstream served at once.
+    opened_at: float | None = None
+    closed_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,7 @@ def create_app(config: MockConfig) -> Starlette:
         stamp = bool(opts.get("stamp"))
 
         async def frames() -> AsyncIterator[bytes]:
+            record.opened_at = time.monotonic()
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 start = time.monotonic() + ttft
@@ -221,6 +226,7 @@ def create_app(config: MockConfig) -> Starlette:
                 yield b"data: [DONE]\n\n"
                 record.completed = True
             finally:
+                record.closed_at = time.monotonic()
                 record.closed_early = not record.completed and "fail_after" not in opts
 
         return StreamingResponse(frames(), media_type="text/event-stream")
