@@ -130,8 +130,8 @@ async def run_stream(
         got = await read_resuming(
             client, urls, r.json()["events_url"], headers, pick=rng.choice, deadline_s=300
         )
-    except (ProtocolError, TimeoutError) as exc:
-        tally.error(f"{type(exc).__name__}: {str(exc)[:80]}")
+    except (ProtocolError, TimeoutError, httpx.HTTPError) as exc:
+        tally.error(f"not read to its end: {type(exc).__name__}: {str(exc)[:80]}")
         return
     events, delivery = got.events, delivery_of(got.events)
     tally.reconnects += got.reconnects
@@ -285,7 +285,7 @@ def main() -> None:
     base.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(result, base.with_suffix(".png"))
     print(f"\n{text}\ntable, JSON and plot: {base}.{{md,json,png}}")
-    unread = any(k.startswith(("ProtocolError", "TimeoutError")) for k in result["errors"])
+    unread = any(k.startswith("not read") for k in result["errors"])
     sys.exit(1 if result["lost"] or result["duplicated"] or result["text_wrong"] or unread else 0)
 
 
