@@ -480,11 +480,8 @@ def redis_benchmark_xadd(port: int, requests: int) -> tuple[float, str]:
     otherwise the same command given explicitly."""
     base = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", "50", "-n", str(requests), "-q"]
     out = ""
-    for extra, how in (
-        (["-t", "xadd"], "-t xadd"),
-        (["XADD", "bench:xadd", "*", "f", "v"], "XADD bench:xadd * f v"),
-    ):
-        out = _run(*base, *extra, timeout=300)
+    for how in ("-t xadd", "XADD bench:xadd * f v"):
+        out = _run(*base, *how.split(), timeout=300)
         found = re.findall(r"([\d.]+) requests per second", out.replace("\r", "\n"))
         if found:
             return float(found[-1]), how
@@ -496,10 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run in about 2 minutes")
     plan = QUICK if parser.parse_args(argv).quick else FULL
 
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: stop every process in order
     fds = raise_fd_limit()
     if fds < plan.idle_connections + 1000:
         print(
@@ -521,10 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         procs.close()
-    print(
-        "\n"
-        + report.write(bench.r, bench.raw, RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}-{plan.name}", ROOT)
-    )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    print("\n" + report.write(bench.r, bench.raw, RESULTS / f"{stamp}-{plan.name}", ROOT))
     return 0
 
 

@@ -61,77 +61,60 @@ def _p50_99(t: dict[str, Any], digits: int = 1) -> str:
 
 def table(r: dict[str, Any]) -> str:
     """The markdown table of the issue's figures and goals."""
-    plan, n, coalesce = r["plan"], r["plan"]["steady"]["concurrency"], r["coalesce_ms"]
-    rows: list[list[str]] = []
+    plan, n, coalesce, xadd = r["plan"], r["plan"]["steady"]["concurrency"], r["coalesce_ms"], r["xadd_rps"]
+    sus, rc, idle, cpu = r["sustained"], r["redis_connections"], r["idle"], r["cpu_us_per_token"]
+    rows: list[tuple[str, ...]] = []
 
-    def ttft_row(label: str, t: dict[str, Any]) -> None:
-        added = {s: (t[s]["p50"] - t["a"]["p50"], t[s]["p99"] - t["a"]["p99"]) for s in "bc"}
-        cells = [f"{_p50_99(t[s])} (**{_signed(added[s][0])} / {_signed(added[s][1])}**)" for s in "bc"]
-        ok = added["c"][0] <= 5 and added["c"][1] <= 15
-        rows.append([label, "added ≤ 5 / ≤ 15 ms", _p50_99(t["a"]), *cells, _verdict(ok)])
+    def ttft(label: str, t: dict[str, Any]) -> None:
+        d = {s: (_signed(t[s]["p50"] - t["a"]["p50"]), _signed(t[s]["p99"] - t["a"]["p99"])) for s in "bc"}
+        b, c = (f"{_p50_99(t[s])} (**{d[s][0]} / {d[s][1]}**)" for s in "bc")
+        ok = t["c"]["p50"] - t["a"]["p50"] <= 5 and t["c"]["p99"] - t["a"]["p99"] <= 15
+        rows.append((label, "added ≤ 5 / ≤ 15 ms", _p50_99(t["a"]), b, c, _verdict(ok)))
 
-    ttft_row(
+    ttft(
         "time to first token at 1 stream, p50 / p99 (client: request sent → first token)", r["ttft1"]["ttft"]
     )
-    ttft_row(f"time to first token at {n} concurrent streams, p50 / p99", r["steady"]["ttft"])
+    ttft(f"time to first token at {n} concurrent streams, p50 / p99", r["steady"]["ttft"])
 
     e1, en = r["ttft1"]["enqueue_start"], r["steady"]["enqueue_start"]
+    label = f"enqueue → job start (meta `started_at − created_at`), p50 / p99, at 1 / at {n} streams"
+    ok1, okn = (_verdict(e["p50"] <= 3 and e["p99"] <= 10) for e in (e1, en))
     rows.append(
-        [
-            f"enqueue → job start (meta `started_at − created_at`), p50 / p99, at 1 / at {n} streams",
-            "≤ 3 / ≤ 10 ms",
-            "—",
-            "—",
-            f"{_p50_99(e1, 2)}; {_p50_99(en, 2)}",
-            f"{_verdict(e1['p50'] <= 3 and e1['p99'] <= 10)} at 1, "
-            f"{_verdict(en['p50'] <= 3 and en['p99'] <= 10)} at {n}",
-        ]
+        (label, "≤ 3 / ≤ 10 ms", "—", "—", f"{_p50_99(e1, 2)}; {_p50_99(en, 2)}", f"{ok1} at 1, {okn} at {n}")
     )
 
     lat = r["steady"]["latency"]
-    add_lat = {s: lat[s]["p99"] - lat["a"]["p99"] for s in "bc"}
-    rows.append(
-        [
-            f"per-chunk latency (mock's send stamp → client), p50 / p99, at {n} streams; "
-            "added = p99 difference",
-            f"added ≤ coalescing {coalesce:g} + 10 = {coalesce + 10:g} ms",
-            _p50_99(lat["a"], 2),
-            *(f"{_p50_99(lat[s], 2)} (**{_signed(add_lat[s])}**)" for s in "bc"),
-            _verdict(add_lat["c"] <= coalesce + 10),
-        ]
+    add = {s: lat[s]["p99"] - lat["a"]["p99"] for s in "bc"}
+    label = (
+        f"per-chunk latency (mock's send stamp → client), p50 / p99, at {n} streams; added = p99 difference"
     )
+    goal = f"added ≤ coalescing {coalesce:g} + 10 = {coalesce + 10:g} ms"
+    b, c = (f"{_p50_99(lat[s], 2)} (**{_signed(add[s])}**)" for s in "bc")
+    rows.append((label, goal, _p50_99(lat["a"], 2), b, c, _verdict(add["c"] <= coalesce + 10)))
 
-    sus = r["sustained"]
     if sus["at_common"]:
-        at = {s: (v["ttft"], v["latency"]) for s, v in sus["at_common"].items()}
-        d = {
-            s: [at[s][0][p] - at["a"][0][p] for p in ("p50", "p99")] + [at[s][1]["p99"] - at["a"][1]["p99"]]
-            for s in "bc"
+        at = {
+            s: (v["ttft"]["p50"], v["ttft"]["p99"], v["latency"]["p99"]) for s, v in sus["at_common"].items()
         }
-        rows.append(
-            [
-                f"within capacity: time to first token p50 / p99 and per-chunk latency p99 at "
-                f"{sus['common_level']:,} streams, {plan['level']['tokens'][0]} tokens each "
-                "(the most all three sustained with first tokens ≤ 200 ms late)",
-                f"added ≤ 5 / ≤ 15 ms; ≤ {coalesce + 10:g} ms",
-                f"{_p50_99(at['a'][0])}; {_ms(at['a'][1]['p99'], 2)} ms",
-                *(f"**{_signed(d[s][0])} / {_signed(d[s][1])}**; **{_signed(d[s][2])}** ms" for s in "bc"),
-                _verdict(d["c"][0] <= 5 and d["c"][1] <= 15 and d["c"][2] <= coalesce + 10),
-            ]
+        d = {s: [x - y for x, y in zip(at[s], at["a"], strict=True)] for s in "bc"}
+        label = (
+            "within capacity: time to first token p50 / p99 and per-chunk latency p99 at "
+            f"{sus['common_level']:,} streams, {plan['level']['tokens'][0]} tokens each (the most all three "
+            "sustained with first tokens ≤ 200 ms late)"
         )
+        a = f"{_ms(at['a'][0])} / {_ms(at['a'][1])} ms; {_ms(at['a'][2], 2)} ms"
+        b, c = (f"**{_signed(d[s][0])} / {_signed(d[s][1])}**; **{_signed(d[s][2])}** ms" for s in "bc")
+        ok = d["c"][0] <= 5 and d["c"][1] <= 15 and d["c"][2] <= coalesce + 10
+        rows.append((label, f"added ≤ 5 / ≤ 15 ms; ≤ {coalesce + 10:g} ms", a, b, c, _verdict(ok)))
 
-    xadd = r["xadd_rps"]
     tps = {s: r["saturation"][s]["tokens_per_s"] for s in "abc"}
-    rows.append(
-        [
-            f"delivered tokens/s at saturation ({plan['sat']['concurrency']} streams, 1 ms pacing); "
-            f"ratio to (a) and to `redis-benchmark` XADD ({xadd:,.0f}/s, 50 clients)",
-            "(c) ≥ 0.3 × XADD",
-            f"{tps['a']:,.0f} ({tps['a'] / xadd:.2f}× XADD)",
-            *(f"{tps[s]:,.0f} ({tps[s] / tps['a']:.2f}× a, **{tps[s] / xadd:.2f}× XADD**)" for s in "bc"),
-            _verdict(tps["c"] / xadd >= 0.3),
-        ]
+    label = (
+        f"delivered tokens/s at saturation ({plan['sat']['concurrency']} streams, 1 ms pacing); "
+        f"ratio to (a) and to `redis-benchmark` XADD ({xadd:,.0f}/s, 50 clients)"
     )
+    b, c = (f"{tps[s]:,.0f} ({tps[s] / tps['a']:.2f}× a, **{tps[s] / xadd:.2f}× XADD**)" for s in "bc")
+    a = f"{tps['a']:,.0f} ({tps['a'] / xadd:.2f}× XADD)"
+    rows.append((label, "(c) ≥ 0.3 × XADD", a, b, c, _verdict(tps["c"] / xadd >= 0.3)))
 
     held, strict = sus["held"], sus["held_first_token"]
 
@@ -144,58 +127,44 @@ def table(r: dict[str, Any]) -> str:
             text += " (highest level tried)"
         return text + f"; {strict[s]:,} with the first token ≤ 200 ms late too"
 
-    rows.append(
-        [
-            "concurrent streams sustained at 50 tokens/s (every token once and in order, "
-            "no gap between chunks > 10 × pacing = 200 ms)",
-            "(c) ≥ 1,000 and ≥ (b)",
-            *(level(s) for s in "abc"),
-            _verdict(held["c"] >= 1000 and held["c"] >= held["b"]),
-        ]
+    label = (
+        "concurrent streams sustained at 50 tokens/s (every token once and in order, "
+        "no gap between chunks > 10 × pacing = 200 ms)"
     )
+    ok = held["c"] >= 1000 and held["c"] >= held["b"]
+    rows.append((label, "(c) ≥ 1,000 and ≥ (b)", level("a"), level("b"), level("c"), _verdict(ok)))
 
-    cpu = r["cpu_us_per_token"]
     steady, sat = cpu["steady"], cpu["saturation"]
-    rows.append(
-        [
-            "CPU µs per delivered token, server processes ((b) proxy; (c) gateway + worker), "
-            f"at {n} streams / at saturation",
-            "(c) ≤ (b)",
-            f"mock alone: {steady['a']:.0f} / {sat['a']:.0f}",
-            *(f"{steady[s]:.0f} / {sat[s]:.0f}" for s in "bc"),
-            f"{_verdict(steady['c'] <= steady['b'])} at {n}, {_verdict(sat['c'] <= sat['b'])} at saturation",
-        ]
+    label = (
+        "CPU µs per delivered token, server processes ((b) proxy; (c) gateway + worker), "
+        f"at {n} streams / at saturation"
     )
+    b, c = (f"{steady[s]:.0f} / {sat[s]:.0f}" for s in "bc")
+    ok = f"{_verdict(steady['c'] <= steady['b'])} at {n}, {_verdict(sat['c'] <= sat['b'])} at saturation"
+    rows.append((label, "(c) ≤ (b)", f"mock alone: {steady['a']:.0f} / {sat['a']:.0f}", b, c, ok))
 
-    idle = r["idle"]
     per, total = idle["kib_per_connection"], idle["connections"]
+    label = (
+        f"memory per idle SSE connection, {total:,} idle resumable connections "
+        "on one gateway process (RSS after − before)"
+    )
+    c = f"{per:.1f} KiB; {idle['held_after']:,} of {total:,} held"
     rows.append(
-        [
-            f"memory per idle SSE connection, {total:,} idle resumable connections "
-            "on one gateway process (RSS after − before)",
-            "≤ 40 KiB, all held",
-            "—",
-            "—",
-            f"{per:.1f} KiB; {idle['held_after']:,} of {total:,} held",
-            _verdict(per <= 40 and idle["held_after"] == total),
-        ]
+        (label, "≤ 40 KiB, all held", "—", "—", c, _verdict(per <= 40 and idle["held_after"] == total))
     )
 
-    rc = r["redis_connections"]
+    label = (
+        f"Redis connections per gateway process: {rc['fan_in_clients']:,} live SSE clients / idle "
+        f"gateway with 1,000 / with {total:,}; most seen during the sustained phase"
+    )
+    c = f"{rc['fan_in_max']} / {rc['idle_1000']} / {rc['idle_all']}; {rc['live_max']}"
     worst = max(rc["fan_in_max"], rc["idle_1000"], rc["idle_all"], rc["live_max"])
-    rows.append(
-        [
-            f"Redis connections per gateway process: {rc['fan_in_clients']:,} live SSE clients / idle "
-            f"gateway with 1,000 / with {total:,}; most seen during the sustained phase",
-            "≤ 4",
-            "—",
-            "—",
-            f"{rc['fan_in_max']} / {rc['idle_1000']} / {rc['idle_all']}; {rc['live_max']}",
-            _verdict(worst <= 4),
-        ]
-    )
+    rows.append((label, "≤ 4", "—", "—", c, _verdict(worst <= 4)))
 
-    head = ["figure", "goal", *SETUPS.values(), "verdict"]
+    return markdown(["figure", "goal", *SETUPS.values(), "verdict"], rows)
+
+
+def markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(row) + " |" for row in [head, *rows]]
     return "\n".join([lines[0], "|" + "---|" * len(head), *lines[1:]])
 
