@@ -27,209 +27,146 @@ def pct(values: Sequence[float], q: float) -> float:
 
 
 def summary(values: Sequence[float]) -> dict[str, float | int]:
-    return {
-        "n": len(values),
-        "p50": pct(values, 50),
-        "p90": pct(values, 90),
-        "p99": pct(values, 99),
-        "p999": pct(values, 99.9),
-        "max": max(values) if values else math.nan,
-    }
+    qs = {"p50": 50, "p90": 90, "p99": 99, "p999": 99.9}
+    return (
+        {"n": len(values)}
+        | {k: pct(values, q) for k, q in qs.items()}
+        | {"max": max(values, default=math.nan)}
+    )
 
 
 def sketch(values: Sequence[float], points: int = 200) -> list[float]:
     """Quantiles at ``points`` evenly spaced ranks: enough to redraw a distribution from the JSON."""
-    if not values:
-        return []
     s = sorted(values)
-    return [s[round(i * (len(s) - 1) / (points - 1))] for i in range(points)]
+    return [s[round(i * (len(s) - 1) / (points - 1))] for i in range(points)] if s else []
 
 
 def _ms(x: float, digits: int = 1) -> str:
     if math.isnan(x):
         return "n/a"
-    if abs(x) >= 1000:
-        return f"{x:,.0f}"
-    return f"{x:.{digits}f}"
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.{digits}f}"
 
 
 def _signed(x: float, digits: int = 1) -> str:
-    if math.isnan(x):
-        return "n/a"
-    return ("+" if x >= 0 else "−") + _ms(abs(x), digits)
+    return "n/a" if math.isnan(x) else ("+" if x >= 0 else "−") + _ms(abs(x), digits)
 
 
-def _verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("**met**" if ok else "**missed**")
+def _verdict(ok: bool) -> str:
+    return "**met**" if ok else "**missed**"
+
+
+def _p50_99(t: dict[str, Any], digits: int = 1) -> str:
+    return f"{_ms(t['p50'], digits)} / {_ms(t['p99'], digits)} ms"
 
 
 def table(r: dict[str, Any]) -> str:
     """The markdown table of the issue's figures and goals."""
-    plan = r["plan"]
-    n = plan["steady_concurrency"]
-    coalesce = r["coalesce_ms"]
-    rows: list[list[str]] = []
-    head = ["figure", "goal", SETUPS["a"], SETUPS["b"], SETUPS["c"], "verdict"]
+    plan, n, coalesce, xadd = r["plan"], r["plan"]["steady"]["concurrency"], r["coalesce_ms"], r["xadd_rps"]
+    sus, rc, idle, cpu = r["sustained"], r["redis_connections"], r["idle"], r["cpu_us_per_token"]
+    rows: list[tuple[str, ...]] = []
 
-    def ttft_row(label: str, key: str) -> None:
-        t = r[key]["ttft"]
-        a = t["a"]
-        added = {s: (t[s]["p50"] - a["p50"], t[s]["p99"] - a["p99"]) for s in "bc"}
-        ok = added["c"][0] <= 5 and added["c"][1] <= 15
-        rows.append(
-            [
-                label,
-                "added ≤ 5 / ≤ 15 ms",
-                f"{_ms(a['p50'])} / {_ms(a['p99'])} ms",
-                *(
-                    f"{_ms(t[s]['p50'])} / {_ms(t[s]['p99'])} ms "
-                    f"(**{_signed(added[s][0])} / {_signed(added[s][1])}**)"
-                    for s in "bc"
-                ),
-                _verdict(ok),
-            ]
-        )
+    def ttft(label: str, t: dict[str, Any]) -> None:
+        d = {s: (_signed(t[s]["p50"] - t["a"]["p50"]), _signed(t[s]["p99"] - t["a"]["p99"])) for s in "bc"}
+        b, c = (f"{_p50_99(t[s])} (**{d[s][0]} / {d[s][1]}**)" for s in "bc")
+        ok = t["c"]["p50"] - t["a"]["p50"] <= 5 and t["c"]["p99"] - t["a"]["p99"] <= 15
+        rows.append((label, "added ≤ 5 / ≤ 15 ms", _p50_99(t["a"]), b, c, _verdict(ok)))
 
-    ttft_row("time to first token at 1 stream, p50 / p99 (client: request sent → first token)", "ttft1")
-    ttft_row(f"time to first token at {n} concurrent streams, p50 / p99", "steady")
+    ttft(
+        "time to first token at 1 stream, p50 / p99 (client: request sent → first token)", r["ttft1"]["ttft"]
+    )
+    ttft(f"time to first token at {n} concurrent streams, p50 / p99", r["steady"]["ttft"])
 
     e1, en = r["ttft1"]["enqueue_start"], r["steady"]["enqueue_start"]
-    ok1 = e1["p50"] <= 3 and e1["p99"] <= 10
-    okn = en["p50"] <= 3 and en["p99"] <= 10
+    label = f"enqueue → job start (meta `started_at − created_at`), p50 / p99, at 1 / at {n} streams"
+    ok1, okn = (_verdict(e["p50"] <= 3 and e["p99"] <= 10) for e in (e1, en))
     rows.append(
-        [
-            f"enqueue → job start (meta `started_at − created_at`), p50 / p99, at 1 / at {n} streams",
-            "≤ 3 / ≤ 10 ms",
-            "—",
-            "—",
-            f"{_ms(e1['p50'], 2)} / {_ms(e1['p99'], 2)} ms; {_ms(en['p50'], 2)} / {_ms(en['p99'], 2)} ms",
-            f"{_verdict(ok1)} at 1, {_verdict(okn)} at {n}",
-        ]
+        (label, "≤ 3 / ≤ 10 ms", "—", "—", f"{_p50_99(e1, 2)}; {_p50_99(en, 2)}", f"{ok1} at 1, {okn} at {n}")
     )
 
     lat = r["steady"]["latency"]
-    add_lat = {s: lat[s]["p99"] - lat["a"]["p99"] for s in "bc"}
-    rows.append(
-        [
-            f"per-chunk latency (mock's send stamp → client), p50 / p99, at {n} streams; "
-            "added = p99 difference",
-            f"added ≤ coalescing {coalesce:g} + 10 = {coalesce + 10:g} ms",
-            f"{_ms(lat['a']['p50'], 2)} / {_ms(lat['a']['p99'], 2)} ms",
-            *(
-                f"{_ms(lat[s]['p50'], 2)} / {_ms(lat[s]['p99'], 2)} ms (**{_signed(add_lat[s])}**)"
-                for s in "bc"
-            ),
-            _verdict(add_lat["c"] <= coalesce + 10),
-        ]
+    add = {s: lat[s]["p99"] - lat["a"]["p99"] for s in "bc"}
+    label = (
+        f"per-chunk latency (mock's send stamp → client), p50 / p99, at {n} streams; added = p99 difference"
     )
+    goal = f"added ≤ coalescing {coalesce:g} + 10 = {coalesce + 10:g} ms"
+    b, c = (f"{_p50_99(lat[s], 2)} (**{_signed(add[s])}**)" for s in "bc")
+    rows.append((label, goal, _p50_99(lat["a"], 2), b, c, _verdict(add["c"] <= coalesce + 10)))
 
-    sus = r["sustained"]
     if sus["at_common"]:
-        at, lv = sus["at_common"], sus["common_level"]
-        d_ttft = {
-            s: (at[s]["ttft"]["p50"] - at["a"]["ttft"]["p50"], at[s]["ttft"]["p99"] - at["a"]["ttft"]["p99"])
-            for s in "bc"
+        at = {
+            s: (v["ttft"]["p50"], v["ttft"]["p99"], v["latency"]["p99"]) for s, v in sus["at_common"].items()
         }
-        d_lat = {s: at[s]["latency"]["p99"] - at["a"]["latency"]["p99"] for s in "bc"}
-        ok = d_ttft["c"][0] <= 5 and d_ttft["c"][1] <= 15 and d_lat["c"] <= coalesce + 10
-        rows.append(
-            [
-                f"within capacity: time to first token p50 / p99 and per-chunk latency p99 at {lv:,} "
-                f"streams, {plan['level_tokens']} tokens each (the most all three sustained with first "
-                "tokens ≤ 200 ms late)",
-                f"added ≤ 5 / ≤ 15 ms; ≤ {coalesce + 10:g} ms",
-                f"{_ms(at['a']['ttft']['p50'])} / {_ms(at['a']['ttft']['p99'])} ms; "
-                f"{_ms(at['a']['latency']['p99'], 2)} ms",
-                *(
-                    f"**{_signed(d_ttft[s][0])} / {_signed(d_ttft[s][1])}**; **{_signed(d_lat[s])}** ms"
-                    for s in "bc"
-                ),
-                _verdict(ok),
-            ]
+        d = {s: [x - y for x, y in zip(at[s], at["a"], strict=True)] for s in "bc"}
+        label = (
+            "within capacity: time to first token p50 / p99 and per-chunk latency p99 at "
+            f"{sus['common_level']:,} streams, {plan['level']['tokens'][0]} tokens each (the most all three "
+            "sustained with first tokens ≤ 200 ms late)"
         )
+        a = f"{_ms(at['a'][0])} / {_ms(at['a'][1])} ms; {_ms(at['a'][2], 2)} ms"
+        b, c = (f"**{_signed(d[s][0])} / {_signed(d[s][1])}**; **{_signed(d[s][2])}** ms" for s in "bc")
+        ok = d["c"][0] <= 5 and d["c"][1] <= 15 and d["c"][2] <= coalesce + 10
+        rows.append((label, f"added ≤ 5 / ≤ 15 ms; ≤ {coalesce + 10:g} ms", a, b, c, _verdict(ok)))
 
-    sat, xadd = r["saturation"], r["xadd_rps"]
-    tps = {s: sat[s]["tokens_per_s"] for s in "abc"}
-    rows.append(
-        [
-            f"delivered tokens/s at saturation ({plan['sat_concurrency']} streams, 1 ms pacing); "
-            f"ratio to (a) and to `redis-benchmark` XADD ({xadd:,.0f}/s, 50 clients)",
-            "(c) ≥ 0.3 × XADD",
-            f"{tps['a']:,.0f} ({tps['a'] / xadd:.2f}× XADD)",
-            *(f"{tps[s]:,.0f} ({tps[s] / tps['a']:.2f}× a, **{tps[s] / xadd:.2f}× XADD**)" for s in "bc"),
-            _verdict(tps["c"] / xadd >= 0.3),
-        ]
+    tps = {s: r["saturation"][s]["tokens_per_s"] for s in "abc"}
+    label = (
+        f"delivered tokens/s at saturation ({plan['sat']['concurrency']} streams, 1 ms pacing); "
+        f"ratio to (a) and to `redis-benchmark` XADD ({xadd:,.0f}/s, 50 clients)"
     )
+    b, c = (f"{tps[s]:,.0f} ({tps[s] / tps['a']:.2f}× a, **{tps[s] / xadd:.2f}× XADD**)" for s in "bc")
+    a = f"{tps['a']:,.0f} ({tps['a'] / xadd:.2f}× XADD)"
+    rows.append((label, "(c) ≥ 0.3 × XADD", a, b, c, _verdict(tps["c"] / xadd >= 0.3)))
 
-    held, strict = r["sustained"]["held"], r["sustained"]["held_first_token"]
-    tried = r["sustained"]["levels"]
+    held, strict = sus["held"], sus["held_first_token"]
 
     def level(s: str) -> str:
-        top = held[s]
-        fail = next((lv for lv in r["sustained"]["runs"][s] if not lv["held"]), None)
-        text = f"**{top:,}**" if top else "**none**"
+        fail = next((lv for lv in sus["runs"][s] if not lv["held"]), None)
+        text = f"**{held[s]:,}**" if held[s] else "**none**"
         if fail is not None:
             text += f" (at {fail['level']:,}: {fail['why']})"
-        elif top == max(tried):
+        elif held[s] == max(sus["levels"]):
             text += " (highest level tried)"
         return text + f"; {strict[s]:,} with the first token ≤ 200 ms late too"
 
+    label = (
+        "concurrent streams sustained at 50 tokens/s (every token once and in order, "
+        "no gap between chunks > 10 × pacing = 200 ms)"
+    )
+    ok = held["c"] >= 1000 and held["c"] >= held["b"]
+    rows.append((label, "(c) ≥ 1,000 and ≥ (b)", level("a"), level("b"), level("c"), _verdict(ok)))
+
+    steady, sat = cpu["steady"], cpu["saturation"]
+    label = (
+        "CPU µs per delivered token, server processes ((b) proxy; (c) gateway + worker), "
+        f"at {n} streams / at saturation"
+    )
+    b, c = (f"{steady[s]:.0f} / {sat[s]:.0f}" for s in "bc")
+    ok = f"{_verdict(steady['c'] <= steady['b'])} at {n}, {_verdict(sat['c'] <= sat['b'])} at saturation"
+    rows.append((label, "(c) ≤ (b)", f"mock alone: {steady['a']:.0f} / {sat['a']:.0f}", b, c, ok))
+
+    per, total = idle["kib_per_connection"], idle["connections"]
+    label = (
+        f"memory per idle SSE connection, {total:,} idle resumable connections "
+        "on one gateway process (RSS after − before)"
+    )
+    c = f"{per:.1f} KiB; {idle['held_after']:,} of {total:,} held"
     rows.append(
-        [
-            "concurrent streams sustained at 50 tokens/s (every token once and in order, "
-            "no gap between chunks > 10 × pacing = 200 ms)",
-            "(c) ≥ 1,000 and ≥ (b)",
-            level("a"),
-            level("b"),
-            level("c"),
-            _verdict(held["c"] >= 1000 and held["c"] >= held["b"]),
-        ]
+        (label, "≤ 40 KiB, all held", "—", "—", c, _verdict(per <= 40 and idle["held_after"] == total))
     )
 
-    cpu = r["cpu_us_per_token"]
-    rows.append(
-        [
-            f"CPU µs per delivered token, server processes ((b) proxy; (c) gateway + worker), "
-            f"at {n} streams / at saturation",
-            "(c) ≤ (b)",
-            f"mock alone: {cpu['steady']['a']:.0f} / {cpu['saturation']['a']:.0f}",
-            *(f"{cpu['steady'][s]:.0f} / {cpu['saturation'][s]:.0f}" for s in "bc"),
-            f"{_verdict(cpu['steady']['c'] <= cpu['steady']['b'])} at {n}, "
-            f"{_verdict(cpu['saturation']['c'] <= cpu['saturation']['b'])} at saturation",
-        ]
+    label = (
+        f"Redis connections per gateway process: {rc['fan_in_clients']:,} live SSE clients / idle "
+        f"gateway with 1,000 / with {total:,}; most seen during the sustained phase"
     )
-
-    idle = r["idle"]
-    per = idle["kib_per_connection"]
-    rows.append(
-        [
-            f"memory per idle SSE connection, {idle['connections']:,} idle resumable connections "
-            "on one gateway process (RSS after − before)",
-            "≤ 40 KiB, all held",
-            "—",
-            "—",
-            f"{per:.1f} KiB; {idle['held_after']:,} of {idle['connections']:,} held",
-            _verdict(per <= 40 and idle["held_after"] == idle["connections"]),
-        ]
-    )
-
-    rc = r["redis_connections"]
+    c = f"{rc['fan_in_max']} / {rc['idle_1000']} / {rc['idle_all']}; {rc['live_max']}"
     worst = max(rc["fan_in_max"], rc["idle_1000"], rc["idle_all"], rc["live_max"])
-    rows.append(
-        [
-            f"Redis connections per gateway process: {rc['fan_in_clients']:,} live SSE clients / idle "
-            f"gateway with 1,000 / with {idle['connections']:,}; most seen during the sustained phase",
-            "≤ 4",
-            "—",
-            "—",
-            f"{rc['fan_in_max']} / {rc['idle_1000']} / {rc['idle_all']}; {rc['live_max']}",
-            _verdict(worst <= 4),
-        ]
-    )
+    rows.append((label, "≤ 4", "—", "—", c, _verdict(worst <= 4)))
 
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown(["figure", "goal", *SETUPS.values(), "verdict"], rows)
+
+
+def markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(row) + " |" for row in [head, *rows]]
+    return "\n".join([lines[0], "|" + "---|" * len(head), *lines[1:]])
 
 
 def notes(r: dict[str, Any]) -> list[str]:
@@ -238,13 +175,12 @@ def notes(r: dict[str, Any]) -> list[str]:
         f"{r['plan']['name']} run, {r['cpus']} CPUs, wall {r['wall_s']:.0f} s, "
         f"every process on 127.0.0.1; mock TTFT 200 ms, deltas 20 ms apart.",
     ]
-    code = r.get("code", {})
-    if code:
+    if code := r.get("code"):
         dirty = (
             f", with uncommitted changes to {len(code['changed'])} product files" if code["changed"] else ""
         )
         out.append(f"code measured: commit {code['commit']}{dirty}.")
-    n = r["plan"]["steady_concurrency"]
+    n = r["plan"]["steady"]["concurrency"]
     for label, steps, enq in (
         ("1 stream", r["ttft1"]["c_steps_ms"], r["ttft1"]["enqueue_start"]),
         (f"{n} streams", r["steady"]["setups"]["c"]["steps_ms"], r["steady"]["enqueue_start"]),
@@ -255,14 +191,11 @@ def notes(r: dict[str, Any]) -> list[str]:
             f"the first token {steps['started_to_token']['p50']:.1f} ms after that "
             "(the mock's TTFT is 200 ms)."
         )
-    busy = r["cores_used"]
-    for phase in ("steady", "saturation"):
+    for phase, busy in r["cores_used"].items():
         parts = []
         for s in "abc":
-            used = busy[phase][s]
-            ranked = sorted(used.items(), key=lambda kv: -kv[1])
-            top = ", ".join(f"{_LABELS.get(k, k)} {v:.2f}" for k, v in ranked if v >= 0.05)
-            parts.append(f"{s}: {top}")
+            ranked = sorted(busy[s].items(), key=lambda kv: -kv[1])
+            parts.append(f"{s}: " + ", ".join(f"{_LABELS.get(k, k)} {v:.2f}" for k, v in ranked if v >= 0.05))
         out.append(f"cores busy during {phase} ({'; '.join(parts)})")
     out.append(
         "\"other processes\" is the machine's busy time minus the bench's processes (another tenant, "
@@ -271,8 +204,14 @@ def notes(r: dict[str, Any]) -> list[str]:
     return out
 
 
-def write_json(r: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(r, indent=1, default=float))
+def write(r: dict[str, Any], raw: dict[str, Any], base: Path, root: Path) -> str:
+    """``base``.json, .md and .png; returns what to print: the table, the notes and where they went."""
+    text = table(r) + "\n\n" + "\n".join(f"- {n}" for n in notes(r)) + "\n"
+    base.with_suffix(".json").write_text(json.dumps(r, indent=1, default=float))
+    base.with_suffix(".md").write_text(text)
+    plot(r, raw, base.with_suffix(".png"))
+    rel = base.relative_to(root)
+    return f"{text}\nresults: {rel}.json, {rel}.md\nplot:    {rel}.png"
 
 
 def plot(r: dict[str, Any], raw: dict[str, Any], path: Path) -> None:
@@ -282,64 +221,48 @@ def plot(r: dict[str, Any], raw: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     colors = {"a": "#4c72b0", "b": "#dd8452", "c": "#55a868"}
-    n = r["plan"]["steady_concurrency"]
+    n = r["plan"]["steady"]["concurrency"]
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     fig.suptitle(f"tailgate bench ({r['plan']['name']} run, {r['cpus']} CPUs, loopback, mock upstream)")
 
-    def cdf(ax: Any, key: str, title: str) -> None:
+    for ax, key, title in (
+        (axes[0][0], "ttft", f"time to first token at {n} concurrent streams"),
+        (axes[0][1], "latency", f"per-chunk latency (send stamp → client) at {n} streams"),
+    ):
         for s in "abc":
             values = sorted(raw[key][s])
-            if not values:
-                continue
             ys = [i / max(len(values) - 1, 1) for i in range(len(values))]
             ax.plot([max(v, 0.01) for v in values], ys, color=colors[s], label=SETUPS[s])
-        ax.set_xscale("log")
-        ax.set_xlabel("ms (log)")
-        ax.set_ylabel("fraction ≤ x")
-        ax.set_title(title)
+        ax.set(xscale="log", xlabel="ms (log)", ylabel="fraction ≤ x", title=title)
         ax.axhline(0.99, color="grey", lw=0.5, ls=":")
         ax.legend(loc="lower right")
         ax.grid(True, which="both", alpha=0.3)
 
-    cdf(axes[0][0], "ttft", f"time to first token at {n} concurrent streams")
-    cdf(axes[0][1], "latency", f"per-chunk latency (send stamp → client) at {n} streams")
-
     ax = axes[1][0]
     tps = [r["saturation"][s]["tokens_per_s"] for s in "abc"]
-    bars = ax.bar([SETUPS[s] for s in "abc"], tps, color=[colors[s] for s in "abc"])
-    for bar, v in zip(bars, tps, strict=True):
-        ax.annotate(f"{v:,.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom")
+    bars = ax.bar(list(SETUPS.values()), tps, color=list(colors.values()))
+    ax.bar_label(bars, [f"{v:,.0f}" for v in tps])
     goal = 0.3 * r["xadd_rps"]
     ax.axhline(goal, color="red", ls="--", lw=1, label=f"0.3 × redis-benchmark XADD = {goal:,.0f}/s")
-    ax.set_ylabel("delivered tokens/s")
-    ax.set_title(f"throughput at saturation ({r['plan']['sat_concurrency']} streams, 1 ms pacing)")
+    ax.set(ylabel="delivered tokens/s")
+    ax.set_title(f"throughput at saturation ({r['plan']['sat']['concurrency']} streams, 1 ms pacing)")
     ax.legend(loc="upper right")
 
     ax = axes[1][1]
     for s in "abc":
         runs = r["sustained"]["runs"][s]
-        if not runs:
-            continue
         levels = [lv["level"] for lv in runs]
+        gaps, late = [max(lv["max_gap_ms"], 0.1) for lv in runs], [max(lv["max_late_ms"], 0.1) for lv in runs]
+        ax.plot(levels, gaps, marker="o", color=colors[s], label=f"{SETUPS[s]}: worst gap between chunks")
         ax.plot(
-            levels,
-            [max(lv["max_gap_ms"], 0.1) for lv in runs],
-            marker="o",
-            color=colors[s],
-            label=f"{SETUPS[s]}: worst gap between chunks",
-        )
-        ax.plot(
-            levels,
-            [max(lv["max_late_ms"], 0.1) for lv in runs],
-            marker="x",
-            ls=":",
-            color=colors[s],
-            label=f"{SETUPS[s]}: first token, most late",
+            levels, late, marker="x", ls=":", color=colors[s], label=f"{SETUPS[s]}: first token, most late"
         )
     ax.axhline(200, color="red", ls="--", lw=1, label="stall: 10 × pacing = 200 ms")
-    ax.set_yscale("log")
-    ax.set_xlabel("concurrent streams at 50 tokens/s (each level until one fails)")
-    ax.set_ylabel("ms (log)")
+    ax.set(
+        yscale="log",
+        xlabel="concurrent streams at 50 tokens/s (each level until one fails)",
+        ylabel="ms (log)",
+    )
     ax.set_title("streams sustained")
     ax.legend(loc="lower right", fontsize="small", framealpha=0.8)
     ax.grid(True, which="both", alpha=0.3)

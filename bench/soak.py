@@ -4,8 +4,8 @@ N concurrent clients run streams for M minutes through two gateways and two work
 Redis (AOF, ``appendfsync always``) reached through a TCP fault proxy, while a chaos loop, every few
 seconds, does one of: SIGKILL a worker, SIGTERM a worker, SIGKILL a gateway, SIGTERM a gateway,
 SIGKILL and restart Redis, or reset every Redis connection. Whatever it stops comes back a moment
-later. Clients behave like ``EventSource``: on a dropped connection or an error status they reconnect
-to a random gateway with their ``Last-Event-ID``.
+later. Clients behave like ``EventSource`` (``tailgate.dev.sse.read_resuming``): on a dropped
+connection or an error status they reconnect to a random gateway with their ``Last-Event-ID``.
 
 Each stream is checked the way a client can check it: every ``seq`` from 1 to the last, once
 (a missing one is a lost event, a repeated one a duplicate), exactly one terminal event, and the text
@@ -21,24 +21,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import random
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 
-from bench.procs import ROOT, Child, _wait_http, _wait_registered, raise_fd_limit
+from bench.procs import RESULTS, Procs, raise_fd_limit
 from tailgate.dev.faultproxy import FaultProxy
-from tailgate.dev.procs import RedisServer, free_port
+from tailgate.dev.procs import RedisServer
+from tailgate.dev.sse import ProtocolError, delivery_of, read_resuming, text_of
 from tailgate.events import id_key
 
-RESULTS = ROOT / "bench" / "results"
-API_KEY = "tg-soak-key"
 MODEL = "gpt-4o-mini"
 ACTIONS = ("kill_worker", "term_worker", "kill_gateway", "term_gateway", "restart_redis", "cut_redis")
 
@@ -62,101 +62,50 @@ class Tally:
     chaos: list[tuple[float, str]] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
 
+    def error(self, what: str) -> None:
+        self.errors[what] = self.errors.get(what, 0) + 1
 
-class Cluster:
-    """Redis behind a fault proxy, a mock model, two gateways on fixed ports, two workers."""
 
-    def __init__(self, log_dir: Any) -> None:
-        self.log_dir = log_dir
-        self.redis = RedisServer(appendonly=True)
+class Cluster(Procs):
+    """The bench's processes with Redis (AOF) behind a fault proxy, two gateways and two workers."""
+
+    def __init__(self, log_dir: Path) -> None:
         self.proxy = FaultProxy(0)
-        self.mock: Child | None = None
-        self.gateway_ports = [free_port(), free_port()]
-        self.gateways: list[Child | None] = [None, None]
-        self.workers: list[Child | None] = [None, None]
-        self.env: dict[str, str] = {}
-        self.mock_url = ""
-
-    async def start(self) -> None:
-        self.redis.start()
-        self.proxy.target_port = self.redis.port
-        await self.proxy.start()
-        mock_port = free_port()
-        self.mock_url = f"http://127.0.0.1:{mock_port}"
-        args = ["mock-upstream", "--port", str(mock_port), "--delay-ms", "20", "--ttft-ms", "200"]
-        self.mock = Child("mock", [sys.executable, "-m", "tailgate", *args], {}, self.log_dir)
-        await asyncio.to_thread(_wait_http, f"{self.mock_url}/v1/models", self.mock)
-        self.env = {
-            "TAILGATE_REDIS_URL": self.proxy.url,
-            "TAILGATE_API_KEYS": API_KEY,
-            "TAILGATE_RATE_LIMIT_PER_MIN": "100000000",
-            "TAILGATE_MAX_ACTIVE_PER_KEY": "100000000",
-            "TAILGATE_LOG_FORMAT": "text",
-            "TAILGATE_DRAIN_S": "1",
-            "TAILGATE_SHUTDOWN_GRACE_S": "3",
-            "OPENAI_API_KEY": "sk-soak",
-            "OPENAI_BASE_URL": f"{self.mock_url}/v1",
-            "PYTHONUNBUFFERED": "1",
-            "PATH": "/usr/bin:/bin",
-        }
-        await asyncio.gather(
-            *(self.start_gateway(i) for i in range(2)), *(self.start_worker(i) for i in range(2))
-        )
+        env = {"TAILGATE_LOG_LEVEL": "INFO", "TAILGATE_DRAIN_S": "1", "TAILGATE_SHUTDOWN_GRACE_S": "3"}
+        super().__init__(log_dir, RedisServer(appendonly=True), **env)
 
     @property
     def urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{p}" for p in self.gateway_ports]
+        return [f"http://127.0.0.1:{self.ports[f'gateway{i}']}" for i in range(2)]
 
-    async def start_gateway(self, i: int) -> None:
-        args = ["gateway", "--host", "127.0.0.1", "--port", str(self.gateway_ports[i])]
-        child = Child(f"gateway{i}", [sys.executable, "-m", "tailgate", *args], self.env, self.log_dir)
-        self.gateways[i] = child
-        await asyncio.to_thread(_wait_http, f"{self.urls[i]}/readyz", child)
-
-    async def start_worker(self, i: int) -> None:
-        child = Child(f"worker{i}", [sys.executable, "-m", "tailgate", "worker"], self.env, self.log_dir)
-        self.workers[i] = child
-        import redis
-
-        with redis.Redis.from_url(self.redis.url, decode_responses=True) as r:
-            await asyncio.to_thread(_wait_registered, child, r)
+    async def start(self) -> None:
+        self.proxy.target_port = (await self.redis.astart()).port
+        self.overrides["TAILGATE_REDIS_URL"] = (await self.proxy.start()).url
+        await asyncio.to_thread(self.start_mock)
+        await asyncio.gather(
+            *(asyncio.to_thread(self.start_gateway, f"gateway{i}") for i in range(2)),
+            *(asyncio.to_thread(self.start_worker, f"worker{i}") for i in range(2)),
+        )
 
     async def chaos(self, action: str, rng: random.Random) -> str:
         i = rng.randrange(2)
-        if action in ("kill_worker", "term_worker"):
-            sig = signal.SIGKILL if action == "kill_worker" else signal.SIGTERM
-            await _stop(self.workers[i], sig)
-            await asyncio.sleep(rng.uniform(0.5, 3.0))
-            await self.start_worker(i)
-            return f"{action} {i}"
-        if action in ("kill_gateway", "term_gateway"):
-            sig = signal.SIGKILL if action == "kill_gateway" else signal.SIGTERM
-            await _stop(self.gateways[i], sig)
-            await asyncio.sleep(rng.uniform(0.2, 2.0))
-            await self.start_gateway(i)
+        if action.endswith(("_worker", "_gateway")):
+            kind = action.split("_")[1]
+            await asyncio.to_thread(self.stop, f"{kind}{i}", kill=action.startswith("kill"))
+            await asyncio.sleep(rng.uniform(0.5, 3.0) if kind == "worker" else rng.uniform(0.2, 2.0))
+            start = self.start_worker if kind == "worker" else self.start_gateway
+            await asyncio.to_thread(start, f"{kind}{i}")
             return f"{action} {i}"
         if action == "restart_redis":
-            self.redis.stop(kill=True)
+            await self.redis.astop(kill=True)
             await asyncio.sleep(rng.uniform(0.5, 2.0))
-            await asyncio.to_thread(self.redis.start)
+            await self.redis.astart()
             return action
         return f"{action} ({self.proxy.cut()} connections)"
 
-    async def close(self) -> None:
-        for child in [*self.gateways, *self.workers, self.mock]:
-            if child is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(child.stop)
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
         await self.proxy.close()
-        self.redis.close()
-
-
-async def _stop(child: Child | None, sig: int) -> None:
-    if child is None or child.popen.poll() is not None:
-        return
-    child.popen.send_signal(sig)
-    await asyncio.to_thread(child.popen.wait, 60)
-    child.stop()
 
 
 async def run_stream(
@@ -168,80 +117,48 @@ async def run_stream(
     n: int,
 ) -> None:
     prompt = f"soak {n} {rng.random()} [mock:tokens={rng.randint(60, 200)}]"
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    events_url = None
-    while events_url is None:
-        try:
+    headers = {"Authorization": f"Bearer {Procs.API_KEY}"}
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
             r = await client.post(f"{rng.choice(urls)}/v1/streams", json={"prompt": prompt}, headers=headers)
             if r.status_code == 202:
-                events_url = r.json()["events_url"]
                 break
-        except httpx.HTTPError:
-            pass
         tally.create_retries += 1
         await asyncio.sleep(0.2)
     tally.started += 1
-    seen: dict[int, int] = {}
-    events: list[tuple[str, str, dict[str, Any]]] = []
-    last_id: str | None = None
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        cursor = {"Last-Event-ID": last_id} if last_id else {}
-        try:
-            async with client.stream("GET", rng.choice(urls) + events_url, headers=headers | cursor) as resp:
-                if resp.status_code == 204:
-                    break
-                if resp.status_code != 200:
-                    await resp.aread()
-                    await asyncio.sleep(0.2)
-                    tally.reconnects += 1
-                    continue
-                fields: dict[str, str] = {}
-                async for line in resp.aiter_lines():
-                    if line == "" and "data" in fields:
-                        data = json.loads(fields["data"])
-                        seen[data["seq"]] = seen.get(data["seq"], 0) + 1
-                        events.append((fields["id"], fields["event"], data))
-                        last_id = fields["id"]
-                        fields = {}
-                    elif line and not line.startswith((":", "retry:")):
-                        name, _, value = line.partition(":")
-                        fields[name] = value.strip()
-        except httpx.HTTPError:
-            await asyncio.sleep(0.1)
-        if events and events[-1][1] in ("done", "error", "cancelled"):
-            break
-        tally.reconnects += 1
-    top = max(seen, default=0)
-    tally.lost += sum(1 for s in range(1, top + 1) if s not in seen)
-    tally.duplicated += sum(c - 1 for c in seen.values())
-    terminals = [e for e in events if e[1] in ("done", "error", "cancelled")]
-    tally.extra_terminals += max(0, len(terminals) - 1)
-    for k, (entry_id, kind, data) in enumerate(events):
-        if kind == "reset":
+    try:
+        got = await read_resuming(
+            client, urls, r.json()["events_url"], headers, pick=rng.choice, deadline_s=300
+        )
+    except (ProtocolError, TimeoutError, httpx.HTTPError) as exc:
+        tally.error(f"not read to its end: {type(exc).__name__}: {str(exc)[:80]}")
+        return
+    events, delivery = got.events, delivery_of(got.events)
+    tally.reconnects += got.reconnects
+    tally.lost += len(delivery.lost)
+    tally.duplicated += delivery.duplicated
+    tally.extra_terminals += max(0, delivery.terminals - 1)
+    for k, e in enumerate(events):
+        if e.event == "reset":
             tally.resets += 1
-            if k and data.get("reason") == "worker_lost":
-                gap = (id_key(entry_id)[0] - id_key(events[k - 1][0])[0]) / 1000
+            if k and e.data.get("reason") == "worker_lost":
+                gap = (id_key(e.id)[0] - id_key(events[k - 1].id)[0]) / 1000
                 tally.takeovers.append(gap)
                 tally.worst_takeover_s = max(tally.worst_takeover_s, gap)
+    terminals = [e for e in events if e.terminal]
     if not terminals:
-        tally.errors["no terminal event"] = tally.errors.get("no terminal event", 0) + 1
-        return
-    if terminals[-1][1] == "error":
+        tally.error("no terminal event")
+    elif terminals[-1].event == "error":
         tally.ended_with_error += 1
-        code = terminals[-1][2].get("code", "?")
-        tally.errors[code] = tally.errors.get(code, 0) + 1
-        return
-    tally.done += 1
-    tally.finished_at.append(time.monotonic())
-    text = ""
-    for _, kind, data in events:
-        text = "" if kind == "reset" else text + data.get("text", "") if kind == "delta" else text
-    reply = await api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}])
-    if text == reply.choices[0].message.content:
-        tally.text_exact += 1
+        tally.error(terminals[-1].data.get("code", "?"))
     else:
-        tally.text_wrong += 1
+        tally.done += 1
+        tally.finished_at.append(time.monotonic())
+        reply = await api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}])
+        if text_of(events) == reply.choices[0].message.content:
+            tally.text_exact += 1
+        else:
+            tally.text_wrong += 1
 
 
 async def soak(streams: int, minutes: float, seed: int) -> dict[str, Any]:
@@ -249,10 +166,32 @@ async def soak(streams: int, minutes: float, seed: int) -> dict[str, Any]:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_dir = RESULTS / "logs" / f"soak-{stamp}"
     log_dir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    tally = Tally()
-    cluster = Cluster(log_dir)
-    t0 = time.monotonic()
+    rng, tally, cluster = random.Random(seed), Tally(), Cluster(log_dir)
+    t0, numbers = time.monotonic(), itertools.count(1)
+
+    async def lane(client: httpx.AsyncClient, api: openai.AsyncOpenAI) -> None:
+        while time.monotonic() < end:
+            await run_stream(client, api, cluster.urls, tally, rng, next(numbers))
+
+    async def chaos() -> None:
+        await asyncio.sleep(3)
+        while time.monotonic() < end - 10:
+            done = await cluster.chaos(rng.choice(ACTIONS), rng)
+            tally.chaos.append((time.monotonic() - t0, done))
+            await asyncio.sleep(rng.uniform(3, 8))
+
+    async def progress() -> None:
+        while True:
+            await asyncio.sleep(5)
+            last = tally.chaos[-1][1] if tally.chaos else "-"
+            print(
+                f"[{time.monotonic() - t0:5.0f}s] done {tally.done} (exact {tally.text_exact}), "
+                f"error {tally.ended_with_error}, lost {tally.lost}, duplicated {tally.duplicated}, "
+                f"resets {tally.resets}, reconnects {tally.reconnects}; "
+                f"chaos {len(tally.chaos)} (last: {last})",
+                flush=True,
+            )
+
     try:
         print("soak: starting Redis (AOF) behind a fault proxy, the mock, 2 gateways, 2 workers", flush=True)
         await cluster.start()
@@ -260,61 +199,24 @@ async def soak(streams: int, minutes: float, seed: int) -> dict[str, Any]:
         limits = httpx.Limits(max_connections=4 * streams, max_keepalive_connections=0)
         async with (
             httpx.AsyncClient(timeout=httpx.Timeout(30.0), limits=limits) as client,
-            openai.AsyncOpenAI(base_url=f"{cluster.mock_url}/v1", api_key="sk-soak") as api,
+            openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{cluster.ports['mock']}/v1", api_key="-") as api,
         ):
-            counter = 0
-
-            async def lane() -> None:
-                nonlocal counter
-                while time.monotonic() < end:
-                    counter += 1
-                    await run_stream(client, api, cluster.urls, tally, rng, counter)
-
-            async def chaos() -> None:
-                await asyncio.sleep(3)
-                while time.monotonic() < end - 10:
-                    action = rng.choice(ACTIONS)
-                    done = await cluster.chaos(action, rng)
-                    tally.chaos.append((time.monotonic() - t0, done))
-                    await asyncio.sleep(rng.uniform(3, 8))
-
-            async def progress() -> None:
-                while True:
-                    await asyncio.sleep(5)
-                    last = tally.chaos[-1][1] if tally.chaos else "-"
-                    print(
-                        f"[{time.monotonic() - t0:5.0f}s] done {tally.done} (exact {tally.text_exact}), "
-                        f"error {tally.ended_with_error}, lost {tally.lost}, duplicated {tally.duplicated}, "
-                        f"resets {tally.resets}, reconnects {tally.reconnects}; chaos {len(tally.chaos)} "
-                        f"(last: {last})",
-                        flush=True,
-                    )
-
             reporter = asyncio.create_task(progress())
             try:
-                await asyncio.gather(chaos(), *(lane() for _ in range(streams)))
+                await asyncio.gather(chaos(), *(lane(client, api) for _ in range(streams)))
             finally:
                 reporter.cancel()
     finally:
         print("soak: stopping every process", flush=True)
-        await cluster.close()
-    return {
-        "streams": streams,
-        "minutes": minutes,
-        "seed": seed,
-        "wall_s": time.monotonic() - t0,
-        "stamp": stamp,
-        "t0": t0,
-        **asdict(tally),
-    }
+        await cluster.aclose()
+    result = {"streams": streams, "minutes": minutes, "seed": seed, "wall_s": time.monotonic() - t0}
+    return result | {"stamp": stamp, "t0": t0, **asdict(tally)}
 
 
 def table(r: dict[str, Any]) -> str:
     kinds: dict[str, int] = {}
     for _, what in r["chaos"]:
-        k = what.split()[0]
-        kinds[k] = kinds.get(k, 0) + 1
-    chaos = ", ".join(f"{k} ×{v}" for k, v in sorted(kinds.items()))
+        kinds[what.split()[0]] = kinds.get(what.split()[0], 0) + 1
     takeovers = sorted(r["takeovers"])
     p50 = takeovers[len(takeovers) // 2] if takeovers else 0.0
     rows = [
@@ -330,7 +232,10 @@ def table(r: dict[str, Any]) -> str:
             f"{p50:.1f} s / {r['worst_takeover_s']:.1f} s",
         ),
         ("client reconnects", str(r["reconnects"])),
-        ("faults injected", f"{len(r['chaos'])}: {chaos}"),
+        (
+            "faults injected",
+            f"{len(r['chaos'])}: " + ", ".join(f"{k} ×{v}" for k, v in sorted(kinds.items())),
+        ),
     ]
     head = (
         f"Chaos soak: {r['streams']} concurrent streams for {r['minutes']:g} min, 2 gateways, 2 workers\n\n"
@@ -338,7 +243,7 @@ def table(r: dict[str, Any]) -> str:
     return head + "| figure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows) + "\n"
 
 
-def plot(r: dict[str, Any], path: Any) -> None:
+def plot(r: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -359,6 +264,7 @@ def plot(r: dict[str, Any], path: Any) -> None:
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -373,16 +279,14 @@ def main() -> None:
         result = asyncio.run(soak(streams, minutes, args.seed))
     except KeyboardInterrupt:
         sys.exit("soak: interrupted; every process was stopped")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     base = RESULTS / f"soak-{result['stamp']}"
     text = table(result)
-    (base.with_suffix(".md")).write_text(text)
-    (base.with_suffix(".json")).write_text(json.dumps(result, indent=2))
+    base.with_suffix(".md").write_text(text)
+    base.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(result, base.with_suffix(".png"))
-    print("\n" + text)
-    print(f"table, JSON and plot: {base}.{{md,json,png}}")
-    healthy = result["lost"] == 0 and result["duplicated"] == 0 and result["text_wrong"] == 0
-    sys.exit(0 if healthy else 1)
+    print(f"\n{text}\ntable, JSON and plot: {base}.{{md,json,png}}")
+    unread = any(k.startswith("not read") for k in result["errors"])
+    sys.exit(1 if result["lost"] or result["duplicated"] or result["text_wrong"] or unread else 0)
 
 
 if __name__ == "__main__":

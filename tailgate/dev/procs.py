@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ctypes
 import inspect
+import json
 import os
 import re
 import shutil
@@ -27,6 +28,8 @@ import time
 import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+from tailgate import keys
 
 POLL_S = 0.02  # how often a wait looks again
 
@@ -65,10 +68,14 @@ def tailgate_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "tailgate", *args]
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent goes away, however it goes."""
+def die_with_parent() -> None:
+    """SIGTERM this process when its parent goes away, however it goes: in a child before exec (the
+    ``preexec_fn`` of :class:`Child`), or first thing in a ``multiprocessing`` child."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+_die_with_parent = die_with_parent
 
 
 class Child:
@@ -95,7 +102,7 @@ class Child:
             stderr=subprocess.STDOUT,
             # own_session: a Ctrl-C reaches the parent only, which then stops its children in order.
             start_new_session=own_session,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     @property
@@ -182,6 +189,19 @@ def http_ok(url: str) -> bool:
             return bool(r.status == 200)
     except OSError:
         return False
+
+
+def worker_registered(redis_url: str, pid: int) -> bool:
+    """True once the worker with process id ``pid`` has registered its heartbeat in ``tg:workers``: its
+    readiness whatever its log level (the "ready" line is INFO)."""
+    import redis
+
+    try:
+        with redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=1) as r:
+            workers: dict[str, str] = r.hgetall(keys.WORKERS)
+    except redis.RedisError:
+        return False
+    return any(json.loads(v).get("pid") == pid for v in workers.values())
 
 
 def wait_until(
@@ -292,7 +312,7 @@ class RedisServer:
             [*args, *self.extra],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while not self.answers():

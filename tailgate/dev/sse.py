@@ -127,20 +127,38 @@ async def read_resuming(
     raise TimeoutError(f"stream did not end within {deadline_s}s; {len(got)} events read")
 
 
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What a client can count of a stream read to its end: ``seq`` never received (below the highest
+    seen), ``seq`` received more than once (each extra copy counts), terminal events, and whether the
+    only terminal event is the last event."""
+
+    lost: list[int]
+    duplicated: int
+    terminals: int
+    ends_with_terminal: bool
+
+
+def delivery_of(events: list[Event]) -> Delivery:
+    seqs = [e.seq for e in events]
+    seen = set(seqs)
+    lost = [s for s in range(1, max(seqs, default=0) + 1) if s not in seen]
+    terminals = [e for e in events if e.terminal]
+    return Delivery(
+        lost, len(seqs) - len(seen), len(terminals), bool(terminals) and terminals[-1] is events[-1]
+    )
+
+
 def exactly_once_problems(events: list[Event]) -> list[str]:
     """What a client can prove, as a list of problems (empty: none): seq 1..n, each once; exactly
     one terminal event, and it is last."""
     problems = []
-    seqs = [e.seq for e in events]
-    if seqs != list(range(1, len(events) + 1)):
-        seen = set(seqs)
-        lost = [s for s in range(1, max(seqs, default=0) + 1) if s not in seen]
-        dup = len(seqs) - len(seen)
-        problems.append(f"seq not contiguous: lost {lost[:10]}, {dup} duplicated")
-    terminals = [e for e in events if e.terminal]
-    if len(terminals) != 1 or terminals[0] is not events[-1]:
+    d = delivery_of(events)
+    if [e.seq for e in events] != list(range(1, len(events) + 1)):
+        problems.append(f"seq not contiguous: lost {d.lost[:10]}, {d.duplicated} duplicated")
+    if d.terminals != 1 or not d.ends_with_terminal:
         last = events[-1].event if events else None
-        problems.append(f"{len(terminals)} terminal events; the last event is {last}")
+        problems.append(f"{d.terminals} terminal events; the last event is {last}")
     return problems
 
 
