@@ -39,6 +39,7 @@ def api_key_hash(api_key: str) -> str:
 
 
 def idempotency(owner: str, key_hash: str) -> str:
+    """``<stream id> <body digest>`` of the stream an ``Idempotency-Key`` created (its hash here)."""
     return f"tg:idem:{owner}:{key_hash}"
 
 
@@ -53,8 +54,13 @@ def active(owner: str) -> str:
     return ACTIVE_PREFIX + owner
 
 
-def rate(owner: str, minute: int) -> str:
-    return f"tg:rate:{owner}:{minute}"
+RATE_PREFIX = "tg:rate:"
+
+
+def rate(owner: str) -> str:
+    """Sorted set of one key's stream creations in the last minute (member: stream id, score: ms):
+    the sliding window of the rate limit. Kept by the store's create (and discard) script."""
+    return RATE_PREFIX + owner
 
 
 # On the streams Redis.

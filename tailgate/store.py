@@ -97,35 +97,76 @@ local function close(ek, mk, status, now, retention, running, stats, active)
 end
 """
 
-# KEYS: events, meta, active (the owner's), stats. ARGV: live_ttl, now, owner, then meta
-# field/value pairs (the owner argument wins over an `owner` among them).
+# KEYS: events, meta, active (the owner's), stats, rate (the owner's), idempotency (the rate key
+# again when there is none). ARGV: live_ttl, now, owner, max_active (0: no cap), active_stale_before,
+# rate limit (0: none), rate window ms, idempotency value ('' for none: "<id> <digest>"), its ttl,
+# then meta field/value pairs (the owner argument wins over an `owner` among them).
+# Admission and creation in one step, so the caps hold under any concurrency, and a refused request
+# leaves nothing behind (no quota used, no idempotency record).
 _CREATE = (
     _LIB
     + """
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local id = id_of(KEYS[2])
+local now = tonumber(ARGV[2])
+if ARGV[8] ~= '' then
+  local prior = redis.call('GET', KEYS[6])
+  if prior then
+    local sid, digest = string.match(prior, '^(%S+) (%S+)$')
+    if digest ~= string.match(ARGV[8], ' (%S+)$') then return {'conflict'} end
+    return {'existing', sid}
+  end
+end
+if tonumber(ARGV[6]) > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[7]))
+  if redis.call('ZCARD', KEYS[5]) >= tonumber(ARGV[6]) then
+    local oldest = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+    return {'rate_limited', tostring(tonumber(oldest[2]) + tonumber(ARGV[7]) - now)}
+  end
+end
+if tonumber(ARGV[4]) > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[5])
+  local active = redis.call('ZCARD', KEYS[3])
+  if active >= tonumber(ARGV[4]) then return {'too_many', tostring(active)} end
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'id_taken'} end
 redis.call('HSET', KEYS[2], 'status', 'queued', 'attempt', 0, 'cancel', 0, 'created_at', ARGV[2])
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[2], 'owner', ARGV[3])
-local seq, id = add(KEYS[1], 0, 'queued', '{}', {})
-redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id)
+local seq, eid = add(KEYS[1], 0, 'queued', '{}', {})
+redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', eid)
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[2], id_of(KEYS[2]))
+redis.call('ZADD', KEYS[3], ARGV[2], id)
 redis.call('HINCRBY', KEYS[4], 'created', 1)
-return 1
+if tonumber(ARGV[6]) > 0 then
+  redis.call('ZADD', KEYS[5], ARGV[2], id)
+  redis.call('PEXPIRE', KEYS[5], ARGV[7])
+end
+if ARGV[8] ~= '' then
+  redis.call('SET', KEYS[6], ARGV[8], 'EX', ARGV[9])
+  redis.call('HSET', KEYS[2], 'idempotency', KEYS[6])
+end
+return {'created', id}
 """
 )
 
-# KEYS: events, meta, running, stats. ARGV: active prefix.
+# KEYS: events, meta, running, stats. ARGV: active prefix, rate prefix. Also takes back the
+# creation's place in the rate window and its idempotency record (if it still names this stream).
 _DISCARD = (
     _LIB
     + """
 if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-local owner = redis.call('HGET', KEYS[2], 'owner') or ''
+local m = redis.call('HMGET', KEYS[2], 'owner', 'idempotency')
+local owner = m[1] or ''
 local id = id_of(KEYS[2])
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], id)
 redis.call('ZREM', ARGV[1] .. owner, id)
+redis.call('ZREM', ARGV[2] .. owner, id)
+if m[2] then
+  local prior = redis.call('GET', m[2])
+  if prior and string.sub(prior, 1, #id + 1) == id .. ' ' then redis.call('DEL', m[2]) end
+end
 redis.call('HINCRBY', KEYS[4], 'created', -1)
 return 1
 """
@@ -279,6 +320,34 @@ class Reply(enum.Enum):
     TOO_LONG = "too_long"  # append: past TAILGATE_STREAM_MAXLEN; the stream was ended with `error`
 
 
+class CreateReply(enum.Enum):
+    """What the create script answered."""
+
+    CREATED = "created"
+    EXISTING = "existing"  # the Idempotency-Key created this stream before, with the same body
+    CONFLICT = "conflict"  # the Idempotency-Key was used with another body
+    RATE_LIMITED = "rate_limited"  # the owner's creations in the last minute reached the limit
+    TOO_MANY = "too_many"  # the owner's unfinished streams reached the cap
+    ID_TAKEN = "id_taken"  # a stream with this id exists (ids are random: practically never)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What admits a new stream of one owner; 0 turns a limit off."""
+
+    max_active: int = 0  # unfinished streams
+    active_stale_ms: int = 0  # an entry of the active set older than this is pruned (a lost stream)
+    rate_per_min: int = 0  # creations in any 60 s
+
+
+@dataclass(frozen=True, slots=True)
+class Creation:
+    reply: CreateReply
+    stream_id: str = ""  # CREATED: the new stream; EXISTING: the one the Idempotency-Key made
+    retry_after_ms: int = 0  # RATE_LIMITED: when the oldest creation leaves the window
+    active: int = 0  # TOO_MANY: how many are unfinished
+
+
 class SeqConflict(RuntimeError):
     """An append found the stream at a ``seq`` its writer did not expect."""
 
@@ -341,20 +410,45 @@ class StreamStore:
         self._beat = redis.register_script(_BEAT)
         self._release = redis.register_script(_RELEASE)
 
-    async def create(self, stream_id: str, owner: str, fields: dict[str, str]) -> bool:
-        """A new stream of ``owner``, queued: its meta (``fields`` and the owner), the ``queued``
-        event, a place in the owner's active set, and one more ``created``. False if the id exists."""
-        args: list[Any] = [self._live_ttl, stamp(), owner]
+    async def create(
+        self,
+        stream_id: str,
+        owner: str,
+        fields: dict[str, str],
+        *,
+        limits: Limits | None = None,
+        idempotency: tuple[str, str] | None = None,
+    ) -> Creation:
+        """A new stream of ``owner``, queued, if ``limits`` admit it: its meta (``fields`` and the
+        owner), the ``queued`` event, a place in the owner's active set and rate window, and one more
+        ``created``. With ``idempotency`` (the key's hash, the body's digest): the stream that key
+        created before, or a conflict if that body differed. All in one atomic step."""
+        lim = limits or Limits()
+        now = int(time.time() * 1000)
+        idem_key, idem_value = keys.rate(owner), ""
+        if idempotency is not None:
+            idem_key, idem_value = keys.idempotency(owner, idempotency[0]), f"{stream_id} {idempotency[1]}"
+        stale_before = now - lim.active_stale_ms if lim.active_stale_ms else 0
+        args: list[Any] = [self._live_ttl, now, owner, lim.max_active, stale_before]
+        args += [lim.rate_per_min, 60_000, idem_value, self._retention]
         for k, v in fields.items():
             args += [k, v]
         ks = [keys.events(stream_id), keys.meta(stream_id), keys.active(owner), keys.STATS]
-        return bool(await self._create(keys=ks, args=args))
+        r = await self._create(keys=[*ks, keys.rate(owner), idem_key], args=args)
+        reply = CreateReply(r[0])
+        if reply in (CreateReply.CREATED, CreateReply.EXISTING):
+            return Creation(reply, stream_id=r[1])
+        if reply is CreateReply.RATE_LIMITED:
+            return Creation(reply, retry_after_ms=int(float(r[1])))
+        if reply is CreateReply.TOO_MANY:
+            return Creation(reply, active=int(r[1]))
+        return Creation(reply)
 
     async def discard(self, stream_id: str) -> None:
         """Undo a :meth:`create` whose job could not be enqueued: its meta and events, its place in
         its owner's active set (and the running index), and its ``created`` count."""
         ks = [keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS]
-        await self._discard(keys=ks, args=[keys.ACTIVE_PREFIX])
+        await self._discard(keys=ks, args=[keys.ACTIVE_PREFIX, keys.RATE_PREFIX])
 
     async def claim(self, stream_id: str, worker: str, *, stale_after_s: float, max_attempts: int) -> Claimed:
         """Start a new attempt: writes ``reset`` (from the second attempt on) and ``started``, and

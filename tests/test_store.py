@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,7 +22,7 @@ from tailgate.connections import open_store
 from tailgate.dev.procs import RedisServer
 from tailgate.events import dumps
 from tailgate.settings import Settings
-from tailgate.store import Append, Reply, StreamStore, Written
+from tailgate.store import Append, CreateReply, Creation, Limits, Reply, StreamStore, Written
 from worker.attempt import Attempt, Outcome
 from worker.publisher import Appender
 
@@ -42,7 +43,8 @@ async def store(redis_server: RedisServer) -> AsyncIterator[StreamStore]:
 
 async def create(store: StreamStore) -> str:
     stream_id = secrets.token_hex(16)
-    assert await store.create(stream_id, OWNER, {"model": REQUEST["model"], "request": dumps(REQUEST)})
+    created = await store.create(stream_id, OWNER, {"model": REQUEST["model"], "request": dumps(REQUEST)})
+    assert created.reply is CreateReply.CREATED
     return stream_id
 
 
@@ -87,7 +89,7 @@ async def test_create_writes_meta_and_queued_counts_created_and_enters_the_owner
     assert await stats(store) == {"created": 1}
     assert await active(store) == {stream_id: float(meta["created_at"])}
     # The same id again writes and counts nothing.
-    assert not await store.create(stream_id, OWNER, {"model": "other"})
+    assert (await store.create(stream_id, OWNER, {"model": "other"})).reply is CreateReply.ID_TAKEN
     assert await stats(store) == {"created": 1}
     assert (await store.meta(stream_id))["model"] == REQUEST["model"]
 
@@ -321,3 +323,72 @@ async def test_an_append_past_the_length_cap_ends_the_stream_with_stream_too_lon
         assert await active(capped) == {} and await running(capped) == {}
     finally:
         await capped.redis.aclose()
+
+
+LIMITS = Limits(max_active=3, active_stale_ms=3_600_000, rate_per_min=5)
+
+
+async def create_limited(
+    store: StreamStore, limits: Limits = LIMITS, idempotency: tuple[str, str] | None = None
+) -> Creation:
+    fields = {"model": REQUEST["model"], "request": dumps(REQUEST)}
+    return await store.create(secrets.token_hex(16), OWNER, fields, limits=limits, idempotency=idempotency)
+
+
+async def test_the_active_cap_admits_exactly_its_number_of_concurrent_creates(store: StreamStore) -> None:
+    got = await asyncio.gather(*(create_limited(store, Limits(max_active=3)) for _ in range(40)))
+
+    replies = [c.reply for c in got]
+    assert replies.count(CreateReply.CREATED) == 3
+    assert replies.count(CreateReply.TOO_MANY) == 37
+    assert len(await active(store)) == 3
+    assert await stats(store) == {"created": 3}
+
+
+async def test_the_rate_limit_is_a_sliding_minute_and_refusals_use_no_quota(store: StreamStore) -> None:
+    limits = Limits(rate_per_min=5)
+    created = [await create_limited(store, limits) for _ in range(5)]
+    assert {c.reply for c in created} == {CreateReply.CREATED}
+    for _ in range(10):  # refused, and they do not push the window on
+        refused = await create_limited(store, limits)
+        assert refused.reply is CreateReply.RATE_LIMITED
+        assert 59_000 < refused.retry_after_ms <= 60_000
+    assert await store.redis.zcard(keys.rate(OWNER)) == 5
+
+    # The minute slides: once the oldest creation is over a minute old, there is room for one.
+    oldest = created[0].stream_id
+    await store.redis.zadd(keys.rate(OWNER), {oldest: time.time() * 1000 - 60_001})
+    assert (await create_limited(store, limits)).reply is CreateReply.CREATED
+    assert (await create_limited(store, limits)).reply is CreateReply.RATE_LIMITED
+
+
+async def test_a_discarded_create_gives_back_its_quota_and_its_idempotency_key(store: StreamStore) -> None:
+    limits = Limits(rate_per_min=1)
+    first = await create_limited(store, limits, idempotency=("key-hash", "digest"))
+    assert first.reply is CreateReply.CREATED
+    await store.discard(first.stream_id)
+
+    again = await create_limited(store, limits, idempotency=("key-hash", "digest"))
+    assert again.reply is CreateReply.CREATED and again.stream_id != first.stream_id
+
+
+async def test_idempotent_creates_answer_the_one_stream_or_the_same_refusal(store: StreamStore) -> None:
+    same = ("key-hash", "digest")
+    burst = await asyncio.gather(*(create_limited(store, idempotency=same) for _ in range(20)))
+    [stream_id] = {c.stream_id for c in burst}
+    assert {c.reply for c in burst} == {CreateReply.CREATED, CreateReply.EXISTING}
+    assert [c.reply for c in burst].count(CreateReply.CREATED) == 1
+    assert (await create_limited(store, idempotency=("key-hash", "other"))).reply is CreateReply.CONFLICT
+
+    # While rate limited, duplicates of a new key all get the refusal, and no id.
+    limited = Limits(rate_per_min=1)
+    refused = await asyncio.gather(*(create_limited(store, limited, ("new", "d")) for _ in range(20)))
+    assert {(c.reply, c.stream_id) for c in refused} == {(CreateReply.RATE_LIMITED, "")}
+    assert await store.redis.get(keys.idempotency(OWNER, "new")) is None
+    assert await active(store) == {stream_id: pytest.approx(await active_score(store, stream_id))}
+
+
+async def active_score(store: StreamStore, stream_id: str) -> float:
+    score = await store.redis.zscore(keys.active(OWNER), stream_id)
+    assert score is not None
+    return float(score)
