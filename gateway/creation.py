@@ -1,0 +1,144 @@
+"""Starting a stream, for every surface that starts one: the request, idempotency, admission, the
+store's create and the enqueue.
+
+A surface turns its own body into a :class:`StreamRequest` and calls :func:`start`; what it answers
+is its own business. A stream is queued whole or not at all: if the enqueue fails, the store's
+``discard`` takes back the create, so no stream exists that nobody will ever run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from typing import Any, Literal
+
+from prometheus_client import Counter
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gateway.admission import now_ms
+from gateway.errors import ApiError
+from gateway.services import Services
+from tailgate import keys
+from tailgate.events import dumps
+
+log = logging.getLogger(__name__)
+
+STREAMS_CREATED = Counter("tailgate_streams_created_total", "Streams accepted by this gateway")
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]]
+
+
+class StreamRequest(BaseModel):
+    """Body of ``POST /v1/streams``: ``messages`` or ``prompt``, and the usual sampling options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=512)
+    prompt: str | None = Field(default=None, min_length=1)
+    model: str | None = Field(default=None, min_length=1, max_length=128)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> StreamRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("send exactly one of `messages` or `prompt`")
+        return self
+
+    def upstream_request(self, default_model: str) -> dict[str, Any]:
+        """What the worker sends to the model."""
+        messages = (
+            [m.model_dump() for m in self.messages]
+            if self.messages is not None
+            else [{"role": "user", "content": self.prompt}]
+        )
+        out: dict[str, Any] = {"model": self.model or default_model, "messages": messages}
+        if self.max_tokens is not None:
+            out["max_tokens"] = self.max_tokens
+        if self.temperature is not None:
+            out["temperature"] = self.temperature
+        return out
+
+
+class StreamCreated(BaseModel):
+    """What ``POST /v1/streams`` answers: where to read the stream, and a token to read it with."""
+
+    id: str
+    status: Literal["queued"] = "queued"
+    events_url: str
+    status_url: str
+    read_token: str = Field(description="Opens this stream's events as `?token=`, for a browser EventSource.")
+
+
+async def start(
+    svc: Services, owner: str, body: StreamRequest, idempotency_key: str | None = None
+) -> StreamCreated:
+    """Queue a generation for ``owner``. With ``idempotency_key``: the stream this key started
+    before, if any (409 if for another body). 429 over a limit; 503 if the queue is unreachable."""
+    stream_id = secrets.token_hex(16)
+    idem = None
+    if idempotency_key is not None:
+        idem, existing = await _claim_key(svc, owner, idempotency_key, body, stream_id)
+        if existing is not None:
+            return created(svc, existing)
+    try:
+        now = now_ms()
+        await svc.admission.admit(owner, now)
+        request = body.upstream_request(svc.settings.default_model)
+        fields = {"owner": owner, "model": request["model"], "request": dumps(request)}
+        if body.metadata:
+            fields["metadata"] = dumps(body.metadata)
+        await svc.store.create(stream_id, fields)
+        await svc.admission.started(owner, stream_id, now)
+    except BaseException:
+        if idem is not None:
+            await svc.streams.delete(idem)
+        raise
+    try:
+        await svc.queue.enqueue_job(
+            keys.JOB_GENERATE, stream_id, _job_id=stream_id, _queue_name=svc.settings.queue_name
+        )
+        await svc.queue.publish(keys.WAKE_CHANNEL, stream_id)  # an idle worker starts it at once
+    except Exception as exc:
+        log.error("enqueue of %s failed: %s", stream_id, exc)
+        await svc.streams.delete(keys.meta(stream_id), keys.events(stream_id))
+        await svc.admission.finished(owner, stream_id)
+        if idem is not None:
+            await svc.streams.delete(idem)
+        raise ApiError(
+            503, "unavailable", "the queue is unreachable; retry shortly", {"Retry-After": "1"}
+        ) from exc
+    STREAMS_CREATED.inc()
+    log.info("stream %s queued", stream_id)
+    return created(svc, stream_id)
+
+
+async def _claim_key(
+    svc: Services, owner: str, idempotency_key: str, body: StreamRequest, stream_id: str
+) -> tuple[str, str | None]:
+    """Claims ``idempotency_key`` for ``stream_id``. Answers the claim's Redis key, and the id of
+    the stream the key already stands for, if any; 409 if that stream was started with another body."""
+    digest = hashlib.sha256(body.model_dump_json(exclude_none=True).encode()).hexdigest()
+    idem = keys.idempotency(owner, hashlib.sha256(idempotency_key.encode()).hexdigest())
+    if await svc.streams.set(idem, f"{stream_id} {digest}", nx=True, ex=svc.settings.retention_s):
+        return idem, None
+    existing_id, _, existing_digest = str(await svc.streams.get(idem) or "").partition(" ")
+    if existing_digest != digest:
+        raise ApiError(
+            409, "idempotency_conflict", "this Idempotency-Key was used with a different body; use a new key"
+        )
+    return idem, existing_id
+
+
+def created(svc: Services, stream_id: str) -> StreamCreated:
+    return StreamCreated(
+        id=stream_id,
+        events_url=f"/v1/streams/{stream_id}/events",
+        status_url=f"/v1/streams/{stream_id}",
+        read_token=svc.auth.read_token(stream_id),
+    )
