@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, assert_never
@@ -68,39 +67,46 @@ Tailed: TypeAlias = Batch | Idle  # what `Hub.tail` yields
 
 
 class Subscription:
-    """One reader's inbox of deliveries."""
+    """One reader's inbox of deliveries.
 
-    __slots__ = ("_inbox", "_wake", "resumable", "stream_id")
+    Kept small, as every idle SSE connection holds one: a list rather than a deque (~700 bytes
+    empty) and a bare future while the reader waits rather than an ``asyncio.Event`` (two more).
+    Popping the head of a list of at most ``READER_BACKLOG`` items costs nothing that matters."""
+
+    __slots__ = ("_inbox", "_waiter", "resumable", "stream_id")
 
     def __init__(self, stream_id: str, resumable: bool) -> None:
         self.stream_id = stream_id
         self.resumable = resumable
-        self._inbox: deque[Delivery] = deque()
-        self._wake = asyncio.Event()
+        self._inbox: list[Delivery] = []
+        self._waiter: asyncio.Future[None] | None = None
 
     def push(self, item: Delivery) -> None:
         if self._inbox and isinstance(self._inbox[0], Leave):
             return  # leaving: nothing after that matters (and it must not be cleared away below)
         if isinstance(item, Leave):
-            self._inbox.clear()
-            self._inbox.append(item)
+            self._inbox = [item]
         elif len(self._inbox) >= tuning.READER_BACKLOG:
-            self._inbox.clear()  # a slow reader re-reads from the stream instead of growing memory
-            self._inbox.append(RESYNC)
+            # A slow reader re-reads from the stream instead of growing memory.
+            self._inbox = [RESYNC]
         else:
             self._inbox.append(item)
-        self._wake.set()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def next(self, wait_s: float) -> Delivery | Idle:
         """The next delivery, or ``IDLE`` when none came within ``wait_s``."""
         if not self._inbox:
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait_s):
-                    await self._wake.wait()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait_s):
+                        await self._waiter
+            finally:
+                self._waiter = None
             if not self._inbox:
                 return IDLE
-        return self._inbox.popleft()
+        return self._inbox.pop(0)
 
 
 class Hub:
