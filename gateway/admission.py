@@ -58,6 +58,9 @@ class BodyLimit:
 
 
 class Admission:
+    """The checks before a stream is created. The store's scripts keep the counts they read: a
+    create takes a slot in ``keys.active(owner)``, the end of a stream gives it back."""
+
     def __init__(self, settings: Settings, streams: Redis, queue: Redis) -> None:
         self._settings = settings
         self._streams = streams
@@ -92,12 +95,6 @@ class Admission:
             )
         if await self._queue.zcard(s.queue_name) >= s.max_queued:
             raise ApiError(429, "queue_full", "the queue is full; retry shortly", {"Retry-After": "1"})
-
-    async def started(self, owner: str, stream_id: str, now_ms: int) -> None:
-        await self._streams.zadd(keys.active(owner), {stream_id: now_ms})
-
-    async def finished(self, owner: str, stream_id: str) -> None:
-        await self._streams.zrem(keys.active(owner), stream_id)
 
 
 def now_ms() -> int:

@@ -87,14 +87,14 @@ async def start(
         if existing is not None:
             return created(svc, existing)
     try:
-        now = now_ms()
-        await svc.admission.admit(owner, now)
+        await svc.admission.admit(owner, now_ms())
         request = body.upstream_request(svc.settings.default_model)
-        fields = {"owner": owner, "model": request["model"], "request": dumps(request)}
+        fields = {"model": request["model"], "request": dumps(request)}
         if body.metadata:
             fields["metadata"] = dumps(body.metadata)
-        await svc.store.create(stream_id, fields)
-        await svc.admission.started(owner, stream_id, now)
+        # The script also takes the owner's slot (`keys.active`) and counts the stream. It answers
+        # False only if the id exists: a re-sent create whose first reply was lost, i.e. ours.
+        await svc.store.create(stream_id, owner, fields)
     except BaseException:
         if idem is not None:
             await svc.streams.delete(idem)
@@ -106,8 +106,7 @@ async def start(
         await svc.queue.publish(keys.WAKE_CHANNEL, stream_id)  # an idle worker starts it at once
     except Exception as exc:
         log.error("enqueue of %s failed: %s", stream_id, exc)
-        await svc.streams.delete(keys.meta(stream_id), keys.events(stream_id))
-        await svc.admission.finished(owner, stream_id)
+        await svc.store.discard(stream_id)
         if idem is not None:
             await svc.streams.delete(idem)
         raise ApiError(

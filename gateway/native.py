@@ -57,10 +57,8 @@ async def stream_status(stream: OwnedStream) -> dict[str, Any]:
 @router.post("/{stream_id}/cancel")
 async def cancel_stream(svc: Svc, stream: OwnedStream) -> JSONResponse:
     """Stop generation. Idempotent; a running stream ends with `cancelled` once its worker stops."""
-    status = await svc.store.cancel(stream.id)
-    if status == "cancelled":
-        await svc.admission.finished(stream.meta["owner"], stream.id)
-    elif status == "running":
+    status = await svc.store.cancel(stream.id)  # a queued stream ends here, in the script
+    if status == "running":
         await svc.queue.publish(keys.CANCEL_CHANNEL, stream.id)
     code = 202 if status == "running" else 200
     return JSONResponse({"id": stream.id, "status": status, "cancel_requested": True}, status_code=code)
