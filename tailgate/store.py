@@ -46,13 +46,17 @@ local function close(ek, mk, status, now, retention)
 end
 """
 
-# KEYS: events, meta. ARGV: maxlen, live_ttl, now, then meta field/value pairs.
+# KEYS: events, meta, the owner's active set, stats. ARGV: maxlen, live_ttl, now, owner, stream id,
+# then meta field/value pairs.
 _CREATE = (
     _LIB
     + """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('HSET', KEYS[2], 'status', 'queued', 'attempt', 0, 'cancel', 0, 'created_at', ARGV[3])
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[2], 'owner', ARGV[4])
+redis.call('ZADD', KEYS[3], math.floor(tonumber(ARGV[3])), ARGV[5])
+redis.call('HINCRBY', KEYS[4], 'created', 1)
 local seq, id = add(KEYS[1], ARGV[1], 0, 'queued', '{}', {})
 redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
@@ -141,11 +145,12 @@ redis.call('HSET', KEYS[1], 'heartbeat', 0, 'release', ARGV[2])
 return 1
 """
 
-# KEYS: events, meta. ARGV: maxlen, channel, now, retention.
+# KEYS: events, meta, stats. ARGV: maxlen, channel, now, retention, active-set key prefix, stream id.
+# TEMP store contract: the owner's active set is named from the meta's owner (not Cluster-safe).
 _CANCEL = (
     _LIB
     + """
-local m = redis.call('HMGET', KEYS[2], 'status', 'seq')
+local m = redis.call('HMGET', KEYS[2], 'status', 'seq', 'owner')
 if not m[1] then return 'gone' end
 if finished(m[1]) then return m[1] end
 if m[1] == 'queued' then
@@ -153,6 +158,8 @@ if m[1] == 'queued' then
   local seq, id = add(KEYS[1], ARGV[1], tonumber(m[2]), 'cancelled', '{"usage":null}', lines)
   redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id, 'cancel', 1)
   close(KEYS[1], KEYS[2], 'cancelled', ARGV[3], ARGV[4])
+  if m[3] then redis.call('ZREM', ARGV[5] .. m[3], ARGV[6]) end
+  redis.call('HINCRBY', KEYS[3], 'cancelled', 1)
   redis.call('PUBLISH', ARGV[2], table.concat(lines, '\\n'))
   return 'cancelled'
 end
@@ -160,6 +167,18 @@ redis.call('HSET', KEYS[2], 'cancel', 1)
 return m[1]
 """
 )
+
+
+# KEYS: events, meta, stats. ARGV: active-set key prefix, stream id. Takes back a create.
+# TEMP store contract: the owner's active set is named from the meta's owner (not Cluster-safe).
+_DISCARD = """
+local owner = redis.call('HGET', KEYS[2], 'owner')
+if not owner then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', ARGV[1] .. owner, ARGV[2])
+redis.call('HINCRBY', KEYS[3], 'created', -1)
+return 1
+"""
 
 
 class Outcome(enum.Enum):
@@ -230,12 +249,27 @@ class StreamStore:
         self._cancel = redis.register_script(_CANCEL)
         self._beat = redis.register_script(_BEAT)
         self._release = redis.register_script(_RELEASE)
+        self._discard = redis.register_script(_DISCARD)
 
-    async def create(self, stream_id: str, fields: dict[str, str]) -> bool:
-        args: list[Any] = [self._maxlen, self._live_ttl, stamp()]
+    async def create(self, stream_id: str, owner: str, fields: dict[str, str]) -> bool:
+        """The stream, queued, owned by ``owner``, in ``owner``'s active set and counted as created;
+        False (and nothing written) if the id exists."""
+        args: list[Any] = [self._maxlen, self._live_ttl, stamp(), owner, stream_id]
         for k, v in fields.items():
             args += [k, v]
-        return bool(await self._create(keys=[keys.events(stream_id), keys.meta(stream_id)], args=args))
+        return bool(
+            await self._create(
+                keys=[keys.events(stream_id), keys.meta(stream_id), keys.active(owner), keys.STATS],
+                args=args,
+            )
+        )
+
+    async def discard(self, stream_id: str) -> None:
+        """Takes back a create whose enqueue failed: its keys, its active slot and its count."""
+        await self._discard(
+            keys=[keys.events(stream_id), keys.meta(stream_id), keys.STATS],
+            args=[keys.active(""), stream_id],
+        )
 
     async def claim(self, stream_id: str, worker: str, *, stale_after_s: float, max_attempts: int) -> Claimed:
         """Start a new attempt: writes ``reset`` (from the second attempt on) and ``started``.
@@ -318,11 +352,19 @@ class StreamStore:
         return [(str(m), float(s)) for m, s in rows]
 
     async def cancel(self, stream_id: str) -> str:
-        """Returns the status after the request: ``cancelled`` at once if it was queued."""
+        """Returns the status after the request: ``cancelled`` at once if it was queued (which also
+        gives back its owner's active slot and counts it)."""
         return str(
             await self._cancel(
-                keys=[keys.events(stream_id), keys.meta(stream_id)],
-                args=[self._maxlen, keys.notify(stream_id), stamp(), self._retention],
+                keys=[keys.events(stream_id), keys.meta(stream_id), keys.STATS],
+                args=[
+                    self._maxlen,
+                    keys.notify(stream_id),
+                    stamp(),
+                    self._retention,
+                    keys.active(""),
+                    stream_id,
+                ],
             )
         )
 
