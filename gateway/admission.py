@@ -5,14 +5,15 @@ Counters live in Redis so every replica enforces the same limits.
 
 from __future__ import annotations
 
-import time
+import math
 
 from redis.asyncio import Redis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import ApiError, error_response
-from tailgate import keys, tuning
+from tailgate import tuning
 from tailgate.settings import Settings
+from tailgate.store import CreateReply, Creation, Limits
 
 
 class BodyLimit:
@@ -58,41 +59,41 @@ class BodyLimit:
 
 
 class Admission:
-    def __init__(self, settings: Settings, streams: Redis, queue: Redis) -> None:
-        self._settings = settings
-        self._streams = streams
-        self._queue = queue
+    """What admits a new stream besides its body. The per-key limits (a sliding minute of creations,
+    a cap on unfinished streams) are checked and taken in the store's create script, in one atomic
+    step with the create itself, so they hold under any concurrency and a refusal uses no quota. The
+    queue's depth lives on the queue Redis and is checked here first."""
 
-    async def admit(self, owner: str, now_ms: int) -> None:
-        """429 with ``Retry-After`` when this key or the queue is over its limit."""
-        s = self._settings
-        minute = now_ms // 60_000
-        async with self._streams.pipeline(transaction=False) as pipe:
-            pipe.incr(keys.rate(owner, minute))
-            pipe.expire(keys.rate(owner, minute), 120)
-            stale = now_ms - (s.job_timeout_s + tuning.ACTIVE_STALE_S) * 1000
-            pipe.zremrangebyscore(keys.active(owner), "-inf", stale)
-            pipe.zcard(keys.active(owner))
-            count, _, _, active = await pipe.execute()
-        if count > s.rate_limit_per_min:
-            retry = 60 - (now_ms // 1000) % 60
-            raise ApiError(
-                429,
-                "rate_limited",
-                f"more than {s.rate_limit_per_min} streams a minute for this key; retry in {retry}s",
-                {"Retry-After": str(retry)},
-            )
-        if active >= s.max_active_per_key:
-            raise ApiError(
-                429,
-                "too_many_streams",
-                f"this key has {active} unfinished streams (limit {s.max_active_per_key}); "
-                "wait for one to finish or cancel one",
-                {"Retry-After": "1"},
-            )
-        if await self._queue.zcard(s.queue_name) >= s.max_queued:
+    def __init__(self, settings: Settings, queue: Redis) -> None:
+        self._settings = settings
+        self._queue = queue
+        self.limits = Limits(
+            max_active=settings.max_active_per_key,
+            active_stale_ms=(settings.job_timeout_s + tuning.ACTIVE_STALE_S) * 1000,
+            rate_per_min=settings.rate_limit_per_min,
+        )
+
+    async def check_queue(self) -> None:
+        """429 ``queue_full`` when the queue holds ``TAILGATE_MAX_QUEUED`` jobs."""
+        if await self._queue.zcard(self._settings.queue_name) >= self._settings.max_queued:
             raise ApiError(429, "queue_full", "the queue is full; retry shortly", {"Retry-After": "1"})
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
+    def refused(self, creation: Creation) -> ApiError:
+        """The 429 for a create the store's limits refused."""
+        s = self._settings
+        if creation.reply is CreateReply.RATE_LIMITED:
+            retry = max(1, math.ceil(creation.retry_after_ms / 1000))
+            return ApiError(
+                429,
+                "rate_limited",
+                f"this key created {s.rate_limit_per_min} streams in the last minute "
+                f"(TAILGATE_RATE_LIMIT_PER_MIN); retry in {retry}s",
+                {"Retry-After": str(retry)},
+            )
+        return ApiError(
+            429,
+            "too_many_streams",
+            f"this key has {creation.active} unfinished streams (limit {s.max_active_per_key}); "
+            "wait for one to finish or cancel one",
+            {"Retry-After": "1"},
+        )

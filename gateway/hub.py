@@ -6,6 +6,10 @@ all of them. A reader catches up with XRANGE from its cursor, then takes live ba
 it already has by ``seq`` and going back to XRANGE whenever it sees a gap: after a reconnect of the
 pub/sub connection, when it fell too far behind, or when nothing arrived for a while.
 
+What moves, typed: a subscription's inbox holds :class:`Batch`, :class:`Resync` and :class:`Leave`;
+``Hub.tail`` yields :class:`Batch` and :class:`Idle` (a reader's cue for a keep-alive). Nothing is
+allocated per idle reader beyond its subscription: the markers are shared instances.
+
 Deliberate oddities:
 - ``subscribe`` waits for Redis's acknowledgement before the reader's first XRANGE; otherwise an
   append landing between the two would be seen by neither.
@@ -20,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import TypeAlias, assert_never
 
 from redis.asyncio import Redis
 
@@ -32,45 +37,81 @@ from tailgate.store import StreamStore
 
 log = logging.getLogger(__name__)
 
-_RESYNC = None  # pushed to a subscription: go back to XRANGE
-_LEAVE: list[Entry] = []  # pushed to a subscription: the process is shutting down
-_IDLE: list[Entry] = []  # from `Subscription.next`: nothing arrived for a while
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Events that are ready together, in order: one published append, or one page of the stream."""
+
+    entries: Sequence[Entry]
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """Pushed to a subscription: the reader may have missed a batch; read the stream itself."""
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """Pushed to a subscription: the process is shutting down; end without a terminal event."""
+
+
+@dataclass(frozen=True, slots=True)
+class Idle:
+    """Nothing happened for ``idle_check_s``. From ``Subscription.next``: look at the stream anyway;
+    from ``Hub.tail``: time for a keep-alive."""
+
+
+RESYNC, LEAVE, IDLE = Resync(), Leave(), Idle()
+Delivery: TypeAlias = Batch | Resync | Leave  # what a subscription's inbox holds
+Tailed: TypeAlias = Batch | Idle  # what `Hub.tail` yields
 
 
 class Subscription:
-    """One reader's inbox of published batches."""
+    """One reader's inbox of deliveries.
 
-    __slots__ = ("_batches", "_wake", "resumable", "stream_id")
+    Kept small, as every idle SSE connection holds one: a list rather than a deque (~700 bytes
+    empty) and a bare future while the reader waits rather than an ``asyncio.Event`` (two more).
+    Popping the head of a list of at most ``READER_BACKLOG`` items costs nothing that matters."""
+
+    __slots__ = ("_inbox", "_waiter", "resumable", "stream_id")
 
     def __init__(self, stream_id: str, resumable: bool) -> None:
         self.stream_id = stream_id
         self.resumable = resumable
-        self._batches: deque[list[Entry] | None] = deque()
-        self._wake = asyncio.Event()
+        self._inbox: list[Delivery] = []
+        self._waiter: asyncio.Future[None] | None = None
 
-    def push(self, batch: list[Entry] | None) -> None:
-        if batch is _LEAVE:
-            self._batches.appendleft(batch)
-        elif len(self._batches) >= tuning.READER_BACKLOG:
-            self._batches.clear()  # a slow reader re-reads from the stream instead of growing memory
-            self._batches.append(_RESYNC)
+    def push(self, item: Delivery) -> None:
+        if self._inbox and isinstance(self._inbox[0], Leave):
+            return  # leaving: nothing after that matters (and it must not be cleared away below)
+        if isinstance(item, Leave):
+            self._inbox = [item]
+        elif len(self._inbox) >= tuning.READER_BACKLOG:
+            # A slow reader re-reads from the stream instead of growing memory.
+            self._inbox = [RESYNC]
         else:
-            self._batches.append(batch)
-        self._wake.set()
+            self._inbox.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
-    async def next(self, wait_s: float) -> list[Entry] | None:
-        """The next batch; ``None``: resynchronise; ``_IDLE``: nothing for ``wait_s``."""
-        if not self._batches:
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait_s):
-                    await self._wake.wait()
-            if not self._batches:
-                return _IDLE
-        return self._batches.popleft()
+    async def next(self, wait_s: float) -> Delivery | Idle:
+        """The next delivery, or ``IDLE`` when none came within ``wait_s``."""
+        if not self._inbox:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait_s):
+                        await self._waiter
+            finally:
+                self._waiter = None
+            if not self._inbox:
+                return IDLE
+        return self._inbox.pop(0)
 
 
 class Hub:
+    """The process's one pub/sub connection and the readers it serves, by stream."""
+
     def __init__(self, redis: Redis, store: StreamStore, *, idle_check_s: float) -> None:
         self._pubsub = redis.pubsub()
         self._store = store
@@ -96,7 +137,7 @@ class Hub:
         for readers in self._readers.values():
             for sub in readers:
                 if sub.resumable:
-                    sub.push(_LEAVE)
+                    sub.push(LEAVE)
 
     async def start(self) -> None:
         await self._pubsub.subscribe(keys.HUB_CHANNEL)
@@ -121,7 +162,7 @@ class Hub:
             stream_id = keys.stream_of(channel)
             readers = self._readers.get(stream_id)
             if readers:
-                batch = parse_published(msg["data"])
+                batch = Batch(parse_published(msg["data"]))  # parsed once, shared by every reader
                 for sub in readers:
                     sub.push(batch)
         elif kind == "subscribe":
@@ -133,7 +174,7 @@ class Hub:
                 readers = self._readers.get(keys.stream_of(channel))
                 if readers:
                     for sub in readers:
-                        sub.push(_RESYNC)
+                        sub.push(RESYNC)
                 else:
                     # redis-py re-subscribed a channel whose readers left while the connection was down.
                     self._schedule_unsubscribe(keys.stream_of(channel))
@@ -187,52 +228,54 @@ class Hub:
 
     async def tail(
         self, stream_id: str, after: str, last_seq: int, resumable: bool = True
-    ) -> AsyncIterator[list[Entry]]:
+    ) -> AsyncGenerator[Tailed, None]:
         """Events of ``stream_id`` strictly after ``after`` (whose ``seq`` is ``last_seq``), up to
-        and including the terminal event, in batches of those that are ready together. An empty
-        batch means nothing happened for ``idle_check_s``: time for a keep-alive.
+        and including the terminal event, as a :class:`Batch` of those that are ready together.
+        ``IDLE`` means nothing happened for ``idle_check_s``: time for a keep-alive.
 
         Ends early, without a terminal event, when the process shuts down (``resumable`` readers)."""
         if self.released and resumable:
             return
         sub = await self._subscribe(stream_id, resumable)
         try:
-            catching_up = True
+            behind = True  # read the stream itself until a page comes back short
             while True:
-                if catching_up:
-                    entries = await self._range(stream_id, after)
-                    catching_up = len(entries) == tuning.CATCHUP_PAGE
+                if behind:
+                    entries, behind = await self._catch_up(stream_id, after)
                 else:
-                    batch = await sub.next(self._idle_check_s)
-                    if batch is _LEAVE:
+                    item = await sub.next(self._idle_check_s)
+                    match item:
+                        case Batch():
+                            entries = [e for e in item.entries if e.seq > last_seq]
+                            if entries and entries[0].seq != last_seq + 1:
+                                behind = True  # a gap: the stream has what pub/sub lost
+                                continue
+                        case Resync():
+                            behind = True
+                            continue
+                        case Idle():
+                            # Quiet for a while: look at the stream anyway, in case a message was lost.
+                            entries, behind = await self._catch_up(stream_id, after)
+                            if not entries:
+                                yield IDLE
+                                continue
+                        case Leave():
+                            return
+                        case _:
+                            assert_never(item)
+                if entries:
+                    yield Batch(entries)
+                    after, last_seq = entries[-1].id, entries[-1].seq
+                    if entries[-1].terminal:
                         return
-                    if batch is None:
-                        catching_up = True
-                        continue
-                    if batch is _IDLE:
-                        # Quiet for a while: look at the stream anyway (in case a message was lost).
-                        entries = await self._range(stream_id, after)
-                        if not entries:
-                            yield entries
-                            continue
-                        catching_up = len(entries) == tuning.CATCHUP_PAGE
-                    else:
-                        entries = [e for e in batch if e.seq > last_seq]
-                        if entries and entries[0].seq != last_seq + 1:
-                            catching_up = True  # a gap: the stream has what pub/sub lost
-                            continue
-                if not entries:
-                    continue
-                yield entries
-                after, last_seq = entries[-1].id, entries[-1].seq
-                if entries[-1].terminal:
-                    return
         finally:
             self._leave(sub)
 
-    async def _range(self, stream_id: str, after: str) -> list[Entry]:
-        """XRANGE, riding out a Redis restart or a cut connection for a while."""
-        return await ride_out(
+    async def _catch_up(self, stream_id: str, after: str) -> tuple[list[Entry], bool]:
+        """One XRANGE page of the entries after ``after``, and whether the stream may hold more (the
+        page is full). Rides out a Redis restart or a cut connection for a while."""
+        page = await ride_out(
             lambda: self._store.after(stream_id, after, tuning.CATCHUP_PAGE),
             patience_s=tuning.OUTAGE_PATIENCE_S,
         )
+        return page, len(page) == tuning.CATCHUP_PAGE

@@ -19,8 +19,9 @@ import uvicorn
 from fastapi import FastAPI
 from sse_starlette.sse import AppStatus
 
-from gateway.app import Services, create_app
+from gateway.app import create_app
 from gateway.protocol import GuardedProtocol
+from gateway.services import Services
 from tailgate.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -108,6 +108,8 @@ _CREATE = (
     + """
 local id = id_of(KEYS[2])
 local now = tonumber(ARGV[2])
+-- First: a create re-sent after its reply was lost finds its own stream, not a limit it now meets.
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'id_taken'} end
 if ARGV[8] ~= '' then
   local prior = redis.call('GET', KEYS[6])
   if prior then
@@ -128,7 +130,6 @@ if tonumber(ARGV[4]) > 0 then
   local active = redis.call('ZCARD', KEYS[3])
   if active >= tonumber(ARGV[4]) then return {'too_many', tostring(active)} end
 end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'id_taken'} end
 redis.call('HSET', KEYS[2], 'status', 'queued', 'attempt', 0, 'cancel', 0, 'created_at', ARGV[2])
 for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[2], 'owner', ARGV[3])
@@ -328,7 +329,9 @@ class CreateReply(enum.Enum):
     CONFLICT = "conflict"  # the Idempotency-Key was used with another body
     RATE_LIMITED = "rate_limited"  # the owner's creations in the last minute reached the limit
     TOO_MANY = "too_many"  # the owner's unfinished streams reached the cap
-    ID_TAKEN = "id_taken"  # a stream with this id exists (ids are random: practically never)
+    # A stream with this id exists: ids are random, so it is this very create, re-sent after its
+    # reply was lost (redis-py's command retry), and the stream is the caller's.
+    ID_TAKEN = "id_taken"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,139 @@
+"""Starting a stream, for every surface that starts one: the request, idempotency, admission, the
+store's create and the enqueue.
+
+A surface turns its own body into a :class:`StreamRequest` and calls :func:`start`; what it answers
+is its own business. A stream is queued whole or not at all: if the enqueue fails, the store's
+``discard`` takes back the create, so no stream exists that nobody will ever run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from typing import Any, Literal, assert_never
+
+from prometheus_client import Counter
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gateway.errors import ApiError
+from gateway.services import Services
+from tailgate import keys
+from tailgate.events import dumps
+from tailgate.store import CreateReply
+
+log = logging.getLogger(__name__)
+
+STREAMS_CREATED = Counter("tailgate_streams_created_total", "Streams accepted by this gateway")
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]]
+
+
+class StreamRequest(BaseModel):
+    """Body of ``POST /v1/streams``: ``messages`` or ``prompt``, and the usual sampling options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=512)
+    prompt: str | None = Field(default=None, min_length=1)
+    model: str | None = Field(default=None, min_length=1, max_length=128)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> StreamRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("send exactly one of `messages` or `prompt`")
+        return self
+
+    def upstream_request(self, default_model: str) -> dict[str, Any]:
+        """What the worker sends to the model."""
+        messages = (
+            [m.model_dump() for m in self.messages]
+            if self.messages is not None
+            else [{"role": "user", "content": self.prompt}]
+        )
+        out: dict[str, Any] = {"model": self.model or default_model, "messages": messages}
+        if self.max_tokens is not None:
+            out["max_tokens"] = self.max_tokens
+        if self.temperature is not None:
+            out["temperature"] = self.temperature
+        return out
+
+
+class StreamCreated(BaseModel):
+    """What ``POST /v1/streams`` answers: where to read the stream, and a token to read it with."""
+
+    id: str
+    status: Literal["queued"] = "queued"
+    events_url: str
+    status_url: str
+    read_token: str = Field(description="Opens this stream's events as `?token=`, for a browser EventSource.")
+
+
+async def start(
+    svc: Services, owner: str, body: StreamRequest, idempotency_key: str | None = None
+) -> StreamCreated:
+    """Queue a generation for ``owner``. With ``idempotency_key``: the stream this key started
+    before, if any (409 if for another body). 429 over a limit; 503 if the queue is unreachable.
+
+    Idempotency, the per-key limits and the create are one atomic script: concurrent duplicates get
+    the one stream or the same refusal, and no answer names a stream that does not exist."""
+    await svc.admission.check_queue()
+    stream_id = secrets.token_hex(16)
+    request = body.upstream_request(svc.settings.default_model)
+    fields = {"model": request["model"], "request": dumps(request)}
+    if body.metadata:
+        fields["metadata"] = dumps(body.metadata)
+    idempotency = None
+    if idempotency_key is not None:
+        digest = hashlib.sha256(body.model_dump_json(exclude_none=True).encode()).hexdigest()
+        idempotency = (hashlib.sha256(idempotency_key.encode()).hexdigest(), digest)
+    creation = await svc.store.create(
+        stream_id, owner, fields, limits=svc.admission.limits, idempotency=idempotency
+    )
+    match creation.reply:
+        case CreateReply.CREATED | CreateReply.ID_TAKEN:  # ID_TAKEN: this create, re-sent
+            pass
+        case CreateReply.EXISTING:
+            return created(svc, creation.stream_id)
+        case CreateReply.CONFLICT:
+            message = "this Idempotency-Key was used with a different body; use a new key"
+            raise ApiError(409, "idempotency_conflict", message)
+        case CreateReply.RATE_LIMITED | CreateReply.TOO_MANY:
+            raise svc.admission.refused(creation)
+        case _:
+            assert_never(creation.reply)
+    await _enqueue(svc, stream_id)
+    STREAMS_CREATED.inc()
+    log.info("stream %s queued", stream_id)
+    return created(svc, stream_id)
+
+
+async def _enqueue(svc: Services, stream_id: str) -> None:
+    """Enqueue the stream's job and wake a worker; if that fails, the store takes the create back
+    (quota and idempotency record included) and the client gets 503."""
+    try:
+        await svc.queue.enqueue_job(
+            keys.JOB_GENERATE, stream_id, _job_id=stream_id, _queue_name=svc.settings.queue_name
+        )
+        await svc.queue.publish(keys.WAKE_CHANNEL, stream_id)  # an idle worker starts it at once
+    except Exception as exc:
+        log.error("enqueue of %s failed: %s", stream_id, exc)
+        await svc.store.discard(stream_id)
+        raise ApiError(
+            503, "unavailable", "the queue is unreachable; retry shortly", {"Retry-After": "1"}
+        ) from exc
+
+
+def created(svc: Services, stream_id: str) -> StreamCreated:
+    return StreamCreated(
+        id=stream_id,
+        events_url=f"/v1/streams/{stream_id}/events",
+        status_url=f"/v1/streams/{stream_id}",
+        read_token=svc.auth.read_token(stream_id),
+    )

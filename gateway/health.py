@@ -1,0 +1,37 @@
+"""Liveness, readiness and Prometheus metrics: for load balancers and scrapers, so no key."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.errors import error_response
+from gateway.services import Svc
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=None)
+async def readyz(svc: Svc) -> JSONResponse:
+    """Both Redis servers answer and the process is not shutting down; else 503 ``not_ready``."""
+    if svc.draining:
+        return error_response(503, "not_ready", "shutting down")
+    try:
+        await svc.streams.ping()
+        await svc.queue.ping()
+    except Exception as exc:  # whatever went wrong, the answer is "not ready", and why
+        return error_response(503, "not_ready", f"Redis is unreachable: {exc}")
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/metrics")
+async def metrics() -> Response:
+    """Prometheus metrics of this process."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

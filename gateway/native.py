@@ -1,0 +1,113 @@
+"""The native API: create a stream, read its status, cancel it, and follow its events over SSE."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Response
+from fastapi.responses import JSONResponse
+
+from gateway import sse
+from gateway.creation import StreamCreated, StreamRequest, start
+from gateway.dependencies import Caller, Cursor, OwnedStream, ReadableStream, Stream
+from gateway.services import Services, Svc
+from tailgate import keys
+from tailgate.events import START, Entry, dumps
+from tailgate.store import is_finished
+
+router = APIRouter(prefix="/v1/streams", tags=["streams"])
+
+
+@router.post("", status_code=202)
+async def create_stream(
+    svc: Svc,
+    owner: Caller,
+    body: StreamRequest,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> StreamCreated:
+    """Queue a generation; answers at once with the stream's id and URLs."""
+    created = await start(svc, owner, body, idempotency_key)
+    response.headers["Location"] = created.status_url
+    return created
+
+
+@router.get("/{stream_id}")
+async def stream_status(stream: OwnedStream) -> dict[str, Any]:
+    """The stream's status, timings, attempt, event count and usage."""
+    meta = stream.meta
+    return {
+        "id": stream.id,
+        "status": meta["status"],
+        "created_at": _iso(meta.get("created_at")),
+        "started_at": _iso(meta.get("started_at")),
+        "finished_at": _iso(meta.get("finished_at")),
+        "model": meta.get("model"),
+        "attempt": int(meta.get("attempt", 0)),
+        "events": int(meta.get("seq", 0)),
+        "usage": json.loads(meta["usage"]) if meta.get("usage") else None,
+        "error": json.loads(meta["error"]) if meta.get("error") else None,
+        "metadata": json.loads(meta["metadata"]) if meta.get("metadata") else None,
+    }
+
+
+@router.post("/{stream_id}/cancel")
+async def cancel_stream(svc: Svc, stream: OwnedStream) -> JSONResponse:
+    """Stop generation. Idempotent; a running stream ends with `cancelled` once its worker stops."""
+    status = await svc.store.cancel(stream.id)  # a queued stream ends here, in the script
+    if status == "running":
+        await svc.queue.publish(keys.CANCEL_CHANNEL, stream.id)
+    code = 202 if status == "running" else 200
+    return JSONResponse({"id": stream.id, "status": status, "cancel_requested": True}, status_code=code)
+
+
+@router.get("/{stream_id}/events", response_model=None)
+async def stream_events(svc: Svc, stream: ReadableStream, cursor: Cursor) -> Response:
+    """The SSE stream, from the start or after the cursor; 204 after the end (EventSource stops)."""
+    resume = await _resume(svc, stream, cursor)
+    if resume is None:
+        return Response(status_code=204)  # tells EventSource to stop reconnecting
+    return sse.respond(
+        svc.hub.tail(stream.id, resume.after, resume.seq),
+        sse.NATIVE,
+        stream_id=stream.id,
+        send_timeout=svc.settings.send_timeout_s,
+        first=resume.first,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a reader picks up: after entry ``after`` (whose seq is ``seq``), once ``first`` is sent."""
+
+    after: str = START
+    seq: int = 0
+    first: tuple[Entry, ...] = ()
+
+
+async def _resume(svc: Services, stream: Stream, cursor: str | None) -> Resume | None:
+    """Where to resume after ``cursor``; ``None``: the reader already has the whole stream."""
+    if cursor is None or cursor == START:
+        return Resume()
+    at = await svc.store.at(stream.id, cursor)
+    if at is None:
+        # Older than retention, or newer than the stream's end (a failover lost its tail): never a
+        # silent gap, the client starts over.
+        reason = {"seq": 0, "attempt": int(stream.meta.get("attempt", 0)), "reason": "cursor_out_of_range"}
+        return Resume(first=(Entry(START, "reset", dumps(reason), 0),))
+    if is_finished(stream.meta.get("status")) and cursor == stream.meta.get("last_id"):
+        return None
+    return Resume(cursor, at.seq)
+
+
+def _iso(ms: str | None) -> str | None:
+    if not ms:
+        return None
+    return (
+        datetime.fromtimestamp(float(ms) / 1000, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )

@@ -1,0 +1,72 @@
+"""What every route works with: the Redis clients and what is built on them, one set per process.
+
+They open in the app's ``lifespan`` (:func:`opened`) and close there; nothing talks to Redis at
+import time. Routes get them as a dependency, :data:`Svc`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated
+
+from arq.connections import ArqRedis
+from fastapi import Depends, Request
+from prometheus_client import Gauge
+from redis.asyncio import Redis
+
+from gateway.admission import Admission
+from gateway.auth import Auth
+from gateway.hub import Hub
+from tailgate import tuning
+from tailgate.connections import open_queue, open_store
+from tailgate.settings import Settings
+from tailgate.store import StreamStore
+
+log = logging.getLogger(__name__)
+
+HUB_SUBSCRIPTIONS = Gauge("tailgate_hub_subscriptions", "Stream channels this gateway is subscribed to")
+HUB_READERS = Gauge("tailgate_hub_readers", "Readers tailing streams on this gateway")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    streams: Redis
+    queue: ArqRedis
+    store: StreamStore
+    hub: Hub
+    auth: Auth
+    admission: Admission
+    draining: bool = False  # set on SIGTERM: readiness fails so the load balancer moves on
+
+
+@asynccontextmanager
+async def opened(settings: Settings) -> AsyncIterator[Services]:
+    """The services for ``settings``, closed on exit: the hub first, then the clients."""
+    store = open_store(settings, "gateway", tuning.GATEWAY_STREAMS_POOL)
+    streams = store.redis
+    queue = open_queue(settings, "gateway", tuning.GATEWAY_QUEUE_POOL)
+    hub = Hub(streams, store, idle_check_s=settings.ping_s)
+    try:
+        await hub.start()
+        HUB_SUBSCRIPTIONS.set_function(lambda: hub.subscriptions)
+        HUB_READERS.set_function(lambda: hub.readers)
+        auth = await Auth.load(settings, streams)
+        svc = Services(settings, streams, queue, store, hub, auth, Admission(settings, queue))
+        log.info("gateway ready")
+        yield svc
+    finally:
+        await hub.close()
+        await streams.aclose()
+        await queue.aclose()
+
+
+def services(request: Request) -> Services:
+    """The process's services (a dependency)."""
+    return request.app.state.svc  # type: ignore[no-any-return]
+
+
+Svc = Annotated[Services, Depends(services)]

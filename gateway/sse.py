@@ -1,0 +1,142 @@
+"""Event streams on the wire: framing, keep-alive, the shutdown hint and the response class.
+
+A route that streams hands :func:`respond` what it reads (``Hub.tail``'s :class:`Batch` and
+:class:`Idle`) and a :class:`Wire` format; nothing else in the gateway writes bytes to a stream.
+Each format is one render function of stored events: :func:`native` (SSE frames) and
+:func:`tutorial` (the tutorial's JSON lines). A new format (OpenAI's chunks, say) is one more
+function, or a callable object where it must remember something between batches.
+
+Deliberate oddities:
+- :class:`SSEResponse` runs two of sse-starlette's four tasks per connection (see its docstring):
+  ~40 KiB per idle connection depends on it.
+- The tutorial's format has no comment syntax, so it gets no keep-alive, and no shutdown hint
+  either: its readers cannot resume, so the hub leaves them to finish (``Hub.release``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+
+import anyio
+from prometheus_client import Counter, Gauge
+from sse_starlette import EventSourceResponse
+from starlette.types import Receive, Scope, Send
+
+from gateway.hub import Idle, Tailed
+from tailgate.events import Entry
+
+KEEP_ALIVE = b": ping\n\n"
+# A reader ended by shutdown gets this, then the connection closes; EventSource reconnects after it.
+SHUTDOWN_HINT = b"retry: 500\n\n"
+
+SSE_OPEN = Gauge("tailgate_sse_connections", "Open SSE responses on this gateway")
+EVENTS_SENT = Counter("tailgate_events_sent_total", "Events written to SSE clients")
+
+Render = Callable[[Sequence[Entry]], bytes]
+
+
+def native(entries: Sequence[Entry]) -> bytes:
+    """Stored events as SSE frames, several in one write: the cursor as ``id``, the type as ``event``."""
+    return "".join(f"id: {e.id}\nevent: {e.type}\ndata: {e.data}\n\n" for e in entries).encode()
+
+
+def tutorial(entries: Sequence[Entry]) -> bytes:
+    """Stored events as the tutorial's JSON lines ``{"status", "data"}``; events it has no word for
+    (``queued``, ``started``, ``reset``) are left out."""
+    lines = []
+    for e in entries:
+        if e.type == "delta":
+            status, text = "processing", json.loads(e.data)["text"]
+        elif e.type == "done":
+            status, text = "complete", "Stream finished"
+        elif e.type == "error":
+            status, text = "error", json.loads(e.data)["message"]
+        elif e.type == "cancelled":
+            status, text = "cancelled", "Stream cancelled"
+        else:
+            continue
+        lines.append(json.dumps({"status": status, "data": text}, ensure_ascii=False) + "\n")
+    return "".join(lines).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """A wire format: how events are rendered, and what is written when nothing happens (``b""``:
+    nothing) and when the reader ends without a terminal event (the process is shutting down)."""
+
+    render: Render
+    keep_alive: bytes = b""
+    goodbye: bytes = b""
+
+
+NATIVE = Wire(native, keep_alive=KEEP_ALIVE, goodbye=SHUTDOWN_HINT)
+TUTORIAL = Wire(tutorial)
+
+
+def respond(
+    events: AsyncGenerator[Tailed, None],
+    wire: Wire,
+    *,
+    stream_id: str,
+    send_timeout: float,
+    first: Sequence[Entry] = (),
+) -> SSEResponse:
+    """The response that writes ``events`` (after ``first``, events that are not in the stream, such
+    as a ``reset``) in ``wire``'s format; a reader that does not read for ``send_timeout`` is dropped."""
+    return SSEResponse(
+        _body(events, wire, first),
+        send_timeout=send_timeout,
+        headers={"X-Tailgate-Stream-Id": stream_id},
+    )
+
+
+async def _body(
+    events: AsyncGenerator[Tailed, None], wire: Wire, first: Sequence[Entry]
+) -> AsyncIterator[bytes]:
+    SSE_OPEN.inc()
+    ended = False
+    try:
+        # Closed here, not left to the garbage collector: a reader dropped after a send timeout is
+        # closed at a `yield`, and its subscription must go at once.
+        async with aclosing(events):
+            if first:
+                yield wire.render(first)
+            async for item in events:
+                if isinstance(item, Idle):
+                    if wire.keep_alive:
+                        yield wire.keep_alive
+                    continue
+                EVENTS_SENT.inc(len(item.entries))
+                ended = item.entries[-1].terminal
+                if out := wire.render(item.entries):
+                    yield out
+        if not ended and wire.goodbye:
+            yield wire.goodbye  # this replica is going away: reconnect (elsewhere) soon
+    finally:
+        SSE_OPEN.dec()
+
+
+class SSEResponse(EventSourceResponse):
+    """sse-starlette's response running two of its four tasks per connection: the stream and the
+    disconnect listener. Keep-alive comments come from the stream itself (the hub wakes an idle
+    reader every ``TAILGATE_PING_S`` anyway) and shutdown is the hub's (``Hub.release``, which ends
+    readers with a retry hint). That saves ~12 KiB per idle connection, a quarter of the total."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] == "HEAD":
+            return await super().__call__(scope, receive, send)
+        async with anyio.create_task_group() as tasks:
+
+            async def stream() -> None:
+                await self._stream_response(send)
+                tasks.cancel_scope.cancel()
+
+            async def disconnect() -> None:
+                await self._listen_for_disconnect(receive)
+                tasks.cancel_scope.cancel()
+
+            tasks.start_soon(stream)
+            tasks.start_soon(disconnect)
