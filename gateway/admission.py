@@ -6,6 +6,8 @@ Counters live in Redis so every replica enforces the same limits.
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Callable
 
 from redis.asyncio import Redis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -97,3 +99,36 @@ class Admission:
             "wait for one to finish or cancel one",
             {"Retry-After": "1"},
         )
+
+
+class ReaderSlots:
+    """Open event streams per owner in this process, capped at ``TAILGATE_MAX_SSE_PER_KEY``: one key
+    cannot hold every connection a process can take. Per process, not global: a check costs no
+    round trip, and the connection cap it protects is per process too."""
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._open: Counter[str] = Counter()
+
+    def take(self, owner: str) -> Callable[[], None]:
+        """A slot for ``owner``, or 429 ``too_many_connections``; answers its release (idempotent)."""
+        if self._open[owner] >= self._cap:
+            raise ApiError(
+                429,
+                "too_many_connections",
+                f"this key has {self._cap} open event streams on this server (TAILGATE_MAX_SSE_PER_KEY); "
+                "close one",
+                {"Retry-After": "1"},
+            )
+        self._open[owner] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._open[owner] -= 1
+                if not self._open[owner]:
+                    del self._open[owner]
+
+        return release

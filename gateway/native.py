@@ -70,12 +70,14 @@ async def stream_events(svc: Svc, stream: ReadableStream, cursor: Cursor) -> Res
     resume = await _resume(svc, stream, cursor)
     if resume is None:
         return Response(status_code=204)  # tells EventSource to stop reconnecting
+    release = svc.readers.take(stream.meta["owner"])
     return sse.respond(
         svc.hub.tail(stream.id, resume.after, resume.seq),
         sse.NATIVE,
         stream_id=stream.id,
         send_timeout=svc.settings.send_timeout_s,
         first=resume.first,
+        on_close=release,
     )
 
 

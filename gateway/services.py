@@ -17,7 +17,7 @@ from fastapi import Depends, Request
 from prometheus_client import Gauge
 from redis.asyncio import Redis
 
-from gateway.admission import Admission
+from gateway.admission import Admission, ReaderSlots
 from gateway.auth import Auth
 from gateway.hub import Hub
 from tailgate import tuning
@@ -40,6 +40,7 @@ class Services:
     hub: Hub
     auth: Auth
     admission: Admission
+    readers: ReaderSlots
     draining: bool = False  # set on SIGTERM: readiness fails so the load balancer moves on
 
 
@@ -55,7 +56,9 @@ async def opened(settings: Settings) -> AsyncIterator[Services]:
         HUB_SUBSCRIPTIONS.set_function(lambda: hub.subscriptions)
         HUB_READERS.set_function(lambda: hub.readers)
         auth = await Auth.load(settings, streams)
-        svc = Services(settings, streams, queue, store, hub, auth, Admission(settings, queue))
+        admission = Admission(settings, queue)
+        readers = ReaderSlots(settings.max_sse_per_key)
+        svc = Services(settings, streams, queue, store, hub, auth, admission, readers)
         log.info("gateway ready")
         yield svc
     finally:

@@ -26,10 +26,16 @@ class AskQuery(BaseModel):
 @router.post("/ask_query", response_model=None)
 async def ask_query(svc: Svc, owner: Caller, body: AskQuery) -> sse.SSEResponse:
     """The tutorial's endpoint: JSON lines `{"status", "data"}` over `text/event-stream`."""
-    created = await start(svc, owner, StreamRequest(prompt=body.prompt))
+    release = svc.readers.take(owner)  # before the stream exists: a refusal leaves nothing behind
+    try:
+        created = await start(svc, owner, StreamRequest(prompt=body.prompt))
+    except BaseException:
+        release()
+        raise
     return sse.respond(
         svc.hub.tail(created.id, START, 0, resumable=False),
         sse.TUTORIAL,
         stream_id=created.id,
         send_timeout=svc.settings.send_timeout_s,
+        on_close=release,
     )

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     max_header_bytes: int = 16384  # request line + headers; more gets 431
     request_timeout_s: float = 15.0  # a request's head and body must arrive within this; else 408
     max_connections: int = 10_000  # open connections per gateway process (~40 KiB each when idle)
+    max_sse_per_key: int = 2_000  # open event streams of one key on one gateway process
     rate_limit_per_min: int = 600  # stream creations per key per minute
     max_active_per_key: int = 100  # queued + running streams per key
     max_queued: int = 10_000  # jobs waiting in the queue, all keys together

@@ -4,11 +4,15 @@ streams and SSE connections, the rate limit, idempotency while rejected, and the
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import secrets
 
 import httpx
 
+from tailgate.dev.procs import await_until
 from tailgate.dev.sse import assert_exactly_once, read_sse
+from tests.conftest import OTHER_KEY
 from tests.harness import MakeStack, Stack, mock_requests
 
 
@@ -55,3 +59,36 @@ async def test_a_stream_past_its_length_cap_ends_with_stream_too_long_and_no_gap
     assert events[-1].seq <= 20
     [served] = await mock_requests(mock_url, prompt)
     assert served["closed_early"] and served["tokens_sent"] < 200  # the upstream call was closed
+
+
+async def test_one_key_cannot_hold_more_event_streams_than_its_cap_and_others_still_connect(
+    make_stack: MakeStack, client: httpx.AsyncClient
+) -> None:
+    stack = make_stack(TAILGATE_MAX_SSE_PER_KEY="3")
+    await stack.agateway()  # no worker: streams stay queued, readers stay open
+    other = {"Authorization": f"Bearer {OTHER_KEY}"}
+    mine = (await _create(client, stack, "a")).json()
+    theirs = (await client.post(f"{stack.url}/v1/streams", json={"prompt": "b"}, headers=other)).json()
+
+    async with contextlib.AsyncExitStack() as held:
+        for i in range(3):  # by key and by read token alike: both are the key's
+            params = {"token": mine["read_token"]} if i else None
+            headers = None if i else stack.headers
+            r = await held.enter_async_context(
+                client.stream("GET", stack.url + mine["events_url"], headers=headers, params=params)
+            )
+            assert r.status_code == 200
+        async with client.stream("GET", stack.url + mine["events_url"], headers=stack.headers) as refused:
+            assert refused.status_code == 429
+            assert json.loads(await refused.aread())["error"]["code"] == "too_many_connections"
+            assert refused.headers["retry-after"] == "1"
+        # Another key is not held back.
+        async with client.stream("GET", stack.url + theirs["events_url"], headers=other) as r:
+            assert r.status_code == 200
+
+    # Closed connections give their slots back.
+    async def admitted() -> bool:
+        async with client.stream("GET", stack.url + mine["events_url"], headers=stack.headers) as r:
+            return r.status_code == 200
+
+    await await_until(admitted, "a slot is free again", 10)
