@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from redis.asyncio import Redis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -74,6 +75,21 @@ class Admission:
             active_stale_ms=(settings.job_timeout_s + tuning.ACTIVE_STALE_S) * 1000,
             rate_per_min=settings.rate_limit_per_min,
         )
+
+    def check_request(self, request: dict[str, Any]) -> None:
+        """What the operator allows upstream: 400 for a model outside ``TAILGATE_MODELS`` or a
+        ``max_tokens`` over ``TAILGATE_MAX_TOKENS``; without one, the ceiling is sent."""
+        s = self._settings
+        models = s.allowed_models
+        if models and request["model"] not in models:
+            allowed = ", ".join(sorted(models))
+            message = f"model {request['model'][:128]!r} is not served here; use one of: {allowed}"
+            raise ApiError(400, "model_not_allowed", message)
+        if s.max_tokens:
+            asked = request.setdefault("max_tokens", s.max_tokens)
+            if asked > s.max_tokens:
+                message = f"max_tokens {asked} is over this server's ceiling of {s.max_tokens}; ask for less"
+                raise ApiError(400, "max_tokens_too_large", message)
 
     async def check_queue(self) -> None:
         """429 ``queue_full`` when the queue holds ``TAILGATE_MAX_QUEUED`` jobs."""

@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from typing import Any, Literal, assert_never
+from typing import Annotated, Any, Literal, assert_never
 
 from prometheus_client import Counter
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from gateway.errors import ApiError
 from gateway.services import Services
@@ -25,6 +25,11 @@ from tailgate.store import CreateReply
 log = logging.getLogger(__name__)
 
 STREAMS_CREATED = Counter("tailgate_streams_created_total", "Streams accepted by this gateway")
+
+
+# OpenAI's limits on metadata: 16 pairs, keys up to 64 characters, values up to 512.
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 
 
 class ChatMessage(BaseModel):
@@ -42,7 +47,7 @@ class StreamRequest(BaseModel):
     model: str | None = Field(default=None, min_length=1, max_length=128)
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0, le=2)
-    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=16)
 
     @model_validator(mode="after")
     def _one_input(self) -> StreamRequest:
@@ -86,6 +91,7 @@ async def start(
     await svc.admission.check_queue()
     stream_id = secrets.token_hex(16)
     request = body.upstream_request(svc.settings.default_model)
+    svc.admission.check_request(request)
     fields = {"model": request["model"], "request": dumps(request)}
     if body.metadata:
         fields["metadata"] = dumps(body.metadata)

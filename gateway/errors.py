@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -39,9 +43,11 @@ async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "invalid_request", "; ".join(problems))
 
 
-async def on_redis_error(_: Request, exc: Exception) -> JSONResponse:
+async def on_redis_error(request: Request, exc: Exception) -> JSONResponse:
+    # Where Redis lives is the operator's business: the log says it, the client hears "retry".
+    log.warning("%s %s: Redis is unreachable: %s", request.method, request.url.path, exc)
     return error_response(
-        503, "unavailable", f"Redis is unreachable ({exc}); retry shortly", {"Retry-After": "1"}
+        503, "unavailable", "a backing store is unreachable; retry shortly", {"Retry-After": "1"}
     )
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.errors import error_response
 from gateway.services import Svc
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["operations"])
 
@@ -26,8 +30,9 @@ async def readyz(svc: Svc) -> JSONResponse:
     try:
         await svc.streams.ping()
         await svc.queue.ping()
-    except Exception as exc:  # whatever went wrong, the answer is "not ready", and why
-        return error_response(503, "not_ready", f"Redis is unreachable: {exc}")
+    except Exception as exc:  # whatever went wrong, the answer is "not ready"; why goes to the log
+        log.warning("not ready: Redis is unreachable: %s", exc)
+        return error_response(503, "not_ready", "Redis is unreachable")
     return JSONResponse({"status": "ready"})
 
 

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from gateway import sse
 from gateway.creation import StreamCreated, StreamRequest, start
 from gateway.dependencies import Caller, Cursor, OwnedStream, ReadableStream, Stream
+from gateway.errors import ApiError
 from gateway.services import Services, Svc
 from tailgate import keys
 from tailgate.events import START, Entry, dumps
@@ -30,6 +31,8 @@ async def create_stream(
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> StreamCreated:
     """Queue a generation; answers at once with the stream's id and URLs."""
+    if idempotency_key is not None and not idempotency_key.strip():
+        raise ApiError(400, "bad_idempotency_key", "the Idempotency-Key header is empty; send a key or none")
     created = await start(svc, owner, body, idempotency_key)
     response.headers["Location"] = created.status_url
     return created

@@ -5,7 +5,7 @@ The openai SDK reads its own ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL``; they ar
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     retention_s: int = 24 * 3600
     stream_maxlen: int = 100_000  # events per stream; past it the stream ends with `stream_too_long`
     default_model: str = "gpt-4o-mini"
+    models: str = ""  # comma-separated models clients may ask for; empty: any
+    max_tokens: int = Field(default=0, ge=0)  # ceiling on a request's max_tokens (sent when absent); 0: none
 
     # Gateway.
     ping_s: float = 15.0
@@ -70,6 +72,18 @@ class Settings(BaseSettings):
     @property
     def streams_url(self) -> str:
         return self.streams_redis_url or self.redis_url
+
+    @property
+    def allowed_models(self) -> frozenset[str]:
+        return frozenset(m.strip() for m in self.models.split(",") if m.strip())
+
+    @model_validator(mode="after")
+    def _default_model_allowed(self) -> Settings:
+        if self.allowed_models and self.default_model not in self.allowed_models:
+            raise ValueError(
+                f"TAILGATE_DEFAULT_MODEL {self.default_model!r} is not in TAILGATE_MODELS; add it there"
+            )
+        return self
 
     @property
     def static_api_keys(self) -> frozenset[str]:

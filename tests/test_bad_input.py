@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tailgate.dev.procs import RedisServer
+from tailgate.dev.sse import read_sse
 from tailgate.events import CursorError, parse_cursor
-from tests.harness import Stack
+from tests.harness import MakeStack, Stack
 
 # Cursor-like text: digits of every script, dashes, whitespace, and very long numbers.
 cursorish = st.one_of(
@@ -55,3 +56,73 @@ async def test_a_malformed_cursor_is_a_400_bad_cursor(stack: Stack, where: str, 
             r = await client.get(path, headers=stack.headers, params={"last_event_id": value})
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "bad_cursor"
+
+
+async def test_an_empty_idempotency_key_is_a_400(stack: Stack) -> None:
+    async with httpx.AsyncClient() as client:
+        for value in ("",):  # (the HTTP client refuses to send a blank-only value)
+            r = await client.post(
+                f"{stack.url}/v1/streams",
+                json={"prompt": "hi"},
+                headers=stack.headers | {"Idempotency-Key": value},
+            )
+            assert r.status_code == 400
+            assert r.json()["error"]["code"] == "bad_idempotency_key"
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{"k": "v" * 513}, {"k" * 65: "v"}, {"": "v"}, {f"k{i}": "v" for i in range(17)}],
+)
+async def test_metadata_over_its_caps_is_a_422(stack: Stack, metadata: dict[str, str]) -> None:
+    async with httpx.AsyncClient() as client:
+        r = await client.post(
+            f"{stack.url}/v1/streams", json={"prompt": "hi", "metadata": metadata}, headers=stack.headers
+        )
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert "metadata" in r.json()["error"]["message"]
+
+
+async def test_only_allowed_models_and_max_tokens_under_the_ceiling_reach_the_upstream(
+    make_stack: MakeStack, mock_url: str, prompt: str
+) -> None:
+    stack = make_stack(TAILGATE_MODELS="gpt-4o-mini,small", TAILGATE_MAX_TOKENS="5")
+    await stack.agateway()
+    await stack.aworker()
+    url = f"{stack.url}/v1/streams"
+    async with httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(url, json={"prompt": prompt, "model": "gpt-5-expensive"}, headers=stack.headers)
+        assert r.status_code == 400
+        assert r.json()["error"]["code"] == "model_not_allowed"
+        assert "gpt-4o-mini, small" in r.json()["error"]["message"]
+
+        r = await client.post(url, json={"prompt": prompt, "max_tokens": 6}, headers=stack.headers)
+        assert r.status_code == 400
+        assert r.json()["error"]["code"] == "max_tokens_too_large"
+
+        # Without max_tokens, the ceiling is what the upstream is asked for.
+        r = await client.post(url, json={"prompt": prompt, "model": "small"}, headers=stack.headers)
+        assert r.status_code == 202
+        _, events = await read_sse(client, stack.url + r.json()["events_url"], headers=stack.headers)
+    assert [e.event for e in events].count("delta") == 5
+    assert events[-1].event == "done" and events[-1].data["finish_reason"] == "length"
+
+
+async def test_a_redis_outage_answers_503_without_saying_where_redis_is(make_stack: MakeStack) -> None:
+    own = await RedisServer().astart()
+    try:
+        stack = make_stack(own.url)
+        await stack.agateway()
+        await own.astop()
+        async with httpx.AsyncClient(timeout=30) as client:
+            ready = await client.get(f"{stack.url}/readyz")
+            created = await client.post(
+                f"{stack.url}/v1/streams", json={"prompt": "hi"}, headers=stack.headers
+            )
+    finally:
+        own.close()
+    assert (ready.status_code, ready.json()["error"]["code"]) == (503, "not_ready")
+    assert (created.status_code, created.json()["error"]["code"]) == (503, "unavailable")
+    for r in (ready, created):
+        assert str(own.port) not in r.text and "127.0.0.1" not in r.text, r.text
