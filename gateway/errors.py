@@ -3,13 +3,43 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: ``{"error": {"code", "message"}}``."""
+
+    error: ErrorDetail
+
+
+_MEANING = {
+    400: "Malformed input (a cursor, a header, a model or limit this server does not allow)",
+    401: "No API key, an unknown one, or a bad read token",
+    404: "No such stream for this key",
+    409: "The Idempotency-Key was used with another body",
+    413: "The body is too large",
+    422: "The body is not a valid request",
+    429: "Over a limit; retry after `Retry-After` seconds",
+    503: "Not ready, or a backing store is unreachable; retry after `Retry-After` seconds",
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for a route's error statuses, all in the one error shape."""
+    return {status: {"model": ErrorBody, "description": _MEANING[status]} for status in statuses}
 
 
 class ApiError(Exception):

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.errors import error_response
+from gateway.errors import documented, error_response
 from gateway.services import Svc
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None)
+@router.get("/readyz", response_model=None, responses=documented(503))
 async def readyz(svc: Svc) -> JSONResponse:
     """Both Redis servers answer and the process is not shutting down; else 503 ``not_ready``."""
     if svc.draining:
@@ -36,7 +36,11 @@ async def readyz(svc: Svc) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+)
 async def metrics() -> Response:
     """Prometheus metrics of this process."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

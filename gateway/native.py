@@ -9,20 +9,23 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from gateway import sse
 from gateway.creation import StreamCreated, StreamRequest, start
 from gateway.dependencies import Caller, Cursor, OwnedStream, ReadableStream, Stream
-from gateway.errors import ApiError
+from gateway.errors import ApiError, documented
 from gateway.services import Services, Svc
 from tailgate import keys
 from tailgate.events import START, Entry, dumps
 from tailgate.store import is_finished
 
-router = APIRouter(prefix="/v1/streams", tags=["streams"])
+router = APIRouter(
+    prefix="/v1/streams", tags=["streams"], responses=documented(400, 401, 404, 413, 422, 429, 503)
+)
 
 
-@router.post("", status_code=202)
+@router.post("", status_code=202, responses=documented(409))
 async def create_stream(
     svc: Svc,
     owner: Caller,
@@ -36,6 +39,12 @@ async def create_stream(
     created = await start(svc, owner, body, idempotency_key)
     response.headers["Location"] = created.status_url
     return created
+
+
+class CancelAnswer(BaseModel):
+    id: str
+    status: str
+    cancel_requested: bool
 
 
 @router.get("/{stream_id}")
@@ -57,7 +66,11 @@ async def stream_status(stream: OwnedStream) -> dict[str, Any]:
     }
 
 
-@router.post("/{stream_id}/cancel")
+@router.post(
+    "/{stream_id}/cancel",
+    response_model=CancelAnswer,
+    responses={202: {"model": CancelAnswer, "description": "Requested; the running stream ends soon"}},
+)
 async def cancel_stream(svc: Svc, stream: OwnedStream) -> JSONResponse:
     """Stop generation. Idempotent; a running stream ends with `cancelled` once its worker stops."""
     status = await svc.store.cancel(stream.id)  # a queued stream ends here, in the script
@@ -67,7 +80,14 @@ async def cancel_stream(svc: Svc, stream: OwnedStream) -> JSONResponse:
     return JSONResponse({"id": stream.id, "status": status, "cancel_requested": True}, status_code=code)
 
 
-@router.get("/{stream_id}/events", response_model=None)
+@router.get(
+    "/{stream_id}/events",
+    response_model=None,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "The events, as Server-Sent Events"},
+        204: {"description": "The reader already has the whole stream: stop reconnecting"},
+    },
+)
 async def stream_events(svc: Svc, stream: ReadableStream, cursor: Cursor) -> Response:
     """The SSE stream, from the start or after the cursor; 204 after the end (EventSource stops)."""
     resume = await _resume(svc, stream, cursor)

@@ -13,17 +13,22 @@ from pydantic import BaseModel, Field
 from gateway import sse
 from gateway.creation import StreamRequest, start
 from gateway.dependencies import Caller
+from gateway.errors import documented
 from gateway.services import Svc
 from tailgate.events import START
 
-router = APIRouter(tags=["compatibility"])
+router = APIRouter(tags=["compatibility"], responses=documented(401, 413, 422, 429, 503))
 
 
 class AskQuery(BaseModel):
     prompt: str = Field(min_length=1)
 
 
-@router.post("/ask_query", response_model=None)
+@router.post(
+    "/ask_query",
+    response_model=None,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON lines, as the tutorial's"}},
+)
 async def ask_query(svc: Svc, owner: Caller, body: AskQuery) -> sse.SSEResponse:
     """The tutorial's endpoint: JSON lines `{"status", "data"}` over `text/event-stream`."""
     release = svc.readers.take(owner)  # before the stream exists: a refusal leaves nothing behind
