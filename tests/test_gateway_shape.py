@@ -123,3 +123,11 @@ async def test_stream_whose_enqueue_fails_is_taken_back_whole(
     finally:
         await queue_redis.astop()
         queue_redis.close()
+
+
+async def test_no_key_is_a_401_before_the_body_is_looked_at(client: httpx.AsyncClient, stack: Stack) -> None:
+    for body in ({"prompt": ""}, {"messages": "not a list", "extra": 1}, {}):
+        r = await client.post(f"{stack.url}/v1/streams", json=body)
+        assert r.status_code == 401, r.text
+        assert r.json()["error"]["code"] == "unauthorized"
+        assert "prompt" not in r.text and "messages" not in r.text

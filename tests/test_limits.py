@@ -92,3 +92,32 @@ async def test_one_key_cannot_hold_more_event_streams_than_its_cap_and_others_st
             return r.status_code == 200
 
     await await_until(admitted, "a slot is free again", 10)
+
+
+async def test_concurrent_creates_over_the_active_cap_admit_exactly_the_cap(
+    make_stack: MakeStack, client: httpx.AsyncClient
+) -> None:
+    key = f"tg-cap-{secrets.token_hex(4)}"
+    stack = make_stack(TAILGATE_MAX_ACTIVE_PER_KEY="3", TAILGATE_API_KEYS=key)
+    await stack.agateway()  # no worker: admitted streams stay active
+    headers = {"Authorization": f"Bearer {key}"}
+    burst = [client.post(f"{stack.url}/v1/streams", json={"prompt": "a"}, headers=headers) for _ in range(40)]
+    codes = sorted(r.status_code for r in await asyncio.gather(*burst))
+    assert codes == [202] * 3 + [429] * 37
+
+
+async def test_idempotent_duplicates_while_rate_limited_all_get_429_and_no_id(
+    make_stack: MakeStack, client: httpx.AsyncClient
+) -> None:
+    key = f"tg-idem-{secrets.token_hex(4)}"
+    stack = make_stack(TAILGATE_RATE_LIMIT_PER_MIN="1", TAILGATE_API_KEYS=key)
+    await stack.agateway()
+    headers = {"Authorization": f"Bearer {key}"}
+    url = f"{stack.url}/v1/streams"
+    assert (await client.post(url, json={"prompt": "first"}, headers=headers)).status_code == 202
+
+    same = headers | {"Idempotency-Key": "retry-me"}
+    answers = await asyncio.gather(*(client.post(url, json={"prompt": "b"}, headers=same) for _ in range(20)))
+    assert {r.status_code for r in answers} == {429}
+    assert {r.json()["error"]["code"] for r in answers} == {"rate_limited"}
+    assert all("id" not in r.json() for r in answers)
