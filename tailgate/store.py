@@ -15,7 +15,7 @@
 - ``cancel``: ends a queued stream at once, or flags a running one for its worker.
 
 Each script assigns ``seq`` itself, so ``seq`` is contiguous over the whole stream across attempts.
-Only EVAL/EVALSHA, so Redis 6.2 works.
+Only EVAL/EVALSHA, so Redis 6.2 works; the Lua is in ``tailgate.scripts``.
 
 **Bookkeeping.** Besides a stream's own two keys, three structures follow its life: its owner's
 active set (``keys.active``, the per-key limit on unfinished streams), the running index
@@ -62,251 +62,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from tailgate import keys
+from tailgate import keys, scripts
 from tailgate.events import FINAL_STATUS, FINISHED, Entry, dumps, entry
-
-_LIB = """
-local function add(ek, seq, kind, data, lines)
-  seq = seq + 1
-  if data == '{}' then
-    data = '{"seq":' .. seq .. '}'
-  else
-    data = '{"seq":' .. seq .. ',' .. string.sub(data, 2)
-  end
-  local id = redis.call('XADD', ek, '*', 't', kind, 'd', data)
-  lines[#lines + 1] = id .. '\\t' .. kind .. '\\t' .. data
-  return seq, id
-end
-local function finished(status)
-  return status == 'completed' or status == 'failed' or status == 'cancelled'
-end
--- A stream's id: the hash tag of its keys (tailgate.keys).
-local function id_of(key)
-  return string.match(key, '{(.-)}')
-end
--- The one place a stream ends: its final status, the retention TTL, and the bookkeeping (it leaves
--- the running index and its owner's active set; its final status is counted).
-local function close(ek, mk, status, now, retention, running, stats, active)
-  redis.call('HSET', mk, 'status', status, 'finished_at', now)
-  redis.call('EXPIRE', ek, retention)
-  redis.call('EXPIRE', mk, retention)
-  local id = id_of(mk)
-  redis.call('ZREM', running, id)
-  redis.call('ZREM', active, id)
-  redis.call('HINCRBY', stats, status, 1)
-end
-"""
-
-# KEYS: events, meta, active (the owner's), stats, rate (the owner's), idempotency (the rate key
-# again when there is none). ARGV: live_ttl, now, owner, max_active (0: no cap), active_stale_before,
-# rate limit (0: none), rate window ms, idempotency value ('' for none: "<id> <digest>"), its ttl,
-# then meta field/value pairs (the owner argument wins over an `owner` among them).
-# Admission and creation in one step, so the caps hold under any concurrency, and a refused request
-# leaves nothing behind (no quota used, no idempotency record).
-_CREATE = (
-    _LIB
-    + """
-local id = id_of(KEYS[2])
-local now = tonumber(ARGV[2])
--- First: a create re-sent after its reply was lost finds its own stream, not a limit it now meets.
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'id_taken'} end
-if ARGV[8] ~= '' then
-  local prior = redis.call('GET', KEYS[6])
-  if prior then
-    local sid, digest = string.match(prior, '^(%S+) (%S+)$')
-    if digest ~= string.match(ARGV[8], ' (%S+)$') then return {'conflict'} end
-    return {'existing', sid}
-  end
-end
-if tonumber(ARGV[6]) > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[7]))
-  if redis.call('ZCARD', KEYS[5]) >= tonumber(ARGV[6]) then
-    local oldest = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
-    return {'rate_limited', tostring(tonumber(oldest[2]) + tonumber(ARGV[7]) - now)}
-  end
-end
-if tonumber(ARGV[4]) > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[5])
-  local active = redis.call('ZCARD', KEYS[3])
-  if active >= tonumber(ARGV[4]) then return {'too_many', tostring(active)} end
-end
-redis.call('HSET', KEYS[2], 'status', 'queued', 'attempt', 0, 'cancel', 0, 'created_at', ARGV[2])
-for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-redis.call('HSET', KEYS[2], 'owner', ARGV[3])
-local seq, eid = add(KEYS[1], 0, 'queued', '{}', {})
-redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', eid)
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[2], id)
-redis.call('HINCRBY', KEYS[4], 'created', 1)
-if tonumber(ARGV[6]) > 0 then
-  redis.call('ZADD', KEYS[5], ARGV[2], id)
-  redis.call('PEXPIRE', KEYS[5], ARGV[7])
-end
-if ARGV[8] ~= '' then
-  redis.call('SET', KEYS[6], ARGV[8], 'EX', ARGV[9])
-  redis.call('HSET', KEYS[2], 'idempotency', KEYS[6])
-end
-return {'created', id}
-"""
-)
-
-# KEYS: events, meta, running, stats. ARGV: active prefix, rate prefix. Also takes back the
-# creation's place in the rate window and its idempotency record (if it still names this stream).
-_DISCARD = (
-    _LIB
-    + """
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-local m = redis.call('HMGET', KEYS[2], 'owner', 'idempotency')
-local owner = m[1] or ''
-local id = id_of(KEYS[2])
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('ZREM', KEYS[3], id)
-redis.call('ZREM', ARGV[1] .. owner, id)
-redis.call('ZREM', ARGV[2] .. owner, id)
-if m[2] then
-  local prior = redis.call('GET', m[2])
-  if prior and string.sub(prior, 1, #id + 1) == id .. ' ' then redis.call('DEL', m[2]) end
-end
-redis.call('HINCRBY', KEYS[4], 'created', -1)
-return 1
-"""
-)
-
-# KEYS: events, meta, running, stats. ARGV: channel, now, worker, stale_before, max_attempts,
-# retention, active prefix. A running stream is claimed only if its heartbeat is older than
-# stale_before (its worker is gone or handed it back); past max_attempts it ends with `error` instead.
-# A stream that is gone or ended leaves the running index (it may have expired there).
-_CLAIM = (
-    _LIB
-    + """
-local m = redis.call('HMGET', KEYS[2], 'status', 'seq', 'cancel', 'heartbeat', 'attempt', 'release',
-  'request', 'owner', 'model')
-if not m[1] or finished(m[1]) then
-  redis.call('ZREM', KEYS[3], id_of(KEYS[2]))
-  return {m[1] and 'finished' or 'gone'}
-end
-if m[1] == 'running' and tonumber(m[4]) > tonumber(ARGV[4]) then return {'busy'} end
-local reason = m[6] or 'worker_lost'
-local attempt = tonumber(m[5]) + 1
-local lines = {}
-local seq, id = tonumber(m[2]), nil
-if attempt > tonumber(ARGV[5]) then
-  local err = '{"code":"worker_lost","message":' .. cjson.encode(
-    'the stream lost its worker ' .. m[5] .. ' times (last: ' .. reason .. '); giving up') .. '}'
-  seq, id = add(KEYS[1], seq, 'error', err, lines)
-  redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id, 'error', err)
-  close(KEYS[1], KEYS[2], 'failed', ARGV[2], ARGV[6], KEYS[3], KEYS[4], ARGV[7] .. (m[8] or ''))
-  redis.call('PUBLISH', ARGV[1], table.concat(lines, '\\n'))
-  return {'exhausted'}
-end
-redis.call('HSET', KEYS[2], 'attempt', attempt, 'status', 'running', 'worker', ARGV[3], 'heartbeat', ARGV[2])
-redis.call('HDEL', KEYS[2], 'release')
-redis.call('HSETNX', KEYS[2], 'started_at', ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[2], id_of(KEYS[2]))
-if attempt > 1 then
-  seq, id = add(KEYS[1], seq, 'reset',
-    '{"attempt":' .. attempt .. ',"reason":' .. cjson.encode(reason) .. '}', lines)
-end
-seq, id = add(KEYS[1], seq, 'started',
-  '{"attempt":' .. attempt .. ',"model":' .. cjson.encode(m[9] or '') .. '}', lines)
-redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id)
-redis.call('PUBLISH', ARGV[1], table.concat(lines, '\\n'))
-return {'ok', tostring(attempt), tostring(seq), m[3] or '0', m[8] or '', m[7]}
-"""
-)
-
-# KEYS: events, meta, running, stats, active (the owner's). ARGV: attempt, expected seq, maxlen (the
-# length cap, in events), channel, final status or '', now, retention, extra meta field/value pairs
-# count, pairs..., then event type/data pairs.
-_APPEND = (
-    _LIB
-    + """
-local m = redis.call('HMGET', KEYS[2], 'status', 'attempt', 'seq', 'cancel')
-if not m[1] then return {'gone'} end
-if m[2] ~= ARGV[1] then return {'fenced'} end
-if finished(m[1]) then return {'finished'} end
-if m[3] ~= ARGV[2] then return {'seq', m[3]} end
-local seq, id = tonumber(m[3]), nil
-local lines = {}
-local nextra = tonumber(ARGV[8])
-local first = 9 + nextra * 2
--- The length cap: a stream never grows past it silently (no trimming). A batch that would leave no
--- room for a terminal event (or, ending the stream, pass the cap) ends it with `error` instead.
-local room = tonumber(ARGV[3]) - seq - (#ARGV - first + 1) / 2
-if room < 0 or (room == 0 and ARGV[5] == '') then
-  local err = '{"code":"stream_too_long","message":' .. cjson.encode(
-    'the stream reached ' .. ARGV[3] .. ' events (TAILGATE_STREAM_MAXLEN) and was ended') .. '}'
-  seq, id = add(KEYS[1], seq, 'error', err, lines)
-  redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id, 'error', err)
-  close(KEYS[1], KEYS[2], 'failed', ARGV[6], ARGV[7], KEYS[3], KEYS[4], KEYS[5])
-  redis.call('PUBLISH', ARGV[4], table.concat(lines, '\\n'))
-  return {'too_long'}
-end
-for i = 9, first - 1, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-for i = first, #ARGV, 2 do
-  seq, id = add(KEYS[1], seq, ARGV[i], ARGV[i + 1], lines)
-end
-redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id)
-if ARGV[5] ~= '' then close(KEYS[1], KEYS[2], ARGV[5], ARGV[6], ARGV[7], KEYS[3], KEYS[4], KEYS[5]) end
-redis.call('PUBLISH', ARGV[4], table.concat(lines, '\\n'))
-return {'ok', tostring(seq), m[4] or '0'}
-"""
-)
-
-# KEYS: meta, running. ARGV: attempt, now. Stamps the heartbeat (in the meta and the running index)
-# if this attempt still owns the stream; answers its cancel flag, or why not ('gone', 'fenced',
-# 'finished'). A released stream keeps its zero heartbeat, or a beat racing the hand-back would make
-# it look busy to the next claim.
-_BEAT = (
-    _LIB
-    + """
-local m = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'cancel', 'release')
-if not m[1] then return 'gone' end
-if m[2] ~= ARGV[1] then return 'fenced' end
-if finished(m[1]) then return 'finished' end
-if not m[4] then
-  redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2])
-  redis.call('ZADD', KEYS[2], ARGV[2], id_of(KEYS[1]))
-end
-return m[3] or '0'
-"""
-)
-
-# KEYS: meta, running. ARGV: attempt, reason. Gives the stream up for another worker to claim at
-# once: a zero heartbeat, in the running index too, so the takeover scan finds it if the job is lost.
-_RELEASE = (
-    _LIB
-    + """
-local m = redis.call('HMGET', KEYS[1], 'status', 'attempt')
-if not m[1] then return 'gone' end
-if finished(m[1]) then return 'finished' end
-if m[1] ~= 'running' or m[2] ~= ARGV[1] then return 'fenced' end
-redis.call('HSET', KEYS[1], 'heartbeat', 0, 'release', ARGV[2])
-redis.call('ZADD', KEYS[2], 0, id_of(KEYS[1]))
-return 'ok'
-"""
-)
-
-# KEYS: events, meta, running, stats. ARGV: channel, now, retention, active prefix.
-_CANCEL = (
-    _LIB
-    + """
-local m = redis.call('HMGET', KEYS[2], 'status', 'seq', 'owner')
-if not m[1] then return 'gone' end
-if finished(m[1]) then return m[1] end
-if m[1] == 'queued' then
-  local lines = {}
-  local seq, id = add(KEYS[1], tonumber(m[2]), 'cancelled', '{"usage":null}', lines)
-  redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id, 'cancel', 1)
-  close(KEYS[1], KEYS[2], 'cancelled', ARGV[2], ARGV[3], KEYS[3], KEYS[4], ARGV[4] .. (m[3] or ''))
-  redis.call('PUBLISH', ARGV[1], table.concat(lines, '\\n'))
-  return 'cancelled'
-end
-redis.call('HSET', KEYS[2], 'cancel', 1)
-return m[1]
-"""
-)
 
 
 class Reply(enum.Enum):
@@ -405,13 +162,13 @@ class StreamStore:
         self._maxlen = maxlen
         self._retention = retention_s
         self._live_ttl = live_ttl_s
-        self._create = redis.register_script(_CREATE)
-        self._discard = redis.register_script(_DISCARD)
-        self._claim = redis.register_script(_CLAIM)
-        self._append = redis.register_script(_APPEND)
-        self._cancel = redis.register_script(_CANCEL)
-        self._beat = redis.register_script(_BEAT)
-        self._release = redis.register_script(_RELEASE)
+        self._create = redis.register_script(scripts.CREATE)
+        self._discard = redis.register_script(scripts.DISCARD)
+        self._claim = redis.register_script(scripts.CLAIM)
+        self._append = redis.register_script(scripts.APPEND)
+        self._cancel = redis.register_script(scripts.CANCEL)
+        self._beat = redis.register_script(scripts.BEAT)
+        self._release = redis.register_script(scripts.RELEASE)
 
     async def create(
         self,
