@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tailgate.dev.procs import RedisServer, arun, tailgate_command
-from tailgate.dev.sse import read_sse
+from tailgate.dev.sse import assert_exactly_once, read_sse, text_of
 from tests.conftest import OTHER_KEY
 from tests.harness import MakeStack, Stack
 
@@ -195,3 +195,35 @@ async def test_health_and_readiness(client: httpx.AsyncClient, stack: Stack) -> 
 async def _stream_keys(url: str) -> set[str]:
     async with Redis.from_url(url, decode_responses=True) as r:
         return {key async for key in r.scan_iter("tg:{*")}
+
+
+async def test_a_full_queue_answers_429_queue_full(client: httpx.AsyncClient, make_stack: MakeStack) -> None:
+    full = make_stack(TAILGATE_MAX_QUEUED="2")
+    await full.agateway()  # no worker: jobs stay queued
+    url = f"{full.url}/v1/streams"
+    for _ in range(2):
+        assert (await client.post(url, json={"prompt": "a"}, headers=full.headers)).status_code == 202
+    r = await client.post(url, json={"prompt": "a"}, headers=full.headers)
+    assert r.status_code == 429
+    assert error_of(r)["code"] == "queue_full"
+    assert r.headers["retry-after"] == "1"
+
+
+INJECTION = 'hi\n\nevent: done\ndata: {"seq": 99}\n\nid: 1-0\nretry: 1\n: comment\r\n\r\nbye'
+
+
+async def test_sse_control_text_in_prompts_metadata_and_model_output_stays_inside_its_event(
+    client: httpx.AsyncClient, stack: Stack
+) -> None:
+    # The mock echoes the prompt back as the model's output ([mock:echo=1]).
+    body = {"prompt": INJECTION + " [mock:echo=1]", "metadata": {"note": INJECTION}}
+    created = (await client.post(f"{stack.url}/v1/streams", json=body, headers=stack.headers)).json()
+    _, events = await read_sse(client, stack.url + created["events_url"], headers=stack.headers)
+
+    assert_exactly_once(events)  # the strict reader: every event has an id and a JSON seq
+    kinds = [e.event for e in events]
+    assert kinds[:2] == ["queued", "started"] and kinds[-1] == "done"
+    assert set(kinds[2:-1]) == {"delta"}
+    assert text_of(events) == INJECTION + " "
+    status = (await client.get(stack.url + created["status_url"], headers=stack.headers)).json()
+    assert status["metadata"] == {"note": INJECTION}

@@ -15,6 +15,8 @@ Per-request behaviour is chosen by directives in the last message, ``[mock:key=v
     drop_after=K                      K tokens, then the TCP connection is cut
     stall_after=K                     K tokens, then silence until the client goes away
     stamp=1                           each token ends with `@<send time in ns>` (benchmarks)
+    echo=1                            the answer is the message itself (without the directive), a
+                                      token per line or space: to test that model output is escaped
 
 ``GET /mock/requests`` lists what was served: tokens sent and whether the client closed early.
 """
@@ -101,6 +103,12 @@ def tokens_for(model: str, messages: list[dict[str, Any]], n: int) -> list[str]:
     return out
 
 
+def echo(messages: list[dict[str, Any]]) -> list[str]:
+    """The last message without its directives, cut after each space or newline."""
+    text = _DIRECTIVE.sub("", str(messages[-1].get("content", "")))
+    return re.findall(r"[^ \n]*[ \n]?", text)[:-1] or [""]
+
+
 def create_app(config: MockConfig) -> Starlette:
     served: deque[Served] = deque(maxlen=10_000)
     failures: Counter[str] = Counter()
@@ -123,7 +131,8 @@ def create_app(config: MockConfig) -> Starlette:
         finish = "length" if max_tokens is not None and max_tokens < n else "stop"
         if max_tokens is not None:
             n = min(n, max_tokens)
-        words = tokens_for(model, messages, n)
+        words = echo(messages) if opts.get("echo") else tokens_for(model, messages, n)
+        n = len(words)
         stream = bool(body.get("stream"))
         prompt = str(messages[-1].get("content", "")) if messages else ""
         record = Served(f"chatcmpl-{secrets.token_hex(12)}", prompt, stream, 200, n)
