@@ -31,7 +31,7 @@ import secrets
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
@@ -110,148 +110,160 @@ def echo(messages: list[dict[str, Any]]) -> list[str]:
 
 
 def create_app(config: MockConfig) -> Starlette:
-    served: deque[Served] = deque(maxlen=10_000)
-    failures: Counter[str] = Counter()
+    mock = Mock(config)
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", mock.completions, methods=["POST"]),
+            Route("/v1/models", mock.models),
+            Route("/mock/requests", mock.requests_served),
+        ]
+    )
 
-    def error(status: int, message: str, code: str | None = None) -> JSONResponse:
-        kind = _ERROR_TYPES.get(status, "server_error")
-        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-        headers = {"retry-after-ms": "10"} if status in (429, 500, 502, 503) else None
-        return JSONResponse(body, status_code=status, headers=headers)
 
-    async def completions(request: Request) -> Response:
+def error(status: int, message: str, code: str | None = None) -> JSONResponse:
+    """An error in OpenAI's shape (the SDK raises the matching class)."""
+    kind = _ERROR_TYPES.get(status, "server_error")
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    headers = {"retry-after-ms": "10"} if status in (429, 500, 502, 503) else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@dataclass
+class Answer:
+    """One request's answer, decided before the first byte."""
+
+    record: Served
+    model: str
+    words: list[str]
+    finish: str
+    usage: dict[str, int]
+    opts: dict[str, int]
+    include_usage: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def chunk(self, delta: dict[str, Any], reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return self._frame({"choices": [choice]})
+
+    def usage_chunk(self) -> bytes:
+        return self._frame({"choices": [], "usage": self.usage})
+
+    def _frame(self, fields: dict[str, Any]) -> bytes:
+        frame = {
+            "id": self.record.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            **fields,
+        }
+        return b"data: " + json.dumps(frame, ensure_ascii=False).encode() + b"\n\n"
+
+    def whole(self) -> JSONResponse:
+        self.record.tokens_sent, self.record.completed = len(self.words), True
+        message = {"role": "assistant", "content": "".join(self.words)}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish}
+        return JSONResponse(
+            {
+                "id": self.record.id,
+                "object": "chat.completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [choice],
+                "usage": self.usage,
+                "system_fingerprint": None,
+            }
+        )
+
+
+class Mock:
+    """The server's state: its configuration, what it served, and the failures it counted."""
+
+    def __init__(self, config: MockConfig) -> None:
+        self.config = config
+        self.served: deque[Served] = deque(maxlen=10_000)
+        self.failures: Counter[str] = Counter()
+
+    async def completions(self, request: Request) -> Response:
         try:
             body = await request.json()
             model, messages = body["model"], body["messages"]
         except (ValueError, KeyError, TypeError):
             return error(400, "model and messages are required", "invalid_request")
+        answer = self._answer(body, model, messages)
+        self.served.append(answer.record)
+        auth = request.headers.get("authorization", "")
+        if not auth.startswith("Bearer ") or (self.config.api_key and auth[7:] != self.config.api_key):
+            answer.record.status = 401
+            return error(401, "Incorrect API key provided.", "invalid_api_key")
+        status = answer.opts.get("status")
+        if status:
+            key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+            self.failures[key] += 1
+            if "times" not in answer.opts or self.failures[key] <= answer.opts["times"]:
+                answer.record.status = status
+                return error(status, f"mock failure {status} as requested", "mock_failure")
+        if not answer.record.stream:
+            return answer.whole()
+        return StreamingResponse(self._frames(answer), media_type="text/event-stream")
+
+    def _answer(self, body: dict[str, Any], model: str, messages: list[dict[str, Any]]) -> Answer:
         opts = directives(messages)
-        n = opts.get("tokens", config.tokens)
+        n = opts.get("tokens", self.config.tokens)
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         finish = "length" if max_tokens is not None and max_tokens < n else "stop"
         if max_tokens is not None:
             n = min(n, max_tokens)
         words = echo(messages) if opts.get("echo") else tokens_for(model, messages, n)
-        n = len(words)
-        stream = bool(body.get("stream"))
         prompt = str(messages[-1].get("content", "")) if messages else ""
-        record = Served(f"chatcmpl-{secrets.token_hex(12)}", prompt, stream, 200, n)
-        served.append(record)
-        auth = request.headers.get("authorization", "")
-        if not auth.startswith("Bearer ") or (config.api_key and auth[7:] != config.api_key):
-            record.status = 401
-            return error(401, "Incorrect API key provided.", "invalid_api_key")
-
-        status = opts.get("status")
-        if status:
-            key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-            failures[key] += 1
-            if "times" not in opts or failures[key] <= opts["times"]:
-                record.status = status
-                return error(status, f"mock failure {status} as requested", "mock_failure")
-
+        record = Served(
+            f"chatcmpl-{secrets.token_hex(12)}", prompt, bool(body.get("stream")), 200, len(words)
+        )
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
         usage = {
-            "prompt_tokens": sum(len(str(m.get("content", "")).split()) for m in messages),
-            "completion_tokens": n,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(words),
+            "total_tokens": prompt_tokens + len(words),
         }
-        usage["total_tokens"] = usage["prompt_tokens"] + n
-        created = int(time.time())
-        if not stream:
-            record.tokens_sent, record.completed = n, True
-            return JSONResponse(
-                {
-                    "id": record.id,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": "".join(words)},
-                            "logprobs": None,
-                            "finish_reason": finish,
-                        }
-                    ],
-                    "usage": usage,
-                    "system_fingerprint": None,
-                }
-            )
-
-        def chunk(delta: dict[str, Any], reason: str | None = None) -> bytes:
-            frame = {
-                "id": record.id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
-            }
-            return b"data: " + json.dumps(frame, ensure_ascii=False).encode() + b"\n\n"
-
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        ttft = opts.get("ttft_ms", config.ttft_ms) / 1000
-        delay = opts.get("delay_ms", config.delay_ms) / 1000
-        stamp = bool(opts.get("stamp"))
+        return Answer(record, model, words, finish, usage, opts, include_usage)
 
-        async def frames() -> AsyncIterator[bytes]:
-            record.opened_at = time.monotonic()
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                start = time.monotonic() + ttft
-                for i, word in enumerate(words):
-                    if i == opts.get("fail_after"):
-                        err = {
-                            "error": {
-                                "message": "mock failure mid-stream",
-                                "type": "server_error",
-                                "param": None,
-                                "code": "mock_failure",
-                            }
-                        }
-                        yield b"data: " + json.dumps(err).encode() + b"\n\n"
-                        return
-                    if i == opts.get("drop_after"):
-                        raise ConnectionAbortedError("mock drop as requested")
-                    if i == opts.get("stall_after"):
-                        await asyncio.Event().wait()
-                    pause = start + i * delay - time.monotonic()
-                    if pause > 0:
-                        await asyncio.sleep(pause)
-                    text = f"{word}@{time.time_ns()}" if stamp else word
-                    yield chunk({"content": text})
-                    record.tokens_sent = i + 1
-                yield chunk({}, finish)
-                if include_usage:
-                    tail = {
-                        "id": record.id,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": model,
-                        "system_fingerprint": None,
-                        "choices": [],
-                        "usage": usage,
-                    }
-                    yield b"data: " + json.dumps(tail).encode() + b"\n\n"
-                yield b"data: [DONE]\n\n"
-                record.completed = True
-            finally:
-                record.closed_at = time.monotonic()
-                record.closed_early = not record.completed and "fail_after" not in opts
+    async def _frames(self, answer: Answer) -> AsyncIterator[bytes]:
+        """The streamed answer, with the faults its directives ask for."""
+        record, opts = answer.record, answer.opts
+        ttft = opts.get("ttft_ms", self.config.ttft_ms) / 1000
+        delay = opts.get("delay_ms", self.config.delay_ms) / 1000
+        record.opened_at = time.monotonic()
+        try:
+            yield answer.chunk({"role": "assistant", "content": ""})
+            start = time.monotonic() + ttft
+            for i, word in enumerate(answer.words):
+                if i == opts.get("fail_after"):
+                    err = {"message": "mock failure mid-stream", "type": "server_error", "param": None}
+                    yield b"data: " + json.dumps({"error": err | {"code": "mock_failure"}}).encode() + b"\n\n"
+                    return
+                if i == opts.get("drop_after"):
+                    raise ConnectionAbortedError("mock drop as requested")
+                if i == opts.get("stall_after"):
+                    await asyncio.Event().wait()
+                pause = start + i * delay - time.monotonic()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                yield answer.chunk({"content": f"{word}@{time.time_ns()}" if opts.get("stamp") else word})
+                record.tokens_sent = i + 1
+            yield answer.chunk({}, answer.finish)
+            if answer.include_usage:
+                yield answer.usage_chunk()
+            yield b"data: [DONE]\n\n"
+            record.completed = True
+        finally:
+            record.closed_at = time.monotonic()
+            record.closed_early = not record.completed and "fail_after" not in opts
 
-        return StreamingResponse(frames(), media_type="text/event-stream")
-
-    async def models(_: Request) -> JSONResponse:
+    async def models(self, _: Request) -> JSONResponse:
         return JSONResponse(
             {"object": "list", "data": [{"id": "mock", "object": "model", "owned_by": "tailgate"}]}
         )
 
-    async def requests_served(_: Request) -> JSONResponse:
-        return JSONResponse([asdict(r) for r in served])
-
-    return Starlette(
-        routes=[
-            Route("/v1/chat/completions", completions, methods=["POST"]),
-            Route("/v1/models", models),
-            Route("/mock/requests", requests_served),
-        ]
-    )
+    async def requests_served(self, _: Request) -> JSONResponse:
+        return JSONResponse([asdict(r) for r in self.served])
