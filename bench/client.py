@@ -246,9 +246,6 @@ async def streams(http: aiohttp.ClientSession, spec: dict[str, Any], idle: Idle)
         "streams": [s.record() for s in started],
         "tokens": totals.tokens,
         "window_tokens": totals.window_tokens,
-        "window_s": load.window_s,
-        "wall_s": (time.time_ns() - t0) / 1e9,
-        "deadline_hit": bool(pending),
         "latency_ms": [round(x / 1e6, 3) for x in totals.latencies],
     }
 

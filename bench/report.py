@@ -45,8 +45,8 @@ def _ms(x: float, digits: int = 1) -> str:
     return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.{digits}f}"
 
 
-def _signed(x: float, digits: int = 1) -> str:
-    return "n/a" if math.isnan(x) else ("+" if x >= 0 else "−") + _ms(abs(x), digits)
+def _signed(x: float) -> str:
+    return "n/a" if math.isnan(x) else ("+" if x >= 0 else "−") + _ms(abs(x))
 
 
 def _verdict(ok: bool) -> str:
@@ -74,20 +74,9 @@ def _top_level(runs: list[dict[str, Any]], flag: str) -> int:
 
 def table(r: dict[str, Any]) -> str:
     """The markdown table of the issue's figures and goals."""
-    plan, coalesce, xadd, rc, idle = (
-        r["plan"],
-        r["coalesce_ms"],
-        r["xadd_rps"],
-        r["redis_connections"],
-        r["idle"],
-    )
-    n, one, steady, sat, runs = (
-        plan["steady"]["concurrency"],
-        r["ttft1"],
-        r["steady"],
-        r["saturation"],
-        r["sustained"]["runs"],
-    )
+    plan, n = r["plan"], r["plan"]["steady"]["concurrency"]
+    one, steady, sat, runs = r["ttft1"], r["steady"], r["saturation"], r["sustained"]["runs"]
+    coalesce, xadd, rc, idle = r["coalesce_ms"], r["xadd_rps"], r["redis_connections"], r["idle"]
     rows: list[tuple[str, ...]] = []
 
     def ttft(label: str, res: dict[str, Any]) -> None:
@@ -194,19 +183,14 @@ def markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def notes(r: dict[str, Any]) -> list[str]:
     """Context printed under the table: what bounded the figures on this machine."""
+    code, n = r["code"], r["plan"]["steady"]["concurrency"]
+    dirty = f", with uncommitted changes to {len(code['changed'])} product files" if code["changed"] else ""
     out = [
         f"{r['plan']['name']} run, {r['cpus']} CPUs, wall {r['wall_s']:.0f} s, "
         f"every process on 127.0.0.1; mock TTFT 200 ms, deltas 20 ms apart.",
+        f"code measured: commit {code['commit']}{dirty}.",
     ]
-    if code := r.get("code"):
-        dirty = (
-            f", with uncommitted changes to {len(code['changed'])} product files" if code["changed"] else ""
-        )
-        out.append(f"code measured: commit {code['commit']}{dirty}.")
-    for label, c in (
-        ("1 stream", r["ttft1"]["c"]),
-        (f"{r['plan']['steady']['concurrency']} streams", r["steady"]["c"]),
-    ):
+    for label, c in (("1 stream", r["ttft1"]["c"]), (f"{n} streams", r["steady"]["c"])):
         steps = c["steps_ms"]
         out.append(
             f"(c) at {label}, p50 from sending the POST: its answer {steps['posted']['p50']:.1f} ms, the "
@@ -256,7 +240,7 @@ def figure(path: Path, rows: int, cols: int, size: tuple[float, float]) -> Itera
 
 def plot(r: dict[str, Any], raw: dict[str, Any], path: Path) -> None:
     colors = {"a": "#4c72b0", "b": "#dd8452", "c": "#55a868"}
-    n = r["plan"]["steady"]["concurrency"]
+    n, sat = r["plan"]["steady"]["concurrency"], r["plan"]["sat"]["concurrency"]
     with figure(path, 2, 2, (13, 9)) as (fig, axes):
         fig.suptitle(f"tailgate bench ({r['plan']['name']} run, {r['cpus']} CPUs, loopback, mock upstream)")
         for ax, key, title in (
@@ -278,8 +262,7 @@ def plot(r: dict[str, Any], raw: dict[str, Any], path: Path) -> None:
         ax.bar_label(bars, [f"{v:,.0f}" for v in tps])
         goal = 0.3 * r["xadd_rps"]
         ax.axhline(goal, color="red", ls="--", lw=1, label=f"0.3 × redis-benchmark XADD = {goal:,.0f}/s")
-        ax.set(ylabel="delivered tokens/s")
-        ax.set_title(f"throughput at saturation ({r['plan']['sat']['concurrency']} streams, 1 ms pacing)")
+        ax.set(ylabel="delivered tokens/s", title=f"throughput at saturation ({sat} streams, 1 ms pacing)")
         ax.legend(loc="upper right")
 
         ax = axes[1][1]
@@ -297,11 +280,7 @@ def plot(r: dict[str, Any], raw: dict[str, Any], path: Path) -> None:
                 label=f"{SETUPS[s]}: first token, most late",
             )
         ax.axhline(200, color="red", ls="--", lw=1, label="stall: 10 × pacing = 200 ms")
-        ax.set(
-            yscale="log",
-            xlabel="concurrent streams at 50 tokens/s (each level until one fails)",
-            ylabel="ms (log)",
-        )
-        ax.set_title("streams sustained")
+        ax.set(yscale="log", ylabel="ms (log)", title="streams sustained")
+        ax.set(xlabel="concurrent streams at 50 tokens/s (each level until one fails)")
         ax.legend(loc="lower right", fontsize="small", framealpha=0.8)
         ax.grid(True, which="both", alpha=0.3)

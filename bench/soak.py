@@ -202,33 +202,25 @@ async def soak(streams: int, minutes: float, seed: int) -> dict[str, Any]:
         print("soak: stopping every process", flush=True)
         await cluster.aclose()
     result = {"streams": streams, "minutes": minutes, "seed": seed, "wall_s": time.monotonic() - t0}
-    return (
-        result
-        | {"stamp": stamp, "t0": t0, **tally.count, "errors": dict(tally.errors)}
-        | {
-            "takeovers": tally.takeovers,
-            "finished_at": tally.finished_at,
-            "chaos": tally.chaos,
-        }
-    )
+    return result | {"stamp": stamp, "t0": t0} | vars(tally)
 
 
 def table(r: dict[str, Any]) -> str:
-    kinds = Counter(what.split()[0] for _, what in r["chaos"])
+    c, kinds = r["count"], Counter(what.split()[0] for _, what in r["chaos"])
     takeovers = r["takeovers"] or [0.0]
     rows = [
-        ("streams completed (`done`)", f"{r['done']} of {r['started']} started"),
-        ("text exact after the last `reset`", f"{r['text_exact']} of {r['done']}"),
-        ("events lost (a `seq` never received)", str(r["lost"])),
-        ("events duplicated (a `seq` received twice)", str(r["duplicated"])),
-        ("streams with more than one terminal event", str(r["extra_terminals"])),
-        ("streams ended with `error`", f"{r['ended_with_error']} {r['errors'] or ''}".strip()),
-        ("resets seen by clients", str(r["resets"])),
+        ("streams completed (`done`)", f"{c['done']} of {c['started']} started"),
+        ("text exact after the last `reset`", f"{c['text_exact']} of {c['done']}"),
+        ("events lost (a `seq` never received)", str(c["lost"])),
+        ("events duplicated (a `seq` received twice)", str(c["duplicated"])),
+        ("streams with more than one terminal event", str(c["extra_terminals"])),
+        ("streams ended with `error`", f"{c['ended_with_error']} {dict(r['errors']) or ''}".strip()),
+        ("resets seen by clients", str(c["resets"])),
         (
             "takeover (silence before a `worker_lost` reset), p50 / worst",
             f"{report.pct(takeovers, 50):.1f} s / {max(takeovers):.1f} s",
         ),
-        ("client reconnects", str(r["reconnects"])),
+        ("client reconnects", str(c["reconnects"])),
         (
             "faults injected",
             f"{len(r['chaos'])}: " + ", ".join(f"{k} ×{v}" for k, v in sorted(kinds.items())),
@@ -273,7 +265,8 @@ def main() -> None:
     plot(result, base.with_suffix(".png"))
     print(f"\n{text}\ntable, JSON and plot: {base}.{{md,json,png}}")
     unread = any(k.startswith("not read") for k in result["errors"])
-    sys.exit(1 if result["lost"] or result["duplicated"] or result["text_wrong"] or unread else 0)
+    c = result["count"]
+    sys.exit(1 if c["lost"] or c["duplicated"] or c["text_wrong"] or unread else 0)
 
 
 if __name__ == "__main__":
