@@ -43,7 +43,7 @@ import redis
 
 from bench import report
 from bench.client import Load
-from bench.procs import Procs, connections, raise_fd_limit
+from bench.procs import Procs, raise_fd_limit
 from tailgate import keys
 from tailgate.settings import Settings
 
@@ -209,8 +209,7 @@ class Bench:
     def gateway_watch(self) -> tuple[Callable[[], None], list[tuple[int, int]]]:
         """A ``tick`` that samples the main gateway's (Redis, client) connections, and the samples."""
         seen: list[tuple[int, int]] = [(0, 0)]
-        pid, port = self.procs.children["gateway"].pid, self.procs.ports["gateway"]
-        return lambda: seen.append(connections(pid, self.procs.redis.port, port)), seen
+        return lambda: seen.append(self.procs.connections("gateway")), seen
 
     # --- phases ----------------------------------------------------------------------------------
 
@@ -307,10 +306,10 @@ class Bench:
     def idle(self) -> None:
         """A fresh gateway, on a queue no worker serves, holding ``idle_connections`` SSE connections
         to queued streams: its RSS and Redis connections, and whether all are still held later."""
-        p, n, redis_port = self.plan, self.plan.idle_connections, self.procs.redis.port
+        p, n = self.plan, self.plan.idle_connections
         self.say(f"idle connections: a fresh gateway on a queue no worker serves; creating {n:,} streams")
-        child = self.procs.start_gateway("gateway-idle", TAILGATE_QUEUE_NAME=f"bench:idle:{self.run_id}")
-        gateway = psutil.Process(child.pid)
+        g = self.procs.start_gateway("gateway-idle", TAILGATE_QUEUE_NAME=f"bench:idle:{self.run_id}")
+        gateway = psutil.Process(g.pid)
         at: dict[str, Any] = {"port": self.procs.ports["gateway-idle"], "api_key": Procs.IDLE_KEY}
         made = self.client.call("create", 660, count=n, tag=f"bench-{self.run_id}", **at)
         if made["created"] != n:
@@ -319,14 +318,14 @@ class Bench:
         rss0, first = gateway.memory_info().rss, min(1000, n)
         h1 = self.client.call("hold", 360, start=0, count=first, **at)
         time.sleep(0.5)
-        conns_1000 = connections(child.pid, redis_port)[0]
+        conns_1000 = self.procs.connections("gateway-idle")[0]
         self.say(
             f"idle connections: {n:,} streams created in {made['wall_s']:.1f}s; "
             f"{h1['held']:,} SSE connections held, gateway has {conns_1000} Redis connections"
         )
         h2 = self.client.call("hold", 360, start=first, count=n - first, **at)
         time.sleep(2.0)
-        rss1, conns_all = gateway.memory_info().rss, connections(child.pid, redis_port)[0]
+        rss1, conns_all = gateway.memory_info().rss, self.procs.connections("gateway-idle")[0]
         self.say(
             f"idle connections: {h2['held']:,} held; gateway RSS {rss0 / 2**20:.1f} → {rss1 / 2**20:.1f} "
             f"MiB ({(rss1 - rss0) / max(h2['held'], 1) / 1024:.1f} KiB each), {conns_all} Redis "

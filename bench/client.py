@@ -34,8 +34,11 @@ import aiohttp
 from tailgate.dev.procs import Child
 
 MODEL = "gpt-4o-mini"
-_MOCK_TOKEN = re.compile(rb'"content": ?"[^"]*@(\d+)"')
-_NAIVE_TOKEN = re.compile(rb'"status": "processing", "data": "[^"]*@(\d+)"')
+# (a) and (b): a token's send stamp, and what marks the end of a whole answer.
+_TOKEN = {
+    "a": (re.compile(rb'"content": ?"[^"]*@(\d+)"'), b"data: [DONE]"),
+    "b": (re.compile(rb'"status": "processing", "data": "[^"]*@(\d+)"'), b'"status": "complete"'),
+}
 _SSE_EVENT = re.compile(rb'event: ([a-z]+)\r?\ndata: \{"seq":(\d+)(?:,"text":"[^"]*@(\d+)")?')
 
 
@@ -97,14 +100,12 @@ class Stream:
                     self.started_ns = self.started_ns or now
                 elif kind == b"reset":
                     self.err = self.err or "reset"
-        elif self.setup == "a":
-            stamps = [int(s) for s in _MOCK_TOKEN.findall(region)]
-            self.terminal = "done" if b"data: [DONE]" in region else self.terminal
-            if b'"error"' in region:
-                self.err = self.err or "error frame"
         else:
-            stamps = [int(s) for s in _NAIVE_TOKEN.findall(region)]
-            self.terminal = "done" if b'"status": "complete"' in region else self.terminal
+            token, end_mark = _TOKEN[self.setup]
+            stamps = [int(s) for s in token.findall(region)]
+            self.terminal = "done" if end_mark in region else self.terminal
+            if self.setup == "a" and b'"error"' in region:
+                self.err = self.err or "error frame"
         if stamps:
             self._tokens(stamps, now)
 
@@ -124,17 +125,15 @@ class Stream:
         if self.measured:
             t.latencies += [now - s for s in stamps]
 
-    def verdict(self) -> None:
-        """Sets ``err`` if the stream was not delivered whole."""
-        if self.terminal != "done":
-            self.err = self.err or f"ended without done ({self.terminal or 'nothing'})"
-        elif self.tokens != self.expected:
-            self.err = self.err or f"{self.tokens} of {self.expected} tokens"
-
     def _since_send(self, ns: int) -> float | None:
         return round((ns - self.t_send) / 1e6, 3) if ns and self.t_send else None
 
     def record(self) -> dict[str, Any]:
+        """What the bench gets of a stream that has ended; ``ok`` only if it was delivered whole."""
+        if self.terminal != "done":
+            self.err = self.err or f"ended without done ({self.terminal or 'nothing'})"
+        elif self.tokens != self.expected:
+            self.err = self.err or f"{self.tokens} of {self.expected} tokens"
         return {
             "id": self.id,
             "measured": self.measured,
@@ -174,7 +173,6 @@ async def run_stream(http: aiohttp.ClientSession, spec: dict[str, Any], st: Stre
                 raise HttpError(f"{r.status} {(await r.read())[:200]!r}")
             async for data in r.content.iter_any():
                 st.feed(data, time.time_ns())
-        st.verdict()
     except (OSError, aiohttp.ClientError, HttpError, ValueError, KeyError) as exc:
         st.err = st.err or f"{type(exc).__name__}: {exc}"
     except asyncio.CancelledError:

@@ -32,17 +32,6 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def connections(pid: int, redis_port: int, listen_port: int = 0) -> tuple[int, int]:
-    """Established TCP connections of process ``pid``: to Redis (its pools and the hub's pub/sub
-    connection), and from clients to ``listen_port``."""
-    try:
-        conns = psutil.Process(pid).net_connections(kind="tcp")
-    except psutil.Error:
-        return 0, 0
-    up = [c for c in conns if c.status == psutil.CONN_ESTABLISHED and c.raddr]
-    return sum(c.raddr.port == redis_port for c in up), sum(c.laddr.port == listen_port for c in up)
-
-
 class Procs:
     """Everything the bench runs; ``close`` stops all of it."""
 
@@ -126,6 +115,17 @@ class Procs:
         m = psutil.cpu_times()
         out |= {"machine": m.user + m.nice + m.system, "irq": m.irq + m.softirq}
         return out | {"steal": getattr(m, "steal", 0.0)}
+
+    def connections(self, name: str) -> tuple[int, int]:
+        """Established TCP connections of child ``name``: to Redis (its pools and the hub's pub/sub
+        connection), and from clients to its port."""
+        try:
+            conns = psutil.Process(self.children[name].pid).net_connections(kind="tcp")
+        except psutil.Error:
+            return 0, 0
+        up = [c for c in conns if c.status == psutil.CONN_ESTABLISHED and c.raddr]
+        port = self.ports.get(name)
+        return sum(c.raddr.port == self.redis.port for c in up), sum(c.laddr.port == port for c in up)
 
     def stop(self, name: str, *, kill: bool = False) -> None:
         self.children.pop(name).stop(15, kill=kill)
