@@ -12,33 +12,33 @@ Stamps, ``seq`` and event types are picked out of the raw chunks with a regex: t
 generator, and a strict parse per event (``tailgate.dev.sse``, which the soak and the tests use) costs
 it a multiple of the CPU. It still checks what it counts: ``seq`` in order, tokens in order and all there.
 
-:class:`LoadClient` is the bench's end: one command (a dict) in, one answer (a dict) out, over a pipe.
+:class:`LoadClient` is the bench's end: one command (a dict) in, one answer (a dict) out, over a socket
+pair; the client runs as ``python -m bench.client FD``, a child like any other (``bench/procs.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing
-import os
 import random
 import re
-import resource
-import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from tailgate.dev.procs import die_with_parent
+from tailgate.dev.procs import Child
 
 MODEL = "gpt-4o-mini"
-_MOCK_TOKEN = re.compile(rb'"content": ?"[^"]*@(\d+)"')
-_NAIVE_TOKEN = re.compile(rb'"status": "processing", "data": "[^"]*@(\d+)"')
+# (a) and (b): a token's send stamp, and what marks the end of a whole answer.
+_TOKEN = {
+    "a": (re.compile(rb'"content": ?"[^"]*@(\d+)"'), b"data: [DONE]"),
+    "b": (re.compile(rb'"status": "processing", "data": "[^"]*@(\d+)"'), b'"status": "complete"'),
+}
 _SSE_EVENT = re.compile(rb'event: ([a-z]+)\r?\ndata: \{"seq":(\d+)(?:,"text":"[^"]*@(\d+)")?')
 
 
@@ -54,7 +54,6 @@ class Totals:
     tokens: int = 0
     window_tokens: int = 0
     latencies: list[int] = field(default_factory=list)  # ns, measured streams only
-    gaps: list[int] = field(default_factory=list)  # ns between consecutive token reads, measured only
 
 
 @dataclass(slots=True)
@@ -101,14 +100,12 @@ class Stream:
                     self.started_ns = self.started_ns or now
                 elif kind == b"reset":
                     self.err = self.err or "reset"
-        elif self.setup == "a":
-            stamps = [int(s) for s in _MOCK_TOKEN.findall(region)]
-            self.terminal = "done" if b"data: [DONE]" in region else self.terminal
-            if b'"error"' in region:
-                self.err = self.err or "error frame"
         else:
-            stamps = [int(s) for s in _NAIVE_TOKEN.findall(region)]
-            self.terminal = "done" if b'"status": "complete"' in region else self.terminal
+            token, end_mark = _TOKEN[self.setup]
+            stamps = [int(s) for s in token.findall(region)]
+            self.terminal = "done" if end_mark in region else self.terminal
+            if self.setup == "a" and b'"error"' in region:
+                self.err = self.err or "error frame"
         if stamps:
             self._tokens(stamps, now)
 
@@ -119,8 +116,6 @@ class Stream:
         self.last_stamp = stamps[-1]
         if self.first_ns:
             self.max_gap = max(self.max_gap, now - self.last_ns)
-            if self.measured:
-                t.gaps += [now - self.last_ns] + [0] * (len(stamps) - 1)
         self.first_ns = self.first_ns or now
         self.last_ns = now
         self.tokens += len(stamps)
@@ -130,17 +125,15 @@ class Stream:
         if self.measured:
             t.latencies += [now - s for s in stamps]
 
-    def verdict(self) -> None:
-        """Sets ``err`` if the stream was not delivered whole."""
-        if self.terminal != "done":
-            self.err = self.err or f"ended without done ({self.terminal or 'nothing'})"
-        elif self.tokens != self.expected:
-            self.err = self.err or f"{self.tokens} of {self.expected} tokens"
-
     def _since_send(self, ns: int) -> float | None:
         return round((ns - self.t_send) / 1e6, 3) if ns and self.t_send else None
 
     def record(self) -> dict[str, Any]:
+        """What the bench gets of a stream that has ended; ``ok`` only if it was delivered whole."""
+        if self.terminal != "done":
+            self.err = self.err or f"ended without done ({self.terminal or 'nothing'})"
+        elif self.tokens != self.expected:
+            self.err = self.err or f"{self.tokens} of {self.expected} tokens"
         return {
             "id": self.id,
             "measured": self.measured,
@@ -180,7 +173,6 @@ async def run_stream(http: aiohttp.ClientSession, spec: dict[str, Any], st: Stre
                 raise HttpError(f"{r.status} {(await r.read())[:200]!r}")
             async for data in r.content.iter_any():
                 st.feed(data, time.time_ns())
-        st.verdict()
     except (OSError, aiohttp.ClientError, HttpError, ValueError, KeyError) as exc:
         st.err = st.err or f"{type(exc).__name__}: {exc}"
     except asyncio.CancelledError:
@@ -252,11 +244,7 @@ async def streams(http: aiohttp.ClientSession, spec: dict[str, Any], idle: Idle)
         "streams": [s.record() for s in started],
         "tokens": totals.tokens,
         "window_tokens": totals.window_tokens,
-        "window_s": load.window_s,
-        "wall_s": (time.time_ns() - t0) / 1e9,
-        "deadline_hit": bool(pending),
         "latency_ms": [round(x / 1e6, 3) for x in totals.latencies],
-        "gap_ms": [round(x / 1e6, 3) for x in totals.gaps],
     }
 
 
@@ -305,31 +293,29 @@ async def hold(http: aiohttp.ClientSession, spec: dict[str, Any], idle: Idle) ->
                 failures.append(f"{type(exc).__name__}: {exc}")
 
     await asyncio.gather(*(one(i) for i in idle.ids[spec["start"] : spec["start"] + spec["count"]]))
-    return {"held": idle.count(), "opened": len(idle.held), "failures": failures[:5], "failed": len(failures)}
+    return {"held": idle.count(), "failures": failures[:5]}
 
 
 async def release(http: aiohttp.ClientSession, spec: dict[str, Any], idle: Idle) -> dict[str, Any]:
+    """Closes every held connection; how many were still open."""
+    held = idle.count()
     for r in idle.held:
         r.close()
-    n = len(idle.held)
     idle.held.clear()
     idle.ids.clear()
     await asyncio.sleep(0.2)
-    return {"released": n}
+    return {"held": held}
 
 
-async def check(http: aiohttp.ClientSession, spec: dict[str, Any], idle: Idle) -> dict[str, Any]:
-    return {"held": idle.count(), "opened": len(idle.held)}
+COMMANDS = {"streams": streams, "create": create, "hold": hold, "release": release}
 
 
-COMMANDS = {"streams": streams, "create": create, "hold": hold, "check": check, "release": release}
-
-
-async def _main(conn: Connection) -> None:
+async def serve(conn: Connection) -> None:
+    """Answers the bench's commands, one at a time, until it closes its end of ``conn``."""
     loop = asyncio.get_running_loop()
     idle = Idle()
     # No limit on connections: a workload sets its own concurrency, and the idle phase holds 10,000.
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         while True:
@@ -344,57 +330,32 @@ async def _main(conn: Connection) -> None:
             conn.send(out)
 
 
-def _serve(conn: Connection, log_path: str) -> None:
-    """The child process: its output to ``log_path``; Ctrl-C is for the bench, which stops it."""
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    import uvloop
-
-    uvloop.run(_main(conn))
-
-
 class LoadClient:
-    """The load client as a child process: ``call`` sends a command and waits for its answer."""
+    """The bench's end: ``call`` sends a command to the client process and waits for its answer."""
 
-    def __init__(self, log_path: Path) -> None:
-        self._conn, child_end = multiprocessing.Pipe()
-        ctx = multiprocessing.get_context("spawn")
-        self.process = ctx.Process(target=_serve, args=(child_end, str(log_path)), name="bench-client")
-        self.process.start()
-        child_end.close()
-
-    @property
-    def pid(self) -> int:
-        assert self.process.pid is not None
-        return self.process.pid
+    def __init__(self, conn: Connection, child: Child) -> None:
+        self.conn = conn
+        self.child = child
 
     def call(
         self, cmd: str, timeout: float = 60, *, tick: Callable[[], None] | None = None, **args: Any
     ) -> dict[str, Any]:
         """The answer to ``cmd`` with ``args``; ``tick()`` is called every 0.25 s meanwhile."""
-        self._conn.send({"cmd": cmd, **args})
+        self.conn.send({"cmd": cmd, **args})
         deadline = time.monotonic() + timeout
-        while not self._conn.poll(0.25):
-            if not self.process.is_alive():
-                raise RuntimeError(f"the load client exited ({self.process.exitcode})")
+        while not self.conn.poll(0.25):
+            self.child.check()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the load client did not answer within {timeout:.0f}s")
             if tick is not None:
                 tick()
-        out: dict[str, Any] = self._conn.recv()
+        out: dict[str, Any] = self.conn.recv()
         if "error" in out:
             raise RuntimeError(f"the load client failed: {out['error']}")
         return out
 
-    def stop(self) -> None:
-        self._conn.close()  # it may be in the middle of a command: no polite "quit"
-        self.process.terminate()
-        self.process.join(5)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
+
+if __name__ == "__main__":  # started by ``Procs.start_client``, with its end of a socket pair
+    import uvloop
+
+    uvloop.run(serve(Connection(int(sys.argv[1]))))

@@ -6,18 +6,20 @@ time, memory, connections). :meth:`Procs.close` stops every one, on success, err
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
+import socket
 import sys
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 
 from bench.client import LoadClient
+from bench.report import ROOT
 from tailgate.dev.procs import Child, RedisServer, child_env, free_port, tailgate_command, wait_until
 from tailgate.dev.procs import worker_registered as registered
-
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 
 
 def raise_fd_limit() -> int:
@@ -28,17 +30,6 @@ def raise_fd_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), max(want, hard)))
             return max(want, soft)
     return soft
-
-
-def connections(pid: int, redis_port: int, listen_port: int = 0) -> tuple[int, int]:
-    """Established TCP connections of process ``pid``: to Redis (its pools and the hub's pub/sub
-    connection), and from clients to ``listen_port``."""
-    try:
-        conns = psutil.Process(pid).net_connections(kind="tcp")
-    except psutil.Error:
-        return 0, 0
-    up = [c for c in conns if c.status == psutil.CONN_ESTABLISHED and c.raddr]
-    return sum(c.raddr.port == redis_port for c in up), sum(c.laddr.port == listen_port for c in up)
 
 
 class Procs:
@@ -55,7 +46,6 @@ class Procs:
         self.overrides = env
         self.children: dict[str, Child] = {}
         self.ports: dict[str, int] = {}
-        self.client: LoadClient | None = None
 
     def env(self, **overrides: str) -> dict[str, str]:
         """The servers' environment: no quotas, logs at WARNING, the mock as the upstream."""
@@ -76,30 +66,18 @@ class Procs:
         }
         return child_env(**(env | self.overrides | overrides))
 
-    def _start(self, name: str, argv: list[str], env: dict[str, str], ready: str = "") -> Child:
-        child = self.children[name] = Child(name, argv, env, self.log_dir, own_session=True)
+    def _start(self, name: str, argv: list[str], env: dict[str, str], ready: str = "", **kw: Any) -> Child:
+        child = self.children[name] = Child(name, argv, env, self.log_dir, own_session=True, **kw)
         if ready:
             child.wait_http(f"http://127.0.0.1:{self.ports[name]}{ready}")
         return child
 
-    def start_redis(self) -> RedisServer:
-        self.ports["redis"] = self.redis.start().port
-        return self.redis
-
     def start_mock(self) -> Child:
+        """The mock upstream, TTFT 200 ms and tokens 20 ms apart by default (a prompt can say otherwise)."""
         port = self.ports["mock"] = free_port()
-        args = [
-            "mock-upstream",
-            "--port",
-            str(port),
-            "--tokens",
-            "64",
-            "--delay-ms",
-            "20",
-            "--ttft-ms",
-            "200",
-        ]
-        return self._start("mock", tailgate_command(*args), child_env(), "/v1/models")
+        return self._start(
+            "mock", tailgate_command("mock-upstream", "--port", str(port)), child_env(), "/v1/models"
+        )
 
     def start_naive(self) -> Child:
         port = self.ports["naive"] = free_port()
@@ -119,15 +97,40 @@ class Procs:
         return child
 
     def start_client(self) -> LoadClient:
-        self.client = LoadClient(self.log_dir / "client.log")
-        return self.client
+        """The load client (``bench/client.py``), which the bench talks to over a socket pair."""
+        ours, theirs = socket.socketpair()
+        argv = [sys.executable, "-m", "bench.client", str(theirs.fileno())]
+        child = self._start("client", argv, child_env(), pass_fds=(theirs.fileno(),))
+        theirs.close()
+        return LoadClient(Connection(ours.detach()), child)
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of each child, of Redis and of the bench itself; of the whole machine:
+        time in tasks (``machine``), in interrupts (``irq``, mostly loopback networking) and taken by
+        the hypervisor (``steal``). ``machine`` minus ours is what other processes took."""
+        pids = {name: child.pid for name, child in self.children.items()} | {"bench": os.getpid()}
+        if self.redis.pid is not None:
+            pids["redis"] = self.redis.pid
+        out = {name: float(sum(psutil.Process(pid).cpu_times()[:2])) for name, pid in pids.items()}
+        m = psutil.cpu_times()
+        out |= {"machine": m.user + m.nice + m.system, "irq": m.irq + m.softirq}
+        return out | {"steal": getattr(m, "steal", 0.0)}
+
+    def connections(self, name: str) -> tuple[int, int]:
+        """Established TCP connections of child ``name``: to Redis (its pools and the hub's pub/sub
+        connection), and from clients to its port."""
+        try:
+            conns = psutil.Process(self.children[name].pid).net_connections(kind="tcp")
+        except psutil.Error:
+            return 0, 0
+        up = [c for c in conns if c.status == psutil.CONN_ESTABLISHED and c.raddr]
+        port = self.ports.get(name)
+        return sum(c.raddr.port == self.redis.port for c in up), sum(c.laddr.port == port for c in up)
 
     def stop(self, name: str, *, kill: bool = False) -> None:
         self.children.pop(name).stop(15, kill=kill)
 
     def close(self) -> None:
-        if self.client is not None:
-            self.client.stop()
         for name in reversed(list(self.children)):
             with contextlib.suppress(Exception):
                 self.stop(name)

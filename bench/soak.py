@@ -26,14 +26,16 @@ import json
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 
-from bench.procs import RESULTS, Procs, raise_fd_limit
+from bench import report
+from bench.procs import Procs, raise_fd_limit
 from tailgate.dev.faultproxy import FaultProxy
 from tailgate.dev.procs import RedisServer
 from tailgate.dev.sse import ProtocolError, delivery_of, read_resuming, text_of
@@ -41,29 +43,21 @@ from tailgate.events import id_key
 
 MODEL = "gpt-4o-mini"
 ACTIONS = ("kill_worker", "term_worker", "kill_gateway", "term_gateway", "restart_redis", "cut_redis")
+COUNTS = (
+    "started done ended_with_error text_exact text_wrong lost duplicated extra_terminals resets reconnects"
+)
 
 
 @dataclass
 class Tally:
-    started: int = 0
-    done: int = 0
-    ended_with_error: int = 0
-    text_exact: int = 0
-    text_wrong: int = 0
-    lost: int = 0
-    duplicated: int = 0
-    extra_terminals: int = 0
-    resets: int = 0
-    reconnects: int = 0
-    create_retries: int = 0
-    worst_takeover_s: float = 0.0
+    """What the clients saw: the ``COUNTS`` (and ``create_retries``) summed over every stream, the
+    errors by kind, the takeovers (s of silence before a `worker_lost` reset), and when things happened."""
+
+    count: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(COUNTS.split(), 0)))
+    errors: Counter[str] = field(default_factory=Counter)
     takeovers: list[float] = field(default_factory=list)
     finished_at: list[float] = field(default_factory=list)
     chaos: list[tuple[float, str]] = field(default_factory=list)
-    errors: dict[str, int] = field(default_factory=dict)
-
-    def error(self, what: str) -> None:
-        self.errors[what] = self.errors.get(what, 0) + 1
 
 
 class Cluster(Procs):
@@ -123,48 +117,46 @@ async def run_stream(
             r = await client.post(f"{rng.choice(urls)}/v1/streams", json={"prompt": prompt}, headers=headers)
             if r.status_code == 202:
                 break
-        tally.create_retries += 1
+        tally.count["create_retries"] += 1
         await asyncio.sleep(0.2)
-    tally.started += 1
+    tally.count["started"] += 1
     try:
         got = await read_resuming(
             client, urls, r.json()["events_url"], headers, pick=rng.choice, deadline_s=300
         )
     except (ProtocolError, TimeoutError, httpx.HTTPError) as exc:
-        tally.error(f"not read to its end: {type(exc).__name__}: {str(exc)[:80]}")
+        tally.errors[f"not read to its end: {type(exc).__name__}: {str(exc)[:80]}"] += 1
         return
     events, delivery = got.events, delivery_of(got.events)
-    tally.reconnects += got.reconnects
-    tally.lost += len(delivery.lost)
-    tally.duplicated += delivery.duplicated
-    tally.extra_terminals += max(0, delivery.terminals - 1)
-    for k, e in enumerate(events):
-        if e.event == "reset":
-            tally.resets += 1
-            if k and e.data.get("reason") == "worker_lost":
-                gap = (id_key(e.id)[0] - id_key(events[k - 1].id)[0]) / 1000
-                tally.takeovers.append(gap)
-                tally.worst_takeover_s = max(tally.worst_takeover_s, gap)
+    tally.count.update(
+        reconnects=got.reconnects,
+        lost=len(delivery.lost),
+        duplicated=delivery.duplicated,
+        extra_terminals=max(0, delivery.terminals - 1),
+        resets=sum(e.event == "reset" for e in events),
+    )
+    for before, e in itertools.pairwise(events):
+        if e.event == "reset" and e.data.get("reason") == "worker_lost":
+            tally.takeovers.append((id_key(e.id)[0] - id_key(before.id)[0]) / 1000)
     terminals = [e for e in events if e.terminal]
     if not terminals:
-        tally.error("no terminal event")
+        tally.errors["no terminal event"] += 1
     elif terminals[-1].event == "error":
-        tally.ended_with_error += 1
-        tally.error(terminals[-1].data.get("code", "?"))
+        tally.count["ended_with_error"] += 1
+        tally.errors[terminals[-1].data.get("code", "?")] += 1
     else:
-        tally.done += 1
+        tally.count["done"] += 1
         tally.finished_at.append(time.monotonic())
         reply = await api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}])
-        if text_of(events) == reply.choices[0].message.content:
-            tally.text_exact += 1
-        else:
-            tally.text_wrong += 1
+        tally.count[
+            "text_exact" if text_of(events) == reply.choices[0].message.content else "text_wrong"
+        ] += 1
 
 
 async def soak(streams: int, minutes: float, seed: int) -> dict[str, Any]:
     raise_fd_limit()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    log_dir = RESULTS / "logs" / f"soak-{stamp}"
+    log_dir = report.RESULTS / "logs" / f"soak-{stamp}"
     log_dir.mkdir(parents=True, exist_ok=True)
     rng, tally, cluster = random.Random(seed), Tally(), Cluster(log_dir)
     t0, numbers = time.monotonic(), itertools.count(1)
@@ -183,11 +175,11 @@ async def soak(streams: int, minutes: float, seed: int) -> dict[str, Any]:
     async def progress() -> None:
         while True:
             await asyncio.sleep(5)
-            last = tally.chaos[-1][1] if tally.chaos else "-"
+            c, last = tally.count, tally.chaos[-1][1] if tally.chaos else "-"
             print(
-                f"[{time.monotonic() - t0:5.0f}s] done {tally.done} (exact {tally.text_exact}), "
-                f"error {tally.ended_with_error}, lost {tally.lost}, duplicated {tally.duplicated}, "
-                f"resets {tally.resets}, reconnects {tally.reconnects}; "
+                f"[{time.monotonic() - t0:5.0f}s] done {c['done']} (exact {c['text_exact']}), "
+                f"error {c['ended_with_error']}, lost {c['lost']}, duplicated {c['duplicated']}, "
+                f"resets {c['resets']}, reconnects {c['reconnects']}; "
                 f"chaos {len(tally.chaos)} (last: {last})",
                 flush=True,
             )
@@ -210,61 +202,48 @@ async def soak(streams: int, minutes: float, seed: int) -> dict[str, Any]:
         print("soak: stopping every process", flush=True)
         await cluster.aclose()
     result = {"streams": streams, "minutes": minutes, "seed": seed, "wall_s": time.monotonic() - t0}
-    return result | {"stamp": stamp, "t0": t0, **asdict(tally)}
+    return result | {"stamp": stamp, "t0": t0} | vars(tally)
 
 
 def table(r: dict[str, Any]) -> str:
-    kinds: dict[str, int] = {}
-    for _, what in r["chaos"]:
-        kinds[what.split()[0]] = kinds.get(what.split()[0], 0) + 1
-    takeovers = sorted(r["takeovers"])
-    p50 = takeovers[len(takeovers) // 2] if takeovers else 0.0
+    c, kinds = r["count"], Counter(what.split()[0] for _, what in r["chaos"])
+    takeovers = r["takeovers"] or [0.0]
     rows = [
-        ("streams completed (`done`)", f"{r['done']} of {r['started']} started"),
-        ("text exact after the last `reset`", f"{r['text_exact']} of {r['done']}"),
-        ("events lost (a `seq` never received)", str(r["lost"])),
-        ("events duplicated (a `seq` received twice)", str(r["duplicated"])),
-        ("streams with more than one terminal event", str(r["extra_terminals"])),
-        ("streams ended with `error`", f"{r['ended_with_error']} {r['errors'] or ''}".strip()),
-        ("resets seen by clients", str(r["resets"])),
+        ("streams completed (`done`)", f"{c['done']} of {c['started']} started"),
+        ("text exact after the last `reset`", f"{c['text_exact']} of {c['done']}"),
+        ("events lost (a `seq` never received)", str(c["lost"])),
+        ("events duplicated (a `seq` received twice)", str(c["duplicated"])),
+        ("streams with more than one terminal event", str(c["extra_terminals"])),
+        ("streams ended with `error`", f"{c['ended_with_error']} {dict(r['errors']) or ''}".strip()),
+        ("resets seen by clients", str(c["resets"])),
         (
             "takeover (silence before a `worker_lost` reset), p50 / worst",
-            f"{p50:.1f} s / {r['worst_takeover_s']:.1f} s",
+            f"{report.pct(takeovers, 50):.1f} s / {max(takeovers):.1f} s",
         ),
-        ("client reconnects", str(r["reconnects"])),
+        ("client reconnects", str(c["reconnects"])),
         (
             "faults injected",
             f"{len(r['chaos'])}: " + ", ".join(f"{k} ×{v}" for k, v in sorted(kinds.items())),
         ),
     ]
-    head = (
-        f"Chaos soak: {r['streams']} concurrent streams for {r['minutes']:g} min, 2 gateways, 2 workers\n\n"
-    )
-    return head + "| figure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows) + "\n"
+    head = f"Chaos soak: {r['streams']} concurrent streams for {r['minutes']:g} min, 2 gateways, 2 workers"
+    return f"{head}\n\n{report.markdown(['figure', 'value'], rows)}\n"
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    done = sorted(t - r["t0"] for t in r["finished_at"])
-    ax1.plot(done, range(1, len(done) + 1), color="tab:green", label="streams completed")
-    for t, what in r["chaos"]:
-        ax1.axvline(t, color="tab:red", alpha=0.35, lw=1)
-        ax1.text(t, 0, what.split()[0], rotation=90, fontsize=7, va="bottom", color="tab:red")
-    ax1.set(xlabel="s", ylabel="streams completed", title="completed streams, faults in red")
-    ax2.hist(r["takeovers"] or [0], bins=20, color="tab:blue")
-    ax2.set(
-        xlabel="s of silence before a `worker_lost` reset",
-        ylabel="resets",
-        title="takeover time seen by clients",
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with report.figure(path, 1, 2, (13, 4.5)) as (_, (ax1, ax2)):
+        done = sorted(t - r["t0"] for t in r["finished_at"])
+        ax1.plot(done, range(1, len(done) + 1), color="tab:green", label="streams completed")
+        for t, what in r["chaos"]:
+            ax1.axvline(t, color="tab:red", alpha=0.35, lw=1)
+            ax1.text(t, 0, what.split()[0], rotation=90, fontsize=7, va="bottom", color="tab:red")
+        ax1.set(xlabel="s", ylabel="streams completed", title="completed streams, faults in red")
+        ax2.hist(r["takeovers"] or [0], bins=20, color="tab:blue")
+        ax2.set(
+            xlabel="s of silence before a `worker_lost` reset",
+            ylabel="resets",
+            title="takeover time seen by clients",
+        )
 
 
 def main() -> None:
@@ -279,14 +258,15 @@ def main() -> None:
         result = asyncio.run(soak(streams, minutes, args.seed))
     except KeyboardInterrupt:
         sys.exit("soak: interrupted; every process was stopped")
-    base = RESULTS / f"soak-{result['stamp']}"
+    base = report.RESULTS / f"soak-{result['stamp']}"
     text = table(result)
     base.with_suffix(".md").write_text(text)
     base.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(result, base.with_suffix(".png"))
     print(f"\n{text}\ntable, JSON and plot: {base}.{{md,json,png}}")
     unread = any(k.startswith("not read") for k in result["errors"])
-    sys.exit(1 if result["lost"] or result["duplicated"] or result["text_wrong"] or unread else 0)
+    c = result["count"]
+    sys.exit(1 if c["lost"] or c["duplicated"] or c["text_wrong"] or unread else 0)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,9 @@ class Child:
         log_dir: Path | None = None,
         *,
         own_session: bool = False,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
+        """``pass_fds``: file descriptors the child inherits (a socket pair's end, say)."""
         self.name = name
         directory = log_dir or Path(tempfile.mkdtemp(prefix="tailgate-logs-"))
         self.log_path = directory / f"{name}-{time.monotonic_ns()}.log"
@@ -103,6 +105,7 @@ class Child:
             # own_session: a Ctrl-C reaches the parent only, which then stops its children in order.
             start_new_session=own_session,
             preexec_fn=die_with_parent,
+            pass_fds=pass_fds,
         )
 
     @property
