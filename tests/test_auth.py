@@ -233,10 +233,18 @@ async def test_token_of_an_unknown_key_id_is_refused_after_one_rate_limited_look
         answers = await asyncio.gather(*[read_with(client, url, created, forged) for _ in range(40)])
         gets = (await r.info("commandstats"))["cmdstat_get"]["calls"] - gets_before
 
+        # A key id names the secret to check with; no other secret stands in for an unknown one,
+        # not even the right one.
+        real = await r.get(keys.SECRET)
+        renamed = with_part(forge(real.decode(), created["id"], int(time.time()) + 60), 0, "0badc0de")
+        refused = await read_with(client, url, created, renamed)
+
     assert {a.status_code for a in answers} == {401}
     assert {a.json()["error"]["message"] for a in answers} == {Verdict.UNKNOWN_KEY.value}
     # Each re-read is two GETs (secret, owner key); 40 forged tokens at once cost at most two of them.
     assert 2 <= gets <= 4, gets
+    assert refused.status_code == 401
+    assert refused.json()["error"]["message"] == Verdict.UNKNOWN_KEY.value
     assert (await read_with(client, url, created, created["read_token"])).status_code == 200
 
 
