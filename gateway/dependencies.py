@@ -73,12 +73,15 @@ async def readable_stream(
     credentials: Credentials,
     token: Annotated[str | None, Query(description=TOKEN_DOC)] = None,
 ) -> Stream:
-    """The stream named in the path, for a reader with the owner's API key or the stream's read token."""
+    """The stream named in the path, for a reader with the owner's API key or the stream's read token.
+    A token is 401 ``invalid_token`` if it is malformed, forged, expired, for another stream, or of a
+    stream whose key was revoked."""
     if token is None:
         return await find_stream(svc, stream_id, await caller(svc, credentials))
-    if not svc.auth.token_allows(token, stream_id):
-        raise ApiError(401, "invalid_token", "the read token is expired or for another stream")
-    return await find_stream(svc, stream_id, None)
+    await svc.auth.check_token(token, stream_id)
+    stream = await find_stream(svc, stream_id, None)
+    await svc.auth.check_owner(stream.meta.get("owner", ""))
+    return stream
 
 
 ReadableStream = Annotated[Stream, Depends(readable_stream)]

@@ -14,10 +14,16 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tailgate import keys
 from tailgate.settings import Settings
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from tailgate.apikeys import KeyTable
+    from tailgate.store import StreamStore
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keys", help="manage API keys stored in Redis")
     p.add_argument("action", choices=["add", "list", "revoke"])
-    p.add_argument("value", nargs="?", help="add: a label; revoke: the key or its hash prefix")
+    p.add_argument(
+        "value",
+        nargs="?",
+        help="add: a label; revoke: the key, or (a prefix of) the id `list` shows; "
+        "revoking also cancels the key's unfinished streams",
+    )
 
     return parser
 
@@ -213,25 +224,71 @@ async def _top(settings: Settings, once: bool, interval: float) -> None:
 
 
 async def _keys(settings: Settings, action: str, value: str | None) -> None:
+    """``tailgate keys``: keys live in Redis under their owner id (``tailgate.apikeys``), computed
+    exactly as the gateways compute it, from the same TAILGATE_OWNER_KEY or the one in Redis."""
+    from tailgate import apikeys
+    from tailgate.connections import open_store
+
+    store = open_store(settings, "cli", 2)
+    try:
+        table = apikeys.KeyTable(store.redis, await apikeys.load_owner_key(settings, store.redis))
+        if action == "add":
+            print(await table.add(value or ""))
+        elif action == "list":
+            for owner in sorted(table.owner(k) for k in settings.static_api_keys):
+                print(f"{owner[:16]}  (TAILGATE_API_KEYS)")
+            for e in await table.entries():
+                note = "  (legacy: moves to tg:owners when first used)" if e.legacy else ""
+                print(f"{e.id[:16]}  {e.label}{note}")
+        else:
+            await _revoke(settings, store, table, value)
+    finally:
+        await store.redis.aclose()
+
+
+async def _revoke(settings: Settings, store: StreamStore, table: KeyTable, value: str | None) -> None:
+    """Take a key out of Redis, then cancel its unfinished streams: its read tokens already fail
+    (a gateway checks the stream's key on each use)."""
     from redis.asyncio import Redis
 
-    redis = Redis.from_url(settings.streams_url, decode_responses=True)
+    from tailgate.apikeys import legacy_digest
+
+    if not value:
+        sys.exit("tailgate keys revoke: give the key, or the id `tailgate keys list` shows")
+    if value in settings.static_api_keys:
+        sys.exit("tailgate keys revoke: that key is in TAILGATE_API_KEYS: take it out there and restart")
+    owner, digest = table.owner(value), legacy_digest(value)
+    entries = await table.entries()
+    exact = [e for e in entries if e.id == (digest if e.legacy else owner)]
+    found = exact or [e for e in entries if e.id.startswith(value)]
+    if not exact and len(found) != 1:
+        sys.exit(f"tailgate keys revoke: {len(found)} keys match {value!r}")
+    # Owner ids whose streams go: a key given whole may own streams under its pre-upgrade id too.
+    owners = {owner, digest[:32]} if exact else {found[0].id[:32]}
+    # Legacy entries first: a gateway moving one to tg:owners meanwhile is then caught by the second.
+    for e in sorted(found, key=lambda e: not e.legacy):
+        if not await table.remove(e) and not exact:
+            sys.exit(
+                "tailgate keys revoke: that legacy key was just used, which moved it to tg:owners: "
+                "revoke it by the key, or by its new id in `tailgate keys list`"
+            )
+    queue = Redis.from_url(settings.queue_url)
     try:
-        if action == "add":
-            key = f"tg-{secrets.token_urlsafe(24)}"
-            await redis.hset(keys.API_KEYS, keys.api_key_hash(key), value or "")
-            print(key)
-        elif action == "list":
-            for digest, label in sorted((await redis.hgetall(keys.API_KEYS)).items()):
-                print(f"{digest[:16]}  {label}")
-        else:
-            if not value:
-                sys.exit("tailgate keys revoke: give the key or the hash prefix `tailgate keys list` shows")
-            digest = keys.api_key_hash(value)
-            matches = [d for d in await redis.hkeys(keys.API_KEYS) if d in (digest,) or d.startswith(value)]
-            if len(matches) != 1:
-                sys.exit(f"tailgate keys revoke: {len(matches)} keys match {value!r}")
-            await redis.hdel(keys.API_KEYS, matches[0])
-            print(f"revoked {matches[0][:16]}")
+        cancelled = [s for o in sorted(owners) for s in await _cancel_unfinished(store, queue, o)]
     finally:
-        await redis.aclose()
+        await queue.aclose()
+    label = f" ({found[0].label})" if found[0].label else ""
+    print(f"revoked {found[0].id[:16]}{label}; cancelled {len(cancelled)} unfinished streams")
+
+
+async def _cancel_unfinished(store: StreamStore, queue: Redis, owner: str) -> list[str]:
+    """Cancel every unfinished stream of ``owner``: a queued one ends at once, a running one is
+    flagged and announced to the workers (as the gateway's cancel route does). The ids cancelled."""
+    cancelled = []
+    for stream_id in await store.redis.zrange(keys.active(owner), 0, -1):
+        status = await store.cancel(stream_id)
+        if status == "running":
+            await queue.publish(keys.CANCEL_CHANNEL, stream_id)
+        if status in ("running", "cancelled"):
+            cancelled.append(stream_id)
+    return cancelled

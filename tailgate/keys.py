@@ -6,7 +6,6 @@ script can touch both atomically.
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 # Stream ids: 128 random bits as hex. Anything else in a path is a 404 without a Redis round trip.
@@ -31,11 +30,6 @@ def notify(stream_id: str) -> str:
 def stream_of(channel: str) -> str:
     """The stream id in a :func:`notify` channel name."""
     return channel[4:36]
-
-
-def api_key_hash(api_key: str) -> str:
-    """How an API key is stored and compared: its SHA-256, never the key itself."""
-    return hashlib.sha256(api_key.encode()).hexdigest()
 
 
 def idempotency(owner: str, key_hash: str) -> str:
@@ -64,8 +58,14 @@ def rate(owner: str) -> str:
 
 
 # On the streams Redis.
-API_KEYS = "tg:apikeys"  # hash: sha256(key) -> label; keys added by `tailgate keys add`
-SECRET = "tg:secret"  # read-token signing secret shared by every replica when none is configured
+# Hash: owner id -> label, the keys added by `tailgate keys add` (owner ids: tailgate.apikeys).
+OWNERS = "tg:owners"
+# Legacy hash: sha256(key) -> label, keys added before owner ids were keyed; each moves to OWNERS the
+# first time a gateway sees it.
+API_KEYS = "tg:apikeys"
+# Shared through Redis only when not configured (development; see tailgate.apikeys.Secret):
+SECRET = "tg:secret"  # the read-token signing secret (TAILGATE_SECRET)
+OWNER_KEY = "tg:owner-key"  # the HMAC key of owner ids (TAILGATE_OWNER_KEY)
 # Hash of counters for `tailgate top`, kept by the store's scripts: created (a discard takes one
 # back), and completed, failed, cancelled: each stream counted once, by how it ended.
 STATS = "tg:stats"

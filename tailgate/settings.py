@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     api_keys: str = ""  # comma-separated; more keys live in Redis (`tailgate keys add`)
     secret: str = ""  # signs read tokens; empty: a random secret shared by all replicas through Redis
     read_token_ttl_s: int = 3600
+    # Comma-separated: read tokens they signed stay valid while you rotate to a new TAILGATE_SECRET.
+    previous_secrets: str = ""
+    # Keys the HMAC that turns an API key into its owner id; empty: a random one shared through Redis.
+    owner_key: str = ""
 
     # Limits.
     max_body_bytes: int = 1 << 20
@@ -88,3 +92,7 @@ class Settings(BaseSettings):
     @property
     def static_api_keys(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    @property
+    def previous_secret_list(self) -> list[str]:
+        return [s.strip() for s in self.previous_secrets.split(",") if s.strip()]

@@ -50,3 +50,12 @@ TCP_USER_TIMEOUT_MS = 60_000
 # trip each) before it counts its streams, and for handed-back streams to be released and re-enqueued.
 SHUTDOWN_CLAIMS_S = 5.0
 SHUTDOWN_HANDBACK_S = 10.0
+# Read tokens. A token whose expiry is further ahead than TAILGATE_READ_TOKEN_TTL_S plus this is
+# refused: the slack is for replicas' clocks, which NTP keeps within milliseconds of each other.
+READ_TOKEN_SKEW_S = 60
+# Secrets shared through Redis (no TAILGATE_SECRET or TAILGATE_OWNER_KEY): a gateway reads them again
+# at least this often, so that replicas that diverged (the key was lost and created anew) converge
+# within seconds; and at once when it meets a read token of a key id it does not know, but never more
+# often than once per SHARED_REREAD_MIN_S, so a flood of forged tokens costs Redis one GET a second.
+SHARED_RECHECK_S = 5.0
+SHARED_REREAD_MIN_S = 1.0

@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from gateway.app import create_app
 from tailgate import keys
+from tailgate.apikeys import owner_of
 from tailgate.dev.procs import RedisServer
 from tailgate.dev.sse import read_sse
 from tailgate.settings import Settings
@@ -93,7 +94,8 @@ async def test_stream_whose_enqueue_fails_is_taken_back_whole(
     client: httpx.AsyncClient, make_stack: MakeStack, redis_server: RedisServer
 ) -> None:
     key = f"tg-shape-{secrets.token_hex(4)}"  # its own owner, so its own active set
-    owner = keys.api_key_hash(key)[:32]
+    async with Redis.from_url(redis_server.url, decode_responses=True) as r:
+        owner = await owner_of(r, key)
     headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "once"}
     body = {"prompt": "hi"}
     # A queue that answers reads but refuses writes: admission passes, the enqueue fails.

@@ -153,6 +153,7 @@ async def test_fallback_poll_starts_a_job_whose_wake_up_was_lost(
 ) -> None:
     from arq.connections import ArqRedis
 
+    from tailgate.apikeys import owner_of
     from tailgate.connections import open_store
     from tailgate.events import dumps
     from tailgate.settings import Settings
@@ -166,9 +167,8 @@ async def test_fallback_poll_starts_a_job_whose_wake_up_was_lost(
     queue = ArqRedis.from_url(redis_server.url)
     stream_id = "f" * 16 + random.randbytes(8).hex()
     request = {"model": MODEL, "messages": [{"role": "user", "content": prompt + " [mock:tokens=3]"}]}
-    await store.create(
-        stream_id, keys.api_key_hash(API_KEY)[:32], {"model": MODEL, "request": dumps(request)}
-    )
+    owner = await owner_of(store.redis, API_KEY)
+    await store.create(stream_id, owner, {"model": MODEL, "request": dumps(request)})
     await queue.enqueue_job(keys.JOB_GENERATE, stream_id, _job_id=stream_id, _queue_name=settings.queue_name)
     await queue.aclose()
     await store.redis.aclose()
