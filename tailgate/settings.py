@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # Gateway.
     ping_s: float = 15.0
     send_timeout_s: float = 30.0
+    # The `retry:` hint that starts every native event stream: how long a browser waits before it
+    # reconnects after a replica dies. 0 sends none (browsers then wait their own default, ~3 s).
+    sse_retry_ms: int = Field(default=1000, ge=0)
     cors_origins: str = ""  # comma-separated; empty: no CORS headers
     # Longer than a load balancer's idle timeout (60 s on most), or it reuses a connection we just closed.
     keepalive_s: int = 75
