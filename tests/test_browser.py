@@ -133,9 +133,9 @@ async def test_module_is_served_to_any_origin_and_the_demo_is_off_unless_enabled
 
 def test_demo_needs_a_key_to_create_with_unless_auth_is_off() -> None:
     with pytest.raises(ValueError, match="TAILGATE_API_KEYS"):
-        Settings(demo=True, api_keys="")
+        Settings(demo=True, auth=True, api_keys="")
     assert Settings(demo=True, auth=False, api_keys="").demo
-    assert Settings(demo=True, api_keys="k1").demo
+    assert Settings(demo=True, auth=True, api_keys="k1").demo
 
 
 async def test_demo_creates_streams_with_its_key_for_its_own_page_only(
