@@ -1,8 +1,8 @@
 """The gateway's FastAPI app: lifespan, middleware, error handlers and one router per surface.
 
-Routes live in their surface's module (``native``, ``tutorial``, ``health``); what surfaces share
-lives beside them (``services``, ``dependencies``, ``creation``, ``sse``). A new surface is a new
-router module included here.
+Routes live in their surface's module (``native``, ``tutorial``, ``health``, ``web``); what
+surfaces share lives beside them (``services``, ``dependencies``, ``creation``, ``sse``). A new
+surface is a new router module included here.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway import health, native, tutorial
+from gateway import health, native, tutorial, web
 from gateway.admission import BodyLimit
 from gateway.errors import ApiError, on_api_error, on_http_error, on_redis_error, on_validation_error
 from gateway.services import opened
@@ -52,4 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(native.router)
     app.include_router(tutorial.router)
     app.include_router(health.router)
+    app.include_router(web.router)
+    if settings.demo:
+        app.include_router(web.demo_router)
     return app

@@ -96,7 +96,7 @@ async def stream_events(svc: Svc, stream: ReadableStream, cursor: Cursor) -> Res
     release = svc.readers.take(stream.meta["owner"])
     return sse.respond(
         svc.hub.tail(stream.id, resume.after, resume.seq),
-        sse.NATIVE,
+        sse.native_wire(svc.settings.sse_retry_ms),
         stream_id=stream.id,
         send_timeout=svc.settings.send_timeout_s,
         first=resume.first,

@@ -6,15 +6,19 @@ Each format is one render function of stored events: :func:`native` (SSE frames)
 :func:`tutorial` (the tutorial's JSON lines). A new format (OpenAI's chunks, say) is one more
 function, or a callable object where it must remember something between batches.
 
+Every native response starts with a ``retry:`` hint (``TAILGATE_SSE_RETRY_MS``): without one, a browser
+whose replica dies waits its own default (~3 s in Chromium) before it reconnects.
+
 Deliberate oddities:
 - :class:`SSEResponse` runs two of sse-starlette's four tasks per connection (see its docstring):
   ~40 KiB per idle connection depends on it.
-- The tutorial's format has no comment syntax, so it gets no keep-alive, and no shutdown hint
-  either: its readers cannot resume, so the hub leaves them to finish (``Hub.release``).
+- The tutorial's format has no comment syntax, so it gets no keep-alive, no ``retry:`` hint and no
+  shutdown hint either: its readers cannot resume, so the hub leaves them to finish (``Hub.release``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
@@ -65,15 +69,22 @@ def tutorial(entries: Sequence[Entry]) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Wire:
-    """A wire format: how events are rendered, and what is written when nothing happens (``b""``:
-    nothing) and when the reader ends without a terminal event (the process is shutting down)."""
+    """A wire format: how events are rendered, what is written first (``b""``: nothing), when nothing
+    happens, and when the reader ends without a terminal event (the process is shutting down)."""
 
     render: Render
     keep_alive: bytes = b""
     goodbye: bytes = b""
+    hello: bytes = b""
 
 
-NATIVE = Wire(native, keep_alive=KEEP_ALIVE, goodbye=SHUTDOWN_HINT)
+@functools.cache
+def native_wire(retry_ms: int) -> Wire:
+    """The native format, whose responses start with ``retry: <retry_ms>`` (``0``: no hint)."""
+    hello = f"retry: {retry_ms}\n\n".encode() if retry_ms > 0 else b""
+    return Wire(native, keep_alive=KEEP_ALIVE, goodbye=SHUTDOWN_HINT, hello=hello)
+
+
 TUTORIAL = Wire(tutorial)
 
 
@@ -106,6 +117,8 @@ async def _body(
         # Closed here, not left to the garbage collector: a reader dropped after a send timeout is
         # closed at a `yield`, and its subscription must go at once.
         async with aclosing(events):
+            if wire.hello:
+                yield wire.hello  # at once: the hint holds even if the connection dies before an event
             if first:
                 yield wire.render(first)
             async for item in events:

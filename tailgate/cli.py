@@ -128,9 +128,11 @@ def _dev(args: argparse.Namespace) -> None:
     env = os.environ.copy()
     env.setdefault("TAILGATE_LOG_FORMAT", "text")
     env.setdefault("TAILGATE_DRAIN_S", "0")  # no load balancer to drain from
+    env.setdefault("TAILGATE_DEMO", "true")  # /demo, whose streams use the first key: the one printed
     children: list[subprocess.Popen[bytes]] = []
     redis = None
-    api_key = next(iter(Settings().static_api_keys), "") or f"tg-dev-{secrets.token_urlsafe(18)}"
+    configured = (k.strip() for k in env.get("TAILGATE_API_KEYS", "").split(","))
+    api_key = next((k for k in configured if k), "") or f"tg-dev-{secrets.token_urlsafe(18)}"
     if api_key not in env.get("TAILGATE_API_KEYS", ""):
         env["TAILGATE_API_KEYS"] = ",".join(k for k in (env.get("TAILGATE_API_KEYS", ""), api_key) if k)
     me = [sys.executable, "-m", "tailgate"]
@@ -160,7 +162,7 @@ def _dev(args: argparse.Namespace) -> None:
             raise SystemExit(f"tailgate dev: {exc}") from None
         if any(c.poll() is not None for c in children):
             raise SystemExit("tailgate dev: a child process failed to start")
-        print(_banner(base, api_key), flush=True)
+        print(_banner(base, api_key, demo=http_ok(f"{base}/demo")), flush=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while all(c.poll() is None for c in children):
             time.sleep(0.2)
@@ -180,11 +182,12 @@ def _dev(args: argparse.Namespace) -> None:
             redis.close()
 
 
-def _banner(base: str, api_key: str) -> str:
+def _banner(base: str, api_key: str, *, demo: bool) -> str:
+    demo_line = f"  demo      {base}/demo   (a page that streams with {base}/v1/client.js)\n" if demo else ""
     return f"""
 tailgate dev is running
   gateway   {base}        (API docs: {base}/docs)
-  metrics   {base}/metrics
+{demo_line}  metrics   {base}/metrics
   API key   {api_key}
 
 try it:

@@ -48,10 +48,16 @@ class Settings(BaseSettings):
     # Gateway.
     ping_s: float = 15.0
     send_timeout_s: float = 30.0
+    # The `retry:` hint that starts every native event stream: how long a browser waits before it
+    # reconnects after a replica dies. 0 sends none (browsers then wait their own default, ~3 s).
+    sse_retry_ms: int = Field(default=1000, ge=0)
     cors_origins: str = ""  # comma-separated; empty: no CORS headers
     # Longer than a load balancer's idle timeout (60 s on most), or it reuses a connection we just closed.
     keepalive_s: int = 75
     drain_s: float = 5.0  # on SIGTERM: readiness fails this long before SSE readers are sent elsewhere
+    # The demo page (/demo) and its keyless create route, which spends the first TAILGATE_API_KEYS key:
+    # development only (`tailgate dev` turns it on). See gateway/web.py.
+    demo: bool = False
 
     # Worker.
     concurrency: int = 500  # streams one worker process runs at once (ARQ max_jobs)
@@ -86,6 +92,14 @@ class Settings(BaseSettings):
         if self.allowed_models and self.default_model not in self.allowed_models:
             raise ValueError(
                 f"TAILGATE_DEFAULT_MODEL {self.default_model!r} is not in TAILGATE_MODELS; add it there"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _demo_has_a_key(self) -> Settings:
+        if self.demo and self.auth and not self.static_api_keys:
+            raise ValueError(
+                "TAILGATE_DEMO creates its streams with the first key of TAILGATE_API_KEYS; set one there"
             )
         return self
 

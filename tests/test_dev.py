@@ -47,6 +47,11 @@ async def test_tailgate_dev_serves_a_stream_end_to_end_and_ctrl_c_stops_everythi
         assert events[-1].event == "done"
         assert len([e for e in events if e.event == "delta"]) == 32  # the mock's default answer length
         assert "redis_version:6.2" in await _redis_info(redis_url)
+        await child.await_log(f"demo      {base}/demo")  # on in tailgate dev, with its URL printed
+        demo = await client.post(f"{base}/demo/streams", json={"prompt": "hello from the demo"})
+        assert demo.status_code == 202, demo.text
+        status = await client.get(f"{base}/v1/streams/{demo.json()['id']}", headers=headers)
+        assert status.status_code == 200  # the demo's streams are the printed key's
     finally:
         child.signal(signal.SIGINT)  # Ctrl-C
         code = await child.await_exit(60)

@@ -180,7 +180,7 @@ async def test_sigterm_gateway_drains_then_sends_readers_elsewhere_without_a_5xx
     response, first = await reader
 
     assert response.status_code == 200
-    assert extras.retries == [500]
+    assert extras.retries == [1000, 500]  # the stream's hint, then the shutdown's
     assert first[-1].event == "delta"  # ended without a terminal event: the client reconnects
     rest = await read_resuming(client, [staying], path, s.headers | {"Last-Event-ID": first[-1].id})
     events = first + rest.events

@@ -222,5 +222,45 @@ async def test_idle_reader_gets_keep_alive_comments(client: httpx.AsyncClient, m
             lines.append(line)
             if lines.count(": ping") == 2:
                 break
-    assert lines[0].startswith("id: ")
-    assert lines[1:] == ["event: queued", 'data: {"seq":1}', "", ": ping", "", ": ping"]
+    assert lines[:2] == ["retry: 1000", ""]
+    assert lines[2].startswith("id: ")
+    assert lines[3:] == ["event: queued", 'data: {"seq":1}', "", ": ping", "", ": ping"]
+
+
+async def first_bytes(client: httpx.AsyncClient, request: httpx.Request) -> bytes:
+    """The first chunk of a streamed answer (the status must be 200)."""
+    response = await client.send(request, stream=True)
+    try:
+        assert response.status_code == 200, await response.aread()
+        async for chunk in response.aiter_raw():
+            return chunk
+    finally:
+        await response.aclose()
+    raise AssertionError(f"{request.url} answered 200 with no body")
+
+
+async def test_every_native_event_stream_starts_with_the_retry_hint(
+    client: httpx.AsyncClient, stack: Stack, prompt: str
+) -> None:
+    created = await create(client, stack, {"prompt": prompt + " [mock:tokens=3]"})
+    url = stack.url + created["events_url"]
+    _, events = await read_sse(client, url, headers=stack.headers)
+    token = created["read_token"]
+    hint = b"retry: 1000\n\n"
+
+    def get(headers: dict[str, str], params: dict[str, str] | None = None) -> httpx.Request:
+        return client.build_request("GET", url, headers=stack.headers | headers, params=params)
+
+    native = [
+        get({}),  # from the start
+        get({"Last-Event-ID": events[1].id}),  # resumed
+        get({}, {"last_event_id": events[1].id, "token": token}),  # as a browser's EventSource reopens
+        get({"Last-Event-ID": "99999999999999-0"}),  # out of range: reset, then the whole stream
+    ]
+    for request in native:
+        first = await first_bytes(client, request)
+        assert first.startswith(hint), (request.url, first[:80])
+    ask = client.build_request(
+        "POST", f"{stack.url}/ask_query", json={"prompt": prompt}, headers=stack.headers
+    )
+    assert b"retry:" not in await first_bytes(client, ask)  # JSON lines: no SSE field to carry it
