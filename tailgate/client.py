@@ -89,7 +89,8 @@ DEFAULT_TIMEOUT = httpx.Timeout(10.0, read=45.0)
 # What a lost connection raises; worth another try. (Not httpx-sse's SSEError: a wrong content type.)
 _NETWORK = (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProtocolError)
 # The type of each field an event may carry, checked once, so Event's properties can trust them.
-_FIELDS: dict[str, type | tuple[type, ...]] = {
+# (null is allowed: a stream cancelled while queued has "usage": null.)
+_FIELDS: dict[str, type] = {
     "text": str, "attempt": int, "reason": str, "model": str, "position": int,
     "finish_reason": str, "usage": dict, "code": str, "message": str,
 }  # fmt: skip
@@ -160,7 +161,8 @@ class StreamCancelled(StreamError):
 @dataclass(frozen=True, slots=True)
 class Event:
     """One event: its cursor ``id``, its ``type`` and its ``data`` as sent (a JSON object with ``seq``).
-    The typed properties read ``data``; each is ``""`` or ``None`` on events that do not carry it."""
+    The typed properties read ``data``; each is ``""`` or ``None`` on events that do not carry it (or
+    carry a null)."""
 
     id: str
     type: str
@@ -176,9 +178,9 @@ class Event:
         if not event_id or not isinstance(parsed, dict) or type(parsed.get("seq")) is not int:
             raise ProtocolError(f"an event needs an id and an integer seq: {event_type} {data[:200]!r}")
         for name, kind in _FIELDS.items():
-            if name in parsed and not isinstance(parsed[name], kind):
-                raise ProtocolError(f"{event_type} {name} is not a {kind}: {data[:200]!r}")
-        if event_type == "delta" and "text" not in parsed:
+            if parsed.get(name) is not None and not isinstance(parsed[name], kind):
+                raise ProtocolError(f"{event_type} {name} is not a {kind.__name__}: {data[:200]!r}")
+        if event_type == "delta" and not isinstance(parsed.get("text"), str):
             raise ProtocolError(f"a delta without text: {data[:200]!r}")
         return cls(event_id, event_type, parsed)
 
@@ -193,7 +195,7 @@ class Event:
     @property
     def text(self) -> str:
         """``delta``: the text it adds."""
-        return cast(str, self.data.get("text", ""))
+        return cast(str, self.data.get("text") or "")
 
     @property
     def attempt(self) -> int | None:
