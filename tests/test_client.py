@@ -91,6 +91,8 @@ async def test_sync_client_creates_reads_resumes_elsewhere_and_reads_status(
                 if len(first) == 4:
                     break  # this reader leaves; another one picks up after the event it kept
         with Client(stack.url, api_key=stack.api_key) as other:
+            with pytest.raises(NotFound):
+                list(other.events("0" * 32))
             rest = list(other.resume(created.id, after=first[-1]))
             return first, rest, other.text(created.id), other.status(created.id), other.cancel(created.id)
 
