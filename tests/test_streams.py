@@ -1,15 +1,24 @@
 """The pipeline end to end: gateway, ARQ worker, mock upstream through the real openai SDK, Redis
-Stream, SSE over real HTTP."""
+Stream, SSE over real HTTP. Where what the server sent byte for byte matters, tests read it raw
+(``tailgate.dev.sse``); where a stream is only followed, through the Python client."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
+from tailgate.client import AsyncClient, Unauthorized
 from tailgate.dev.sse import assert_exactly_once, read_sse, text_of
 from tests.harness import MakeStack, Stack, expected_answer, mock_requests
+
+
+@pytest.fixture
+async def tg(stack: Stack) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(stack.url, stack.api_key) as c:
+        yield c
 
 
 async def create(client: httpx.AsyncClient, stack: Stack, body: dict[str, object]) -> dict[str, str]:
@@ -42,7 +51,7 @@ async def test_deltas_assemble_exactly_the_upstream_answer(
 
 
 async def test_create_answers_location_and_status_follows_the_stream(
-    client: httpx.AsyncClient, stack: Stack, prompt: str
+    client: httpx.AsyncClient, tg: AsyncClient, stack: Stack, prompt: str
 ) -> None:
     r = await client.post(
         f"{stack.url}/v1/streams",
@@ -57,8 +66,8 @@ async def test_create_answers_location_and_status_follows_the_stream(
     assert r.status_code == 202
     stream_id = r.json()["id"]
     assert r.headers["location"] == f"/v1/streams/{stream_id}"
-    _, events = await read_sse(client, f"{stack.url}/v1/streams/{stream_id}/events", headers=stack.headers)
-    assert events[-1].data["finish_reason"] == "length"  # max_tokens reached the upstream
+    events = [e async for e in tg.events(stream_id)]
+    assert events[-1].finish_reason == "length"  # max_tokens reached the upstream
 
     status = (await client.get(f"{stack.url}/v1/streams/{stream_id}", headers=stack.headers)).json()
     assert status["status"] == "completed"
@@ -159,32 +168,33 @@ async def test_read_token_opens_only_its_own_stream(
     other = await create(client, stack, {"prompt": prompt + " other [mock:tokens=3]"})
     token = created["read_token"]
 
-    response, events = await read_sse(client, stack.url + created["events_url"], params={"token": token})
-    assert response.status_code == 200 and events[-1].event == "done"
+    async with AsyncClient(stack.url) as reader:  # no API key: the token alone
+        events = [e async for e in reader.events(created["id"], token=token)]  # a 200, or it raises
+        assert events[-1].type == "done"
 
-    response, _ = await read_sse(client, stack.url + other["events_url"], params={"token": token})
-    assert response.status_code == 401
-    assert response.json()["error"]["code"] == "invalid_token"
+        with pytest.raises(Unauthorized) as refused:
+            [e async for e in reader.events(other["id"], token=token)]
+    assert refused.value.status == 401
+    assert refused.value.code == "invalid_token"
 
 
 async def test_cancel_mid_stream_closes_the_upstream_and_ends_with_cancelled(
-    client: httpx.AsyncClient, stack: Stack, mock_url: str, prompt: str
+    client: httpx.AsyncClient, tg: AsyncClient, stack: Stack, mock_url: str, prompt: str
 ) -> None:
     prompt += " [mock:tokens=400,delay_ms=10]"
     created = await create(client, stack, {"prompt": prompt})
-    url = stack.url + created["events_url"]
-    _, first = await read_sse(client, url, headers=stack.headers, limit=5)  # queued, started, 3 deltas
+    events = []
+    async for event in tg.events(created["id"]):
+        events.append(event)
+        if len(events) == 5:  # queued, started, 3 deltas
+            r = await client.post(f"{stack.url}/v1/streams/{created['id']}/cancel", headers=stack.headers)
+            assert r.status_code == 202
+            assert r.json() == {"id": created["id"], "status": "running", "cancel_requested": True}
 
-    r = await client.post(f"{stack.url}/v1/streams/{created['id']}/cancel", headers=stack.headers)
-    assert r.status_code == 202
-    assert r.json() == {"id": created["id"], "status": "running", "cancel_requested": True}
-    _, rest = await read_sse(client, url, headers=stack.headers | {"Last-Event-ID": first[-1].id})
-
-    events = first + rest
     assert_exactly_once(events)
-    assert events[-1].event == "cancelled"
-    deltas = [e for e in events if e.event == "delta"]
-    assert events[-1].data["usage"] == {"completion_tokens": len(deltas)}
+    assert events[-1].type == "cancelled"
+    deltas = [e for e in events if e.type == "delta"]
+    assert events[-1].usage == {"completion_tokens": len(deltas)}
     assert len(deltas) < 400
     [served] = await mock_requests(mock_url, prompt)
     assert served["closed_early"] is True

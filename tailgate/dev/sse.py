@@ -1,42 +1,52 @@
 """Reading tailgate's SSE as a client does, strictly, for the tests, the benchmark and the soak.
 
-Built on ``httpx-sse`` (a decoder that follows the SSE spec to the letter) over real HTTP connections.
-Strict: every event must carry an ``id`` and a JSON object with an integer ``seq``, else
-:class:`ProtocolError`; ``retry:`` hints and keep-alive comments are collected, not hidden.
+Built on ``httpx-sse`` (a decoder that follows the SSE spec to the letter) over real HTTP connections,
+and on :mod:`tailgate.client`'s checks: every event must carry an ``id`` and a JSON object with an
+integer ``seq`` (and fields of the right types), else :class:`ProtocolError`. Unlike the client,
+these readers keep what the server sent as it sent it (duplicates too, and no resume of their own
+unless asked), so a test can prove what the server did; ``retry:`` hints and keep-alive comments are
+collected, not hidden. The checks here (:func:`assert_exactly_once`, :func:`text_of`, …) take the
+client's events as well.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 from httpx_sse import EventSource
 
-TERMINAL = frozenset({"done", "error", "cancelled"})
+from tailgate import client
+from tailgate.client import TERMINAL, ProtocolError
+
+__all__ = [
+    "TERMINAL",
+    "Delivery",
+    "Event",
+    "Extras",
+    "ProtocolError",
+    "Resumed",
+    "assert_exactly_once",
+    "delivery_of",
+    "events",
+    "exactly_once_problems",
+    "read_resuming",
+    "read_sse",
+    "text_of",
+]
 
 
-class ProtocolError(AssertionError):
-    """The server sent something a tailgate client cannot accept."""
+class Event(client.Event):
+    """:class:`tailgate.client.Event`, which the tests also know by its SSE field name ``event``."""
 
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    id: str
-    event: str
-    data: dict[str, Any]
+    __slots__ = ()
 
     @property
-    def seq(self) -> int:
-        return int(self.data["seq"])
-
-    @property
-    def terminal(self) -> bool:
-        return self.event in TERMINAL
+    def event(self) -> str:
+        return self.type
 
 
 @dataclass(slots=True)
@@ -53,12 +63,7 @@ async def events(response: httpx.Response, extras: Extras | None = None) -> Asyn
             extras.retries.append(sse.retry)
         if not sse.data:
             continue  # a `retry:`-only block
-        if not sse.id:
-            raise ProtocolError(f"an event without an id: {sse.event} {sse.data[:200]}")
-        data = json.loads(sse.data)
-        if not isinstance(data, dict) or not isinstance(data.get("seq"), int):
-            raise ProtocolError(f"data is not an object with an integer seq: {sse.data[:200]}")
-        yield Event(sse.id, sse.event, data)
+        yield Event.decode(sse.id, sse.event, sse.data)
 
 
 async def read_sse(
@@ -139,7 +144,7 @@ class Delivery:
     ends_with_terminal: bool
 
 
-def delivery_of(events: list[Event]) -> Delivery:
+def delivery_of(events: Sequence[client.Event]) -> Delivery:
     seqs = [e.seq for e in events]
     seen = set(seqs)
     lost = [s for s in range(1, max(seqs, default=0) + 1) if s not in seen]
@@ -149,7 +154,7 @@ def delivery_of(events: list[Event]) -> Delivery:
     )
 
 
-def exactly_once_problems(events: list[Event]) -> list[str]:
+def exactly_once_problems(events: Sequence[client.Event]) -> list[str]:
     """What a client can prove, as a list of problems (empty: none): seq 1..n, each once; exactly
     one terminal event, and it is last."""
     problems = []
@@ -157,22 +162,22 @@ def exactly_once_problems(events: list[Event]) -> list[str]:
     if [e.seq for e in events] != list(range(1, len(events) + 1)):
         problems.append(f"seq not contiguous: lost {d.lost[:10]}, {d.duplicated} duplicated")
     if d.terminals != 1 or not d.ends_with_terminal:
-        last = events[-1].event if events else None
+        last = events[-1].type if events else None
         problems.append(f"{d.terminals} terminal events; the last event is {last}")
     return problems
 
 
-def assert_exactly_once(events: list[Event]) -> None:
+def assert_exactly_once(events: Sequence[client.Event]) -> None:
     problems = exactly_once_problems(events)
     assert not problems, "; ".join(problems)
 
 
-def text_of(events: list[Event]) -> str:
+def text_of(events: Sequence[client.Event]) -> str:
     """The answer a client assembles: deltas after the last reset."""
     text = ""
     for e in events:
-        if e.event == "reset":
+        if e.type == "reset":
             text = ""
-        elif e.event == "delta":
-            text += e.data["text"]
+        elif e.type == "delta":
+            text += e.text
     return text
