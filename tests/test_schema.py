@@ -25,6 +25,7 @@ OPERATIONS = {
     ("POST", "/v1/streams/{stream_id}/cancel"),
     ("GET", "/v1/streams/{stream_id}/events"),
     ("POST", "/ask_query"),
+    ("POST", "/v1/chat/completions"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
