@@ -50,3 +50,6 @@ TCP_USER_TIMEOUT_MS = 60_000
 # trip each) before it counts its streams, and for handed-back streams to be released and re-enqueued.
 SHUTDOWN_CLAIMS_S = 5.0
 SHUTDOWN_HANDBACK_S = 10.0
+# POST /v1/responses/{id}/cancel waits this long for a running response's worker to stop, so that it
+# can answer `cancelled` as OpenAI does; past it, it answers the response still `in_progress`.
+RESPONSE_CANCEL_WAIT_S = 5.0

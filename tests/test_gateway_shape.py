@@ -24,6 +24,9 @@ KEYED = {
     ("get", "/v1/streams/{stream_id}/events"),
     ("post", "/ask_query"),
     ("post", "/v1/chat/completions"),
+    ("post", "/v1/responses"),
+    ("get", "/v1/responses/{response_id}"),
+    ("post", "/v1/responses/{response_id}/cancel"),
 }
 OPEN = {("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics")}
 
