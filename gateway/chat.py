@@ -117,7 +117,7 @@ RESUME_DOC = "With `stream: true` and the `Idempotency-Key` that started it: res
             "description": "`stream: false`: the answer; `stream: true`: OpenAI's chunks, `data: [DONE]`",
             "content": {"text/event-stream": {}},
         },
-        **documented(400, 401, 409, 413, 429, 500, 502, 503),
+        **documented(400, 401, 404, 409, 413, 429, 500, 502, 503),
     },
 )
 async def chat_completions(

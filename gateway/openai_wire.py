@@ -7,8 +7,9 @@ and ``param``, and picks its exception class by status (``AuthenticationError`` 
 ``NotFoundError`` 404, ``RateLimitError`` 429, ``BadRequestError`` 400). :class:`OpenAIRoute` turns
 whatever a route or a shared dependency raises (:class:`ApiError`, a validation error, an
 unreachable Redis) into that shape, with tailgate's ``code`` kept, so the one set of dependencies
-serves both shapes. A body that does not validate is a 400 ``invalid_request_error``, as OpenAI
-answers it, not FastAPI's 422.
+serves both shapes. As OpenAI answers them: a body that does not validate is a 400
+``invalid_request_error``, not FastAPI's 422, and a model outside ``TAILGATE_MODELS`` is a 404
+``model_not_found``, not the native API's 400 ``model_not_allowed``.
 
 Deliberate oddity: :func:`until_finished` relies on ``sse.respond`` rendering each item before it
 asks for the next, so a renderer's ``finished`` is current when the generator resumes.
@@ -48,7 +49,7 @@ _TYPES = {
 _MEANING = {
     400: "Invalid request (OpenAI answers a body that does not validate with 400, and so does this)",
     401: "No API key, or an unknown one",
-    404: "No such response for this key",
+    404: "No such model here (`model_not_found`, as OpenAI answers it), or no such response for this key",
     409: "The Idempotency-Key was used with another body, or the generation was cancelled",
     413: "The body is too large",
     429: "Over a limit; retry after `Retry-After` seconds",
@@ -117,6 +118,8 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except ApiError as exc:
+                if exc.code == "model_not_allowed":  # OpenAI: an unknown model is not found
+                    return error_response(404, "model_not_found", exc.message, exc.headers, "model")
                 return error_response(exc.status, exc.code, exc.message, exc.headers)
             except RequestValidationError as exc:
                 return validation_error(exc)

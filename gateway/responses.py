@@ -143,7 +143,7 @@ STREAMED = {"content": {"text/event-stream": {}}, "description": "`stream: true`
 @router.post(
     "",
     response_model=None,
-    responses={200: {"model": ResponseObject, **STREAMED}, **documented(400, 401, 409, 413, 429, 503)},
+    responses={200: {"model": ResponseObject, **STREAMED}, **documented(400, 401, 404, 409, 413, 429, 503)},
 )
 async def create_response(
     svc: Svc,
@@ -162,7 +162,8 @@ async def create_response(
     fields = {"response": dumps(body.params())}
     if not body.stream:
         created = await start(svc, owner, body.stream_request(), idempotency_key, fields)
-        return _answer(await _fold(svc, created.id, await svc.store.meta(created.id)))
+        # The response as created (OpenAI answers `queued`), whatever its worker has done since.
+        return _answer(ResponseView(created.id, await svc.store.meta(created.id)))
     release = svc.readers.take(owner)  # before the stream exists: a refusal leaves nothing behind
     try:
         created = await start(svc, owner, body.stream_request(), idempotency_key, fields)
