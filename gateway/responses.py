@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from contextlib import aclosing
 from typing import Annotated, Any, Literal
 
@@ -230,7 +231,7 @@ async def cancel_response(svc: Svc, owner: Caller, response_id: str) -> JSONResp
         return _answer(await _fold(svc, found.id, found.meta))  # still stopping: in_progress
 
 
-def _events(svc: Services, stream: Stream, after: int, release: Any) -> sse.SSEResponse:
+def _events(svc: Services, stream: Stream, after: int, release: Callable[[], None]) -> sse.SSEResponse:
     frames = ResponseFrames(ResponseView(stream.id, stream.meta), after)
     # Not resumable by the hub: an SDK does not reconnect, so a gateway shutting down lets it finish.
     tail = svc.hub.tail(stream.id, START, 0, resumable=False)

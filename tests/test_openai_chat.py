@@ -77,7 +77,6 @@ async def test_every_frame_has_the_streams_cursor_as_id_and_the_last_is_done(
     client: httpx.AsyncClient, stack: Stack, prompt: str
 ) -> None:
     body = {"model": MODEL, "messages": ask(prompt), "stream": True}
-    frames = []
     async with client.stream(
         "POST", f"{stack.url}/v1/chat/completions", json=body, headers=stack.headers
     ) as r:
@@ -88,7 +87,7 @@ async def test_every_frame_has_the_streams_cursor_as_id_and_the_last_is_done(
 
     _, native = await read_sse(client, f"{stack.url}/v1/streams/{stream_id}/events", headers=stack.headers)
     cursors = [e.id for e in native]
-    assert [f.data for f in frames][-1] == "[DONE]"
+    assert frames[-1].data == "[DONE]"
     assert all(f.id in cursors for f in frames)
     assert [f.id for f in frames] == sorted((f.id for f in frames), key=id_key)
     assert frames[-1].id == frames[-2].id == cursors[-1]  # the finish chunk and [DONE]: the `done` event
