@@ -17,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway import health, native, tutorial, web
+from gateway import chat, health, native, responses, tutorial, web
 from gateway.admission import BodyLimit
 from gateway.errors import ApiError, on_api_error, on_http_error, on_redis_error, on_validation_error
 from gateway.services import opened
@@ -51,6 +51,8 @@ def create_app(settings: Settings) -> FastAPI:
         )
     app.include_router(native.router)
     app.include_router(tutorial.router)
+    app.include_router(chat.router)
+    app.include_router(responses.router)
     app.include_router(health.router)
     app.include_router(web.router)
     if settings.demo:

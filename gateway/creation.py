@@ -81,10 +81,15 @@ class StreamCreated(BaseModel):
 
 
 async def start(
-    svc: Services, owner: str, body: StreamRequest, idempotency_key: str | None = None
+    svc: Services,
+    owner: str,
+    body: StreamRequest,
+    idempotency_key: str | None = None,
+    extra_fields: dict[str, str] | None = None,
 ) -> StreamCreated:
     """Queue a generation for ``owner``. With ``idempotency_key``: the stream this key started
     before, if any (409 if for another body). 429 over a limit; 503 if the queue is unreachable.
+    ``extra_fields``: more meta fields the surface keeps with the stream (a response's parameters).
 
     Idempotency, the per-key limits and the create are one atomic script: concurrent duplicates get
     the one stream or the same refusal, and no answer names a stream that does not exist."""
@@ -95,6 +100,8 @@ async def start(
     fields = {"model": request["model"], "request": dumps(request)}
     if body.metadata:
         fields["metadata"] = dumps(body.metadata)
+    if extra_fields:
+        fields = extra_fields | fields
     idempotency = None
     if idempotency_key is not None:
         digest = hashlib.sha256(body.model_dump_json(exclude_none=True).encode()).hexdigest()

@@ -59,3 +59,6 @@ READ_TOKEN_SKEW_S = 60
 # often than once per SHARED_REREAD_MIN_S, so a flood of forged tokens costs Redis one GET a second.
 SHARED_RECHECK_S = 5.0
 SHARED_REREAD_MIN_S = 1.0
+# POST /v1/responses/{id}/cancel waits this long for a running response's worker to stop, so that it
+# can answer `cancelled` as OpenAI does; past it, it answers the response still `in_progress`.
+RESPONSE_CANCEL_WAIT_S = 5.0

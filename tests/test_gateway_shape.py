@@ -24,6 +24,10 @@ KEYED = {
     ("post", "/v1/streams/{stream_id}/cancel"),
     ("get", "/v1/streams/{stream_id}/events"),
     ("post", "/ask_query"),
+    ("post", "/v1/chat/completions"),
+    ("post", "/v1/responses"),
+    ("get", "/v1/responses/{response_id}"),
+    ("post", "/v1/responses/{response_id}/cancel"),
 }
 OPEN = {("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics")}
 
@@ -53,7 +57,7 @@ async def test_every_route_the_schema_marks_as_keyed_answers_401_without_a_key(
         for headers in ({}, {"Authorization": "Bearer not-a-key"}):
             r = await client.request(
                 method,
-                stack.url + path.replace("{stream_id}", UNKNOWN),
+                stack.url + path.replace("{stream_id}", UNKNOWN).replace("{response_id}", f"resp_{UNKNOWN}"),
                 json=bodies.get(path),
                 headers=headers,
             )

@@ -25,6 +25,10 @@ OPERATIONS = {
     ("POST", "/v1/streams/{stream_id}/cancel"),
     ("GET", "/v1/streams/{stream_id}/events"),
     ("POST", "/ask_query"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/responses"),
+    ("GET", "/v1/responses/{response_id}"),
+    ("POST", "/v1/responses/{response_id}/cancel"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -51,19 +55,23 @@ def _run(stack: Stack) -> None:
             r.read()
         cancelled = client.post("/v1/streams", json={"prompt": "schema"}).json()["id"]
         client.post(f"/v1/streams/{cancelled}/cancel")
+        response = client.post("/v1/responses", json={"input": "schema [mock:tokens=3]", "background": True})
     real_ids = st.sampled_from([done, cancelled, None])
+    real_responses = st.sampled_from([response.json()["id"], None])
     paths = schema.raw_schema["paths"]
     assert {(m.upper(), p) for p, ms in paths.items() for m in ms} == OPERATIONS
     for method, path in sorted(OPERATIONS):
         operation = schema[path][method]
 
-        @given(case=operation.as_strategy(), real_id=real_ids)
+        @given(case=operation.as_strategy(), real_id=real_ids, real_response=real_responses)
         @settings(
             max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None
         )
-        def conforms(case: Any, real_id: str | None) -> None:
+        def conforms(case: Any, real_id: str | None, real_response: str | None) -> None:
             if real_id is not None and "stream_id" in (case.path_parameters or {}):
                 case.path_parameters["stream_id"] = real_id
+            if real_response is not None and "response_id" in (case.path_parameters or {}):
+                case.path_parameters["response_id"] = real_response
             case.call_and_validate(headers=stack.headers, checks=CHECKS, timeout=30)
 
         conforms()
