@@ -1,8 +1,8 @@
 """The gateway's FastAPI app: lifespan, middleware, error handlers and one router per surface.
 
-Routes live in their surface's module (``native``, ``tutorial``, ``health``, ``web``); what
-surfaces share lives beside them (``services``, ``dependencies``, ``creation``, ``sse``). A new
-surface is a new router module included here.
+Routes live in their surface's module (``native``, ``tutorial``, ``chat``, ``responses``,
+``health``, ``web``); what surfaces share lives beside them (``services``, ``dependencies``,
+``creation``, ``sse``, ``openai_wire``). A new surface is a new router module included here.
 """
 
 from __future__ import annotations
