@@ -1,19 +1,24 @@
 """What the tests share beyond the kit (``tailgate.dev.procs`` starts and waits for processes,
-``tailgate.dev.sse`` reads SSE): a stack of gateway and worker processes on one queue, and what the
-mock upstream answers and was asked."""
+``tailgate.dev.sse`` reads SSE): a stack of gateway and worker processes on one queue and one Redis
+database of its own, and what the mock upstream answers and was asked."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import signal
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 import openai
+import redis
 
-from tailgate.dev.procs import Child, child_env, free_port, tailgate_command
+from tailgate.dev.procs import Child, RedisServer, child_env, free_port, tailgate_command
 
 MODEL = "gpt-4o-mini"  # the gateway's default model, which the worker sends upstream
 
@@ -61,19 +66,106 @@ class Stack:
         return self.gateways[0]
 
     @property
+    def redis_url(self) -> str:
+        """The Redis database its processes use: where to read its streams' keys and counters."""
+        return self.env["TAILGATE_REDIS_URL"]
+
+    def redis_url_at(self, port: int) -> str:
+        """Its Redis database reached on another local port (a ``FaultProxy`` in front of it)."""
+        return f"redis://127.0.0.1:{port}{urlsplit(self.redis_url).path}"
+
+    @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
 
     def close(self) -> None:
-        for child in self.procs:
-            child.signal(signal.SIGTERM)  # all at once, then wait for each
-        for child in reversed(self.procs):
-            child.stop()
+        stop_all([self])
+
+
+def stop_all(stacks: Iterable[Stack]) -> None:
+    """SIGTERM every process of ``stacks`` at once, then wait for each: stopping costs the slowest
+    shutdown (a worker finishing its streams), not the sum of them."""
+    children = [child for stack in stacks for child in stack.procs]
+    for child in children:
+        child.signal(signal.SIGTERM)
+    for child in reversed(children):
+        child.stop()
+
+
+class Databases:
+    """The numbered databases of one redis-server, lent one at a time (database 0 never is).
+
+    A stack on a database of its own has its own running index, counters, worker registry, API keys
+    and queue, so no other test's worker can take over its streams, and nothing it counts is another
+    test's. Pub/sub is server-wide in Redis, but harmless across stacks: a wake-up only makes a worker
+    poll its own queue, and stream and cancel channels carry random stream ids."""
+
+    def __init__(self, server: RedisServer, count: int) -> None:
+        self._server = server
+        self._free = list(range(count - 1, 0, -1))
+
+    def lend(self) -> str:
+        """An empty database's URL; no I/O, so async tests may call it."""
+        if not self._free:
+            raise RuntimeError("every database is lent: a test holds too many, or they are not given back")
+        return f"redis://127.0.0.1:{self._server.port}/{self._free.pop()}"
+
+    def give_back(self, url: str) -> None:
+        """Empty the database (whatever used it has stopped) and lend it again. Blocking: call it
+        from a fixture's teardown, not from a test."""
+        with redis.Redis.from_url(url) as r:
+            r.flushdb()
+        self._free.append(int(urlsplit(url).path.lstrip("/")))
+
+
+class Stacks:
+    """Builds stacks: ``env`` (the tests' defaults) with a queue of its own and, unless given a Redis,
+    a database of its own from ``databases``; :meth:`stop` stops them and gives their databases back."""
+
+    def __init__(self, databases: Databases, env: dict[str, str], log_dir: Path, api_key: str) -> None:
+        self._databases = databases
+        self._env = env
+        self._log_dir = log_dir
+        self._api_key = api_key
+        self._lent: dict[int, str] = {}  # id(stack) -> its database's URL
+
+    def make(self, redis_url: str | None = None, **env: str) -> Stack:
+        """A stack on ``redis_url`` as is, or on a database of its own; starts nothing."""
+        url = redis_url or self._databases.lend()
+        queue = f"tg:queue:{secrets.token_hex(4)}"
+        stack = Stack(
+            self._env | {"TAILGATE_REDIS_URL": url, "TAILGATE_QUEUE_NAME": queue} | env,
+            self._log_dir,
+            self._api_key,
+        )
+        if redis_url is None:
+            self._lent[id(stack)] = url
+        return stack
+
+    def stop(self, stacks: list[Stack]) -> None:
+        """Stop every process of ``stacks`` (all at once), then give their databases back."""
+        try:
+            stop_all(stacks)
+        finally:
+            for stack in stacks:
+                url = self._lent.pop(id(stack), None)
+                if url is not None:
+                    self._databases.give_back(url)
+
+    @contextmanager
+    def running(self, **env: str) -> Iterator[Stack]:
+        """A stack (as :meth:`make`) that is stopped when the block ends."""
+        stack = self.make(**env)
+        try:
+            yield stack
+        finally:
+            self.stop([stack])
 
 
 class MakeStack(Protocol):
-    """The ``make_stack`` fixture: a new stack with its own queue, on ``redis_url`` (default: the
-    session's Redis), with ``env`` over the tests' defaults."""
+    """The ``make_stack`` fixture: a new stack with its own queue, on ``redis_url`` (default: a
+    database of its own on the session's Redis), with ``env`` over the tests' defaults. Its processes
+    stop when the test ends."""
 
     def __call__(self, redis_url: str | None = None, **env: str) -> Stack: ...
 

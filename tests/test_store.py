@@ -2,8 +2,8 @@
 active set and the running index and is counted once; fencing and replayed appends; and the worker's
 appender writing an attempt through them.
 
-The counters (``tg:stats``) are global, so these tests use a database of their own on the shared
-server and empty it before each test.
+The counters (``tg:stats``) are global, so each test has an empty database of its own on the
+shared server (the ``redis_db`` fixture).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import pytest
 
 from tailgate import keys
 from tailgate.connections import open_store
-from tailgate.dev.procs import RedisServer
 from tailgate.events import dumps
 from tailgate.settings import Settings
 from tailgate.store import Append, CreateReply, Creation, Limits, Reply, StreamStore, Written
@@ -29,14 +28,11 @@ from worker.publisher import Appender
 OWNER = "owner-one"
 WORKER = "test-worker"
 REQUEST: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-DB = 11  # no other test uses it
 
 
 @pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[StreamStore]:
-    url = redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
-    s = open_store(Settings(redis_url=url), "test", 4)
-    await s.redis.flushdb()
+async def store(redis_db: str) -> AsyncIterator[StreamStore]:
+    s = open_store(Settings(redis_url=redis_db), "test", 4)
     yield s
     await s.redis.aclose()
 
@@ -297,13 +293,9 @@ async def test_the_appender_writes_an_attempts_events_in_order_and_its_end_settl
             await loop
 
 
-async def test_an_append_past_the_length_cap_ends_the_stream_with_stream_too_long(
-    redis_server: RedisServer,
-) -> None:
-    url = redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
-    capped = open_store(Settings(redis_url=url, stream_maxlen=6), "test", 2)
+async def test_an_append_past_the_length_cap_ends_the_stream_with_stream_too_long(redis_db: str) -> None:
+    capped = open_store(Settings(redis_url=redis_db, stream_maxlen=6), "test", 2)
     try:
-        await capped.redis.flushdb()
         stream_id = await create(capped)  # queued (1)
         c = await claim(capped, stream_id)  # started (2)
         ok = await write(
