@@ -38,6 +38,16 @@ def redis_server() -> Iterator[RedisServer]:
     server.close()
 
 
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of this test's own, to kill and restart; append-only, so a restart keeps every
+    acknowledged write (appendfsync always). Ask for it before ``make_stack``: fixtures stop in
+    reverse order, so the stack's processes stop before their Redis does."""
+    server = RedisServer(appendonly=True).start()
+    yield server
+    server.close()
+
+
 @pytest.fixture(scope="session")
 def databases(redis_server: RedisServer) -> Databases:
     return Databases(redis_server, DATABASES)

@@ -54,16 +54,6 @@ def resets(events: list[Event]) -> list[Event]:
     return [e for e in events if e.event == "reset"]
 
 
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A Redis of this test's own, to kill and restart; append-only, so a restart keeps every
-    acknowledged write (appendfsync always). Ask for it before ``make_stack``: fixtures stop in
-    reverse order, so the stack's processes stop before their Redis does."""
-    server = RedisServer(appendonly=True).start()
-    yield server
-    server.close()
-
-
 async def test_killed_worker_is_taken_over_within_10s_and_the_client_sees_one_reset(
     client: httpx.AsyncClient, make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
