@@ -1,5 +1,11 @@
 """Fixtures: a real redis-server on a free port, the mock upstream, gateways and workers as real
-processes. Each fixture that starts something stops it."""
+processes. Each fixture that starts something stops it.
+
+Isolation: every stack runs on a Redis database of its own (``tests.harness.Databases``), and a
+stack made by ``make_stack`` stops when its test ends, so no test's worker can take over, count or
+serve another test's streams. The one stack that lives for the session, ``stack``, has its database
+to itself too.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,13 @@ import httpx
 import pytest
 
 from tailgate.dev.procs import RedisServer, child_env
-from tests.harness import MakeStack, Stack, start_mock
+from tests.harness import Databases, MakeStack, Stack, Stacks, start_mock
 
 API_KEY = "tg-test-key-one"
 OTHER_KEY = "tg-test-key-two"
+# Databases of the session's redis-server: one per stack alive at once (the session's, a module's,
+# a test's few) and one per test_store test; database 0 is left to tests that use the server directly.
+DATABASES = 32
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +33,32 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
+    server = RedisServer(extra=["--databases", str(DATABASES)]).start()
     yield server
     server.close()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of this test's own, to kill and restart; append-only, so a restart keeps every
+    acknowledged write (appendfsync always). Ask for it before ``make_stack``: fixtures stop in
+    reverse order, so the stack's processes stop before their Redis does."""
+    server = RedisServer(appendonly=True).start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def databases(redis_server: RedisServer) -> Databases:
+    return Databases(redis_server, DATABASES)
+
+
+@pytest.fixture
+def redis_db(databases: Databases) -> Iterator[str]:
+    """The URL of an empty database of this test's own on the session's Redis."""
+    url = databases.lend()
+    yield url
+    databases.give_back(url)
 
 
 @pytest.fixture(scope="session")
@@ -37,40 +69,45 @@ def mock_url(log_dir: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def make_stack(redis_server: RedisServer, mock_url: str, log_dir: Path) -> Iterator[MakeStack]:
-    """A factory of stacks with their own queue; every process they start is stopped at the end."""
-    stacks: list[Stack] = []
+def stacks(databases: Databases, mock_url: str, log_dir: Path) -> Stacks:
+    """Builds stacks with the tests' defaults (``make_stack``, and fixtures of a wider scope)."""
+    env = child_env(
+        TAILGATE_API_KEYS=f"{API_KEY},{OTHER_KEY}",
+        TAILGATE_LOG_FORMAT="text",
+        TAILGATE_DRAIN_S="0",  # no load balancer here; the drain test sets its own
+        TAILGATE_SHUTDOWN_GRACE_S="5",
+        TAILGATE_UPSTREAM_IDLE_TIMEOUT_S="2",
+        TAILGATE_RATE_LIMIT_PER_MIN="1000000",
+        TAILGATE_MAX_ACTIVE_PER_KEY="100000",
+        OPENAI_API_KEY="sk-test",
+        OPENAI_BASE_URL=f"{mock_url}/v1",
+    )
+    return Stacks(databases, env, log_dir, API_KEY)
+
+
+@pytest.fixture
+def make_stack(stacks: Stacks) -> Iterator[MakeStack]:
+    """A factory of stacks, each with its own queue and database; every process they start is
+    stopped when the test ends (all at once)."""
+    made: list[Stack] = []
 
     def make(redis_url: str | None = None, **env: str) -> Stack:
-        base = child_env(
-            TAILGATE_REDIS_URL=redis_url or redis_server.url,
-            TAILGATE_QUEUE_NAME=f"tg:queue:{secrets.token_hex(4)}",
-            TAILGATE_API_KEYS=f"{API_KEY},{OTHER_KEY}",
-            TAILGATE_LOG_FORMAT="text",
-            TAILGATE_DRAIN_S="0",  # no load balancer here; the drain test sets its own
-            TAILGATE_SHUTDOWN_GRACE_S="5",
-            TAILGATE_UPSTREAM_IDLE_TIMEOUT_S="2",
-            TAILGATE_RATE_LIMIT_PER_MIN="1000000",
-            TAILGATE_MAX_ACTIVE_PER_KEY="100000",
-            OPENAI_API_KEY="sk-test",
-            OPENAI_BASE_URL=f"{mock_url}/v1",
-        )
-        stack = Stack(base | env, log_dir, API_KEY)
-        stacks.append(stack)
+        stack = stacks.make(redis_url, **env)
+        made.append(stack)
         return stack
 
     yield make
-    for stack in stacks:
-        stack.close()
+    stacks.stop(made)
 
 
 @pytest.fixture(scope="session")
-def stack(make_stack: MakeStack) -> Stack:
-    """One gateway and one worker, shared by the tests that do not kill anything."""
-    s = make_stack()
-    s.gateway()
-    s.worker()
-    return s
+def stack(stacks: Stacks) -> Iterator[Stack]:
+    """One gateway and one worker on a database of their own, shared by the tests that do not kill
+    anything."""
+    with stacks.running() as s:
+        s.gateway()
+        s.worker()
+        yield s
 
 
 @pytest.fixture

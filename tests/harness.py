@@ -1,19 +1,26 @@
 """What the tests share beyond the kit (``tailgate.dev.procs`` starts and waits for processes,
-``tailgate.dev.sse`` reads SSE): a stack of gateway and worker processes on one queue, and what the
-mock upstream answers and was asked."""
+``tailgate.dev.sse`` reads SSE): a stack of gateway and worker processes on one queue and one Redis
+database of its own, and what the mock upstream answers and was asked."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import secrets
 import signal
+import socket
+import struct
+from collections.abc import Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 import openai
+import redis
 
-from tailgate.dev.procs import Child, child_env, free_port, tailgate_command
+from tailgate.dev.procs import Child, RedisServer, child_env, free_port, tailgate_command
 
 MODEL = "gpt-4o-mini"  # the gateway's default model, which the worker sends upstream
 
@@ -61,19 +68,106 @@ class Stack:
         return self.gateways[0]
 
     @property
+    def redis_url(self) -> str:
+        """The Redis database its processes use: where to read its streams' keys and counters."""
+        return self.env["TAILGATE_REDIS_URL"]
+
+    def redis_url_at(self, port: int) -> str:
+        """Its Redis database reached on another local port (a ``FaultProxy`` in front of it)."""
+        return f"redis://127.0.0.1:{port}{urlsplit(self.redis_url).path}"
+
+    @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
 
     def close(self) -> None:
-        for child in self.procs:
-            child.signal(signal.SIGTERM)  # all at once, then wait for each
-        for child in reversed(self.procs):
-            child.stop()
+        stop_all([self])
+
+
+def stop_all(stacks: Iterable[Stack]) -> None:
+    """SIGTERM every process of ``stacks`` at once, then wait for each: stopping costs the slowest
+    shutdown (a worker finishing its streams), not the sum of them."""
+    children = [child for stack in stacks for child in stack.procs]
+    for child in children:
+        child.signal(signal.SIGTERM)
+    for child in reversed(children):
+        child.stop()
+
+
+class Databases:
+    """The numbered databases of one redis-server, lent one at a time (database 0 never is).
+
+    A stack on a database of its own has its own running index, counters, worker registry, API keys
+    and queue, so no other test's worker can take over its streams, and nothing it counts is another
+    test's. Pub/sub is server-wide in Redis, but harmless across stacks: a wake-up only makes a worker
+    poll its own queue, and stream and cancel channels carry random stream ids."""
+
+    def __init__(self, server: RedisServer, count: int) -> None:
+        self._server = server
+        self._free = list(range(count - 1, 0, -1))
+
+    def lend(self) -> str:
+        """An empty database's URL; no I/O, so async tests may call it."""
+        if not self._free:
+            raise RuntimeError("every database is lent: a test holds too many, or they are not given back")
+        return f"redis://127.0.0.1:{self._server.port}/{self._free.pop()}"
+
+    def give_back(self, url: str) -> None:
+        """Empty the database (whatever used it has stopped) and lend it again. Blocking: call it
+        from a fixture's teardown, not from a test."""
+        with redis.Redis.from_url(url) as r:
+            r.flushdb()
+        self._free.append(int(urlsplit(url).path.lstrip("/")))
+
+
+class Stacks:
+    """Builds stacks: ``env`` (the tests' defaults) with a queue of its own and, unless given a Redis,
+    a database of its own from ``databases``; :meth:`stop` stops them and gives their databases back."""
+
+    def __init__(self, databases: Databases, env: dict[str, str], log_dir: Path, api_key: str) -> None:
+        self._databases = databases
+        self._env = env
+        self._log_dir = log_dir
+        self._api_key = api_key
+        self._lent: dict[int, str] = {}  # id(stack) -> its database's URL
+
+    def make(self, redis_url: str | None = None, **env: str) -> Stack:
+        """A stack on ``redis_url`` as is, or on a database of its own; starts nothing."""
+        url = redis_url or self._databases.lend()
+        queue = f"tg:queue:{secrets.token_hex(4)}"
+        stack = Stack(
+            self._env | {"TAILGATE_REDIS_URL": url, "TAILGATE_QUEUE_NAME": queue} | env,
+            self._log_dir,
+            self._api_key,
+        )
+        if redis_url is None:
+            self._lent[id(stack)] = url
+        return stack
+
+    def stop(self, stacks: list[Stack]) -> None:
+        """Stop every process of ``stacks`` (all at once), then give their databases back."""
+        try:
+            stop_all(stacks)
+        finally:
+            for stack in stacks:
+                url = self._lent.pop(id(stack), None)
+                if url is not None:
+                    self._databases.give_back(url)
+
+    @contextlib.contextmanager
+    def running(self, **env: str) -> Iterator[Stack]:
+        """A stack (as :meth:`make`) that is stopped when the block ends."""
+        stack = self.make(**env)
+        try:
+            yield stack
+        finally:
+            self.stop([stack])
 
 
 class MakeStack(Protocol):
-    """The ``make_stack`` fixture: a new stack with its own queue, on ``redis_url`` (default: the
-    session's Redis), with ``env`` over the tests' defaults."""
+    """The ``make_stack`` fixture: a new stack with its own queue, on ``redis_url`` (default: a
+    database of its own on the session's Redis), with ``env`` over the tests' defaults. Its processes
+    stop when the test ends."""
 
     def __call__(self, redis_url: str | None = None, **env: str) -> Stack: ...
 
@@ -102,3 +196,87 @@ async def mock_requests(mock_url: str, prompt: str) -> list[dict[str, Any]]:
     async with httpx.AsyncClient() as client:
         served: list[dict[str, Any]] = (await client.get(f"{mock_url}/mock/requests")).json()
     return [r for r in served if r["prompt"] == prompt and r["stream"]]
+
+
+class ReplyLosingProxy:
+    """A TCP proxy in front of Redis that loses one reply on purpose: after :meth:`lose_reply_to`,
+    the first request containing ``marker`` goes through to Redis, which runs it, and when its reply
+    comes back the connection is reset both ways instead. The client sees a broken connection and
+    cannot know that its command was applied: the one failure that replays are recognised for.
+
+    One connection carries one request at a time (redis-py waits for a reply before it sends the
+    next command on a connection, and a pipeline's commands go in one write), so the reply that
+    comes back next on that connection is the marked request's."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.lost = 0  # replies lost so far
+        self._marker: bytes | None = None
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def url(self, redis_url: str) -> str:
+        """``redis_url``'s database, reached through this proxy."""
+        return f"redis://127.0.0.1:{self.port}{urlsplit(redis_url).path}"
+
+    def lose_reply_to(self, marker: bytes) -> None:
+        self._marker = marker
+
+    async def start(self) -> ReplyLosingProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        doomed = False  # the next reply on this connection is lost
+
+        async def requests() -> None:
+            nonlocal doomed
+            while data := await client_r.read(65536):
+                if self._marker is not None and self._marker in data:
+                    self._marker, doomed = None, True
+                redis_w.write(data)
+                await redis_w.drain()
+
+        async def replies() -> None:
+            while data := await redis_r.read(65536):
+                if doomed:
+                    self.lost += 1
+                    _reset(client_w)
+                    _reset(redis_w)
+                    return
+                client_w.write(data)
+                await client_w.drain()
+
+        for pump in (requests(), replies()):
+            task = asyncio.create_task(_closing(pump, client_w, redis_w))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+
+async def _closing(pump: Coroutine[Any, Any, None], *writers: asyncio.StreamWriter) -> None:
+    """Run one direction of a proxied connection; when it ends (or breaks), close both sides."""
+    try:
+        with contextlib.suppress(ConnectionError, OSError):
+            await pump
+    finally:
+        for w in writers:
+            w.close()
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with RST, not FIN: the peer sees a broken connection, not a polite end."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from tailgate.dev.procs import RedisServer, arun, tailgate_command
+from tailgate.dev.procs import arun, tailgate_command
 from tailgate.dev.sse import assert_exactly_once, read_sse, text_of
 from tests.conftest import OTHER_KEY
 from tests.harness import MakeStack, Stack
@@ -84,15 +84,15 @@ async def test_malformed_cursor_is_400(
     ],
 )
 async def test_invalid_body_is_422_and_creates_nothing(
-    client: httpx.AsyncClient, stack: Stack, redis_server: RedisServer, body: dict[str, object], says: str
+    client: httpx.AsyncClient, stack: Stack, body: dict[str, object], says: str
 ) -> None:
-    before = await _stream_keys(redis_server.url)
+    before = await _stream_keys(stack.redis_url)
     r = await client.post(f"{stack.url}/v1/streams", json=body, headers=stack.headers)
     assert r.status_code == 422
     error = error_of(r)
     assert error["code"] == "invalid_request"
     assert says in error["message"]
-    assert await _stream_keys(redis_server.url) == before
+    assert await _stream_keys(stack.redis_url) == before
 
 
 async def test_body_that_is_not_json_is_422(client: httpx.AsyncClient, stack: Stack) -> None:
@@ -123,17 +123,14 @@ async def test_missing_or_unknown_key_is_401(
     assert r.status_code == 401
 
 
-async def test_key_added_in_redis_by_the_cli_is_accepted(
-    client: httpx.AsyncClient, stack: Stack, redis_server: RedisServer
-) -> None:
-    env = stack.env | {"TAILGATE_REDIS_URL": redis_server.url}
-    added = await arun(tailgate_command("keys", "add", "ci"), env)
+async def test_key_added_in_redis_by_the_cli_is_accepted(client: httpx.AsyncClient, stack: Stack) -> None:
+    added = await arun(tailgate_command("keys", "add", "ci"), stack.env)
     assert added.returncode == 0, added.stderr
     key = added.stdout.strip()
     headers = {"Authorization": f"Bearer {key}"}
     r = await client.post(f"{stack.url}/v1/streams", json={"prompt": "hi [mock:tokens=1]"}, headers=headers)
     assert r.status_code == 202
-    revoked = await arun(tailgate_command("keys", "revoke", key), env)
+    revoked = await arun(tailgate_command("keys", "revoke", key), stack.env)
     assert revoked.returncode == 0, revoked.stderr
     r = await client.post(f"{stack.url}/v1/streams", json={"prompt": "hi"}, headers=headers)
     assert r.status_code == 401

@@ -84,15 +84,13 @@ async def _redis_info(url: str) -> str:
         return "\n".join(f"{k}:{v}" for k, v in (await r.info("server")).items())
 
 
-async def test_tailgate_top_shows_queue_workers_and_counters(
-    client: httpx.AsyncClient, stack: Stack, redis_server: RedisServer
-) -> None:
+async def test_tailgate_top_shows_queue_workers_and_counters(client: httpx.AsyncClient, stack: Stack) -> None:
     created = await client.post(
         f"{stack.url}/v1/streams", json={"prompt": "top [mock:tokens=2]"}, headers=stack.headers
     )
     _, events = await read_sse(client, stack.url + created.json()["events_url"], headers=stack.headers)
     assert events[-1].event == "done"
-    async with redis.asyncio.Redis.from_url(redis_server.url, decode_responses=True) as r:
+    async with redis.asyncio.Redis.from_url(stack.redis_url, decode_responses=True) as r:
         completed = int(await r.hget("tg:stats", "completed") or 0)
     top = await arun(tailgate_command("top", "--once"), stack.env)
     assert top.returncode == 0, top.stderr

@@ -54,17 +54,8 @@ def resets(events: list[Event]) -> list[Event]:
     return [e for e in events if e.event == "reset"]
 
 
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A Redis of this test's own, to kill and restart; append-only, so a restart keeps every
-    acknowledged write (appendfsync always)."""
-    server = RedisServer(appendonly=True).start()
-    yield server
-    server.close()
-
-
 async def test_killed_worker_is_taken_over_within_10s_and_the_client_sees_one_reset(
-    client: httpx.AsyncClient, make_stack: MakeStack, redis_server: RedisServer, mock_url: str, prompt: str
+    client: httpx.AsyncClient, make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
     s = make_stack()  # default heartbeat (2 s) and takeover (6 s)
     url = await s.agateway()
@@ -74,7 +65,7 @@ async def test_killed_worker_is_taken_over_within_10s_and_the_client_sees_one_re
     path = await create(client, url, s, prompt)
     _, first = await read_sse(client, url + path, headers=s.headers, limit=12)
 
-    (await owner(s, redis_server.url, path)).signal(signal.SIGKILL)
+    (await owner(s, s.redis_url, path)).signal(signal.SIGKILL)
     killed = time.monotonic()
     rest = await read_resuming(client, [url], path, s.headers | {"Last-Event-ID": first[-1].id})
     elapsed = time.monotonic() - killed
@@ -91,7 +82,7 @@ async def test_killed_worker_is_taken_over_within_10s_and_the_client_sees_one_re
 
 
 async def test_paused_worker_is_fenced_after_takeover_and_nothing_it_writes_reaches_readers(
-    client: httpx.AsyncClient, make_stack: MakeStack, redis_server: RedisServer, mock_url: str, prompt: str
+    client: httpx.AsyncClient, make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
     s = make_stack(**FAST_TAKEOVER)
     url = await s.agateway()
@@ -100,12 +91,12 @@ async def test_paused_worker_is_fenced_after_takeover_and_nothing_it_writes_reac
     prompt += " [mock:tokens=300,delay_ms=10]"
     path = await create(client, url, s, prompt)
     reader = asyncio.create_task(read_resuming(client, [url], path, s.headers))
-    await await_until(lambda: written(redis_server.url, [path], 12), "12 events stored")
+    await await_until(lambda: written(s.redis_url, [path], 12), "12 events stored")
 
     async def taken_over() -> bool:
-        return (await meta(redis_server.url, path))["attempt"] == "2"
+        return (await meta(s.redis_url, path))["attempt"] == "2"
 
-    zombie = await owner(s, redis_server.url, path)
+    zombie = await owner(s, s.redis_url, path)
     zombie.signal(signal.SIGSTOP)
     try:
         await await_until(taken_over, "attempt 2 under another worker")
@@ -126,7 +117,7 @@ async def test_paused_worker_is_fenced_after_takeover_and_nothing_it_writes_reac
 
 
 async def test_sigterm_worker_finishes_short_streams_and_hands_long_ones_back(
-    client: httpx.AsyncClient, make_stack: MakeStack, redis_server: RedisServer, mock_url: str, prompt: str
+    client: httpx.AsyncClient, make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
     s = make_stack(TAILGATE_SHUTDOWN_GRACE_S="1", **FAST_TAKEOVER)
     url = await s.agateway()
@@ -140,7 +131,7 @@ async def test_sigterm_worker_finishes_short_streams_and_hands_long_ones_back(
     readers = [
         asyncio.create_task(read_resuming(client, [url], p, s.headers)) for p in (long_path, short_path)
     ]
-    await await_until(lambda: written(redis_server.url, [short_path], 5), "5 events stored")
+    await await_until(lambda: written(s.redis_url, [short_path], 5), "5 events stored")
 
     leaving.signal(signal.SIGTERM)
     await s.aworker()  # the one that resumes the handed-back stream
@@ -158,7 +149,7 @@ async def test_sigterm_worker_finishes_short_streams_and_hands_long_ones_back(
 
 
 async def test_sigterm_gateway_drains_then_sends_readers_elsewhere_without_a_5xx(
-    client: httpx.AsyncClient, make_stack: MakeStack, redis_server: RedisServer, mock_url: str, prompt: str
+    client: httpx.AsyncClient, make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
     s = make_stack(TAILGATE_DRAIN_S="1")
     leaving, staying = await s.agateway(), await s.agateway()
@@ -167,7 +158,7 @@ async def test_sigterm_gateway_drains_then_sends_readers_elsewhere_without_a_5xx
     path = await create(client, leaving, s, prompt)
     extras = Extras()
     reader = asyncio.create_task(read_sse(client, leaving + path, headers=s.headers, extras=extras))
-    await await_until(lambda: written(redis_server.url, [path], 10), "10 events stored")
+    await await_until(lambda: written(s.redis_url, [path], 10), "10 events stored")
 
     async def not_ready() -> bool:
         return (await client.get(f"{leaving}/readyz")).status_code == 503
@@ -193,7 +184,7 @@ async def test_sigterm_gateway_drains_then_sends_readers_elsewhere_without_a_5xx
 
 
 async def test_redis_restart_mid_stream_loses_and_repeats_nothing(
-    client: httpx.AsyncClient, make_stack: MakeStack, own_redis: RedisServer, mock_url: str, prompt: str
+    client: httpx.AsyncClient, own_redis: RedisServer, make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
     s = make_stack(redis_url=own_redis.url, **FAST_TAKEOVER)
     url = await s.agateway()
@@ -219,19 +210,19 @@ async def test_redis_restart_mid_stream_loses_and_repeats_nothing(
 async def test_cut_gateway_redis_connection_mid_stream_loses_and_repeats_nothing(
     client: httpx.AsyncClient, make_stack: MakeStack, redis_server: RedisServer, mock_url: str, prompt: str
 ) -> None:
+    s = make_stack()
     proxy = await FaultProxy(redis_server.port).start()
     try:
-        s = make_stack()
         # The worker talks to Redis directly; the gateway through the proxy, which runs on this loop.
-        url = await s.agateway(TAILGATE_REDIS_URL=proxy.url)
+        url = await s.agateway(TAILGATE_REDIS_URL=s.redis_url_at(proxy.port))
         await s.aworker()
         prompts = [f"{prompt} {i} [mock:tokens=200,delay_ms=10]" for i in range(5)]
         paths = [await create(client, url, s, p) for p in prompts]
         readers = [asyncio.create_task(read_resuming(client, [url], p, s.headers)) for p in paths]
-        await await_until(lambda: written(redis_server.url, paths, 10), "10 events of each stream stored")
+        await await_until(lambda: written(s.redis_url, paths, 10), "10 events of each stream stored")
 
         assert proxy.cut() >= 1
-        await await_until(lambda: written(redis_server.url, paths, 100), "100 events of each stream stored")
+        await await_until(lambda: written(s.redis_url, paths, 100), "100 events of each stream stored")
         assert proxy.cut() >= 1
         results = await asyncio.gather(*readers)
     finally:

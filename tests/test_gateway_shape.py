@@ -95,11 +95,9 @@ async def test_with_auth_off_every_caller_is_anonymous_and_needs_no_key(
 
 
 async def test_stream_whose_enqueue_fails_is_taken_back_whole(
-    client: httpx.AsyncClient, make_stack: MakeStack, redis_server: RedisServer
+    client: httpx.AsyncClient, make_stack: MakeStack
 ) -> None:
     key = f"tg-shape-{secrets.token_hex(4)}"  # its own owner, so its own active set
-    async with Redis.from_url(redis_server.url, decode_responses=True) as r:
-        owner = await owner_of(r, key)
     headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "once"}
     body = {"prompt": "hi"}
     # A queue that answers reads but refuses writes: admission passes, the enqueue fails.
@@ -107,7 +105,8 @@ async def test_stream_whose_enqueue_fails_is_taken_back_whole(
     try:
         s = make_stack(TAILGATE_API_KEYS=key)
         url = await s.agateway(TAILGATE_QUEUE_REDIS_URL=queue_redis.url)
-        async with Redis.from_url(redis_server.url, decode_responses=True) as r:
+        async with Redis.from_url(s.redis_url, decode_responses=True) as r:
+            owner = await owner_of(r, key)  # under the owner key the gateway shares through Redis
             streams_before = {k async for k in r.scan_iter("tg:{*")}
             created_before = int(await r.hget(keys.STATS, "created") or 0)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -11,21 +12,20 @@ import pytest
 from redis.asyncio import Redis
 
 from tailgate import keys
-from tailgate.dev.procs import RedisServer
 from tailgate.dev.sse import Event, events, read_sse, text_of
 from tests.conftest import API_KEY
-from tests.harness import MODEL, MakeStack, Stack
+from tests.harness import MODEL, MakeStack, Stack, Stacks
 
 
 @pytest.fixture(scope="module")
-def pair(make_stack: MakeStack) -> Stack:
-    """Two gateway processes and two workers on one queue."""
-    s = make_stack()
-    s.gateway()
-    s.gateway()
-    s.worker()
-    s.worker()
-    return s
+def pair(stacks: Stacks) -> Iterator[Stack]:
+    """Two gateway processes and two workers on one queue, for this module's tests."""
+    with stacks.running() as s:
+        s.gateway()
+        s.gateway()
+        s.worker()
+        s.worker()
+        yield s
 
 
 async def test_500_concurrent_streams_through_two_gateways_each_get_exactly_their_text(
@@ -87,16 +87,14 @@ async def test_readers_joining_mid_stream_get_prefix_and_live_rest_with_no_seam(
         assert [(e.id, e.event, e.data) for e in got] == [(e.id, e.event, e.data) for e in full]
 
 
-async def test_gateway_redis_connections_do_not_grow_with_sse_clients(
-    make_stack: MakeStack, redis_server: RedisServer
-) -> None:
+async def test_gateway_redis_connections_do_not_grow_with_sse_clients(make_stack: MakeStack) -> None:
     idle = make_stack()
     url = await idle.agateway()  # no worker: every stream stays queued and its readers stay connected
     gateway_pid = idle.procs[-1].pid
     name = f"tailgate-gateway-{gateway_pid}"  # tailgate.connections.client_name in that process
 
     async def connections() -> int:
-        async with Redis.from_url(redis_server.url, decode_responses=True) as r:
+        async with Redis.from_url(idle.redis_url, decode_responses=True) as r:
             return sum(1 for c in await r.client_list() if c["name"] == name)
 
     limits = httpx.Limits(max_connections=400)
@@ -149,7 +147,7 @@ async def test_wake_up_starts_a_job_without_waiting_for_the_poll(
 
 
 async def test_fallback_poll_starts_a_job_whose_wake_up_was_lost(
-    client: httpx.AsyncClient, make_stack: MakeStack, redis_server: RedisServer, prompt: str
+    client: httpx.AsyncClient, make_stack: MakeStack, prompt: str
 ) -> None:
     from arq.connections import ArqRedis
 
@@ -162,9 +160,9 @@ async def test_fallback_poll_starts_a_job_whose_wake_up_was_lost(
     url = await polling.agateway()
     await polling.aworker()
     # Enqueue exactly as the gateway does, but publish no wake-up.
-    settings = Settings(redis_url=redis_server.url, queue_name=polling.env["TAILGATE_QUEUE_NAME"])
+    settings = Settings(redis_url=polling.redis_url, queue_name=polling.env["TAILGATE_QUEUE_NAME"])
     store = open_store(settings, "test", 2)
-    queue = ArqRedis.from_url(redis_server.url)
+    queue = ArqRedis.from_url(polling.redis_url)
     stream_id = "f" * 16 + random.randbytes(8).hex()
     request = {"model": MODEL, "messages": [{"role": "user", "content": prompt + " [mock:tokens=3]"}]}
     owner = await owner_of(store.redis, API_KEY)

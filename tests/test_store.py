@@ -1,9 +1,10 @@
 """The store's scripts against a real redis-server: every way a stream can end leaves its owner's
 active set and the running index and is counted once; fencing and replayed appends; and the worker's
-appender writing an attempt through them.
+appender writing an attempt through them, also when the reply to an append is lost on the way back
+(``tests.harness.ReplyLosingProxy``) and the appender sends it again.
 
-The counters (``tg:stats``) are global, so these tests use a database of their own on the shared
-server and empty it before each test.
+The counters (``tg:stats``) are global, so each test has an empty database of its own on the
+shared server (the ``redis_db`` fixture).
 """
 
 from __future__ import annotations
@@ -19,24 +20,22 @@ import pytest
 
 from tailgate import keys
 from tailgate.connections import open_store
-from tailgate.dev.procs import RedisServer
+from tailgate.dev.procs import RedisServer, await_until
 from tailgate.events import dumps
 from tailgate.settings import Settings
 from tailgate.store import Append, CreateReply, Creation, Limits, Reply, StreamStore, Written
+from tests.harness import ReplyLosingProxy
 from worker.attempt import Attempt, Outcome
 from worker.publisher import Appender
 
 OWNER = "owner-one"
 WORKER = "test-worker"
 REQUEST: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-DB = 11  # no other test uses it
 
 
 @pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[StreamStore]:
-    url = redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
-    s = open_store(Settings(redis_url=url), "test", 4)
-    await s.redis.flushdb()
+async def store(redis_db: str) -> AsyncIterator[StreamStore]:
+    s = open_store(Settings(redis_url=redis_db), "test", 4)
     yield s
     await s.redis.aclose()
 
@@ -297,13 +296,75 @@ async def test_the_appender_writes_an_attempts_events_in_order_and_its_end_settl
             await loop
 
 
-async def test_an_append_past_the_length_cap_ends_the_stream_with_stream_too_long(
-    redis_server: RedisServer,
-) -> None:
-    url = redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
-    capped = open_store(Settings(redis_url=url, stream_maxlen=6), "test", 2)
+@pytest.fixture
+async def lossy(redis_server: RedisServer, redis_db: str) -> AsyncIterator[tuple[ReplyLosingProxy, Appender]]:
+    """The worker's appender on a store opened as the worker opens it (no command re-send), through a
+    proxy that can lose a reply; on the test's database."""
+    proxy = await ReplyLosingProxy(redis_server.port).start()
+    worker_store = open_store(Settings(redis_url=proxy.url(redis_db)), "worker", 4, retry=False)
+    appender = Appender(worker_store, window_s=0.005)
+    loop = appender.start()
     try:
-        await capped.redis.flushdb()
+        yield proxy, appender
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        await worker_store.redis.aclose()
+        await proxy.close()
+
+
+async def test_an_append_whose_reply_was_lost_is_written_once_and_the_attempt_goes_on(
+    store: StreamStore, lossy: tuple[ReplyLosingProxy, Appender]
+) -> None:
+    proxy, appender = lossy
+    stream_id = await create(store)
+    c = await claim(store, stream_id)
+    attempt = Attempt(appender, stream_id, c.owner, c.attempt, c.seq)
+
+    proxy.lose_reply_to(b"EVALSHA")  # the append goes in; its reply does not come back
+    attempt.add("delta", {"text": "a"})
+    attempt.add("delta", {"text": "b"})
+    await await_until(lambda: attempt.seq != c.seq or attempt.outcome is not None, "Redis's answer")
+    assert proxy.lost == 1
+    assert attempt.outcome is None and attempt.seq == c.seq + 2  # the re-sent append counted as applied
+    outcome = await attempt.finish("done", {"finish_reason": "stop", "usage": None})
+
+    assert outcome is Outcome.COMPLETED
+    evs = await events(store, stream_id)
+    assert [(t, d.get("text")) for t, d in evs] == [
+        ("queued", None),
+        ("started", None),
+        ("delta", "a"),
+        ("delta", "b"),
+        ("done", None),
+    ]
+    assert [d["seq"] for _, d in evs] == [1, 2, 3, 4, 5]
+
+
+async def test_a_terminal_append_whose_reply_was_lost_ends_the_attempt_as_completed_once(
+    store: StreamStore, lossy: tuple[ReplyLosingProxy, Appender]
+) -> None:
+    proxy, appender = lossy
+    stream_id = await create(store)
+    c = await claim(store, stream_id)
+    attempt = Attempt(appender, stream_id, c.owner, c.attempt, c.seq)
+    attempt.add("delta", {"text": "a"})
+    await await_until(lambda: attempt.seq == c.seq + 1, "the delta applied")
+
+    proxy.lose_reply_to(b"EVALSHA")  # `done` goes in and ends the stream; its reply does not come back
+    outcome = await attempt.finish("done", {"finish_reason": "stop", "usage": None})
+
+    assert proxy.lost == 1
+    assert outcome is Outcome.COMPLETED  # not "finished elsewhere": the stream ended with its own `done`
+    assert [t for t, _ in await events(store, stream_id)] == ["queued", "started", "delta", "done"]
+    assert (await store.meta(stream_id))["status"] == "completed"
+    assert await stats(store) == {"created": 1, "completed": 1}
+    assert await active(store) == {} and await running(store) == {}
+
+
+async def test_an_append_past_the_length_cap_ends_the_stream_with_stream_too_long(redis_db: str) -> None:
+    capped = open_store(Settings(redis_url=redis_db, stream_maxlen=6), "test", 2)
+    try:
         stream_id = await create(capped)  # queued (1)
         c = await claim(capped, stream_id)  # started (2)
         ok = await write(
