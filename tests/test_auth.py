@@ -329,7 +329,7 @@ async def test_read_token_of_a_revoked_key_is_refused(client: httpx.AsyncClient,
 
 
 async def test_revoke_cancels_the_keys_running_and_queued_streams(
-    client: httpx.AsyncClient, make_stack: MakeStack, redis_server: RedisServer, mock_url: str, prompt: str
+    client: httpx.AsyncClient, make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
     s = make_stack(TAILGATE_CONCURRENCY="1")  # the second stream waits in the queue
     url = await s.agateway()
@@ -340,7 +340,7 @@ async def test_revoke_cancels_the_keys_running_and_queued_streams(
     reader = asyncio.create_task(
         read_sse(client, url + running["events_url"], params={"token": running["read_token"]})
     )
-    async with Redis.from_url(redis_server.url, decode_responses=True) as r:
+    async with Redis.from_url(s.redis_url, decode_responses=True) as r:
         await await_until(lambda: _status(r, running["id"], "running"), "the first stream running", within=10)
         queued = await create(client, url, key, "hi")
         assert await r.hget(keys.meta(queued["id"]), "status") == "queued"
@@ -387,7 +387,7 @@ async def test_revoking_a_key_from_the_environment_says_where_it_lives(stack: St
 
 
 async def test_owner_is_a_keyed_hmac_of_the_key_and_the_cli_agrees_with_the_gateway(
-    client: httpx.AsyncClient, make_stack: MakeStack, redis_server: RedisServer
+    client: httpx.AsyncClient, make_stack: MakeStack
 ) -> None:
     owner_key = secrets.token_hex(16)
     s = make_stack(TAILGATE_OWNER_KEY=owner_key)
@@ -395,7 +395,7 @@ async def test_owner_is_a_keyed_hmac_of_the_key_and_the_cli_agrees_with_the_gate
     added = await keys_cli(s, "add", "peppered")
     for key in (API_KEY, added):
         created = await create(client, url, key)
-        async with Redis.from_url(redis_server.url, decode_responses=True) as r:
+        async with Redis.from_url(s.redis_url, decode_responses=True) as r:
             stored = await r.hget(keys.meta(created["id"]), "owner")
         expected = hmac.new(owner_key.encode(), key.encode(), hashlib.sha256).hexdigest()[:32]
         assert stored == expected
@@ -408,10 +408,10 @@ async def test_owner_is_a_keyed_hmac_of_the_key_and_the_cli_agrees_with_the_gate
 
 
 async def test_key_stored_by_an_older_version_works_and_moves_to_its_owner_id(
-    client: httpx.AsyncClient, stack: Stack, redis_server: RedisServer
+    client: httpx.AsyncClient, stack: Stack
 ) -> None:
     key = f"tg-old-{secrets.token_hex(8)}"
-    async with Redis.from_url(redis_server.url, decode_responses=True) as r:
+    async with Redis.from_url(stack.redis_url, decode_responses=True) as r:
         await r.hset(keys.API_KEYS, hashlib.sha256(key.encode()).hexdigest(), "from v0.1")
         assert "(legacy" in await keys_cli(stack, "list")
 

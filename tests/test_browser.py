@@ -22,7 +22,7 @@ import pytest
 from playwright.async_api import Browser, Page, Route, async_playwright
 from redis.asyncio import Redis
 
-from tailgate.dev.procs import Child, RedisServer, free_port, tailgate_command
+from tailgate.dev.procs import Child, free_port, tailgate_command
 from tailgate.settings import Settings
 from tests.harness import MakeStack, Stack, expected_answer
 
@@ -139,7 +139,7 @@ def test_demo_needs_a_key_to_create_with_unless_auth_is_off() -> None:
 
 
 async def test_demo_creates_streams_with_its_key_for_its_own_page_only(
-    client: httpx.AsyncClient, stack: Stack, demo: str, redis_server: RedisServer
+    client: httpx.AsyncClient, stack: Stack, demo: str
 ) -> None:
     url = demo
     body = {"prompt": "demo [mock:tokens=2]"}
@@ -160,7 +160,7 @@ async def test_demo_creates_streams_with_its_key_for_its_own_page_only(
     assert status.status_code == 200
     other = {"Authorization": "Bearer tg-test-key-two"}
     assert (await client.get(f"{url}/v1/streams/{created['id']}", headers=other)).status_code == 404
-    async with Redis.from_url(redis_server.url, decode_responses=True) as r:
+    async with Redis.from_url(stack.redis_url, decode_responses=True) as r:
         assert await r.hget(f"tg:{{{created['id']}}}:meta", "owner") != "anonymous"
 
 
@@ -239,7 +239,7 @@ async def test_demo_page_rides_out_a_gateway_sigkill_and_ends_with_the_exact_tex
 
 
 async def test_demo_page_surfaces_a_reset_when_a_worker_dies_and_ends_with_the_new_attempts_text(
-    make_stack: MakeStack, page: Page, redis_server: RedisServer, mock_url: str, prompt: str
+    make_stack: MakeStack, page: Page, mock_url: str, prompt: str
 ) -> None:
     s = make_stack(TAILGATE_DEMO="true", **FAST_TAKEOVER)
     url = await s.agateway()
@@ -251,7 +251,7 @@ async def test_demo_page_surfaces_a_reset_when_a_worker_dies_and_ends_with_the_n
     await page.click("#start")
     await page.wait_for_function("window.demo.events.filter(e => e.type === 'delta').length >= 10")
     stream_id = await page.text_content("#stream-id")
-    async with Redis.from_url(redis_server.url, decode_responses=True) as r:
+    async with Redis.from_url(s.redis_url, decode_responses=True) as r:
         owner = await r.hget(f"tg:{{{stream_id}}}:meta", "worker")
     pid = int(str(owner).rsplit("-", 2)[1])
     [running] = [w for w in workers if w.pid == pid]

@@ -183,7 +183,7 @@ async def read_through(
 
 
 async def test_worker_sigkill_is_surfaced_as_a_reset_and_the_text_is_the_final_attempts(
-    make_stack: MakeStack, redis_server: RedisServer, mock_url: str, prompt: str
+    make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
     s = make_stack(**FAST_TAKEOVER)
     url = await s.agateway()
@@ -196,7 +196,7 @@ async def test_worker_sigkill_is_surfaced_as_a_reset_and_the_text_is_the_final_a
         async for event in tg.events(created.id):
             events.append(event)
             if event.seq == 12:
-                async with Redis.from_url(redis_server.url, decode_responses=True) as r:
+                async with Redis.from_url(s.redis_url, decode_responses=True) as r:
                     worker = await r.hget(f"tg:{{{created.id}}}:meta", "worker")  # host-pid-random
                 assert worker is not None
                 [owner] = [c for c in s.procs if c.pid == int(worker.rsplit("-", 2)[1])]
@@ -366,7 +366,7 @@ async def test_503_is_retried_until_the_gateway_is_back_then_raised_as_unavailab
     proxy = await FaultProxy(redis_server.port).start()
     try:
         s = make_stack()
-        url = await s.agateway(TAILGATE_REDIS_URL=proxy.url)  # its Redis through the proxy
+        url = await s.agateway(TAILGATE_REDIS_URL=s.redis_url_at(proxy.port))  # its Redis through the proxy
         await s.aworker()
         proxy.refuse()
         async with AsyncClient(url, s.api_key, backoff=QUICK) as impatient:

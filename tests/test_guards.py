@@ -5,7 +5,9 @@ on its way back, through the worker's appender); here, with real processes:
 - the takeover scan waits after Redis restarted, so a live worker that reconnects late keeps its
   stream (``worker.runner._scan``);
 - a gateway's reader that hears nothing for ``TAILGATE_PING_S`` reads the stream anyway, so an
-  event whose pub/sub message was lost still reaches it (``gateway.hub``).
+  event whose pub/sub message was lost still reaches it (``gateway.hub``);
+- a worker started while Redis is down rides the outage out instead of shutting down
+  (``worker.runner._listen``'s first subscription).
 """
 
 from __future__ import annotations
@@ -112,3 +114,20 @@ async def test_an_event_whose_notification_was_lost_reaches_the_reader_at_its_id
                 rest += [(e.event, e.data) async for e in received]
 
     assert rest == [("delta", {"seq": 2, "text": "lost"}), ("done", {"seq": 3, "finish_reason": "stop"})]
+
+
+async def test_a_worker_started_while_redis_is_down_waits_for_it_and_then_serves(
+    client: httpx.AsyncClient, own_redis: RedisServer, make_stack: MakeStack, mock_url: str, prompt: str
+) -> None:
+    s = make_stack(redis_url=own_redis.url)
+    url = await s.agateway()
+    await own_redis.astop()
+    worker = await s.aworker()  # "ready" comes before its first Redis call
+    # It is retrying its subscription (stamina logs each retry), not shutting down.
+    await worker.await_log("stamina.retry_scheduled")
+    assert worker.popen.poll() is None
+    await own_redis.astart()
+    stream_id = await create(client, s, url, prompt)
+    resumed = await read_resuming(client, [url], f"/v1/streams/{stream_id}/events", s.headers)
+    assert_exactly_once(resumed.events)
+    assert text_of(resumed.events) == await expected_answer(mock_url, prompt)

@@ -14,7 +14,7 @@ import pytest
 from httpx_sse import EventSource
 from openai.types.chat import ChatCompletionMessageParam
 
-from tailgate.dev.procs import RedisServer, await_until
+from tailgate.dev.procs import await_until
 from tailgate.dev.sse import assert_exactly_once, read_sse, text_of
 from tailgate.events import id_key
 from tests.harness import MODEL, MakeStack, Stack, expected_answer, mock_requests
@@ -185,7 +185,7 @@ async def test_sdk_raises_openais_error_classes(
 
 
 async def test_worker_killed_after_text_ends_the_chunks_with_an_error_the_sdk_raises(
-    client: httpx.AsyncClient, make_stack: MakeStack, redis_server: RedisServer, mock_url: str, prompt: str
+    client: httpx.AsyncClient, make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
     s = make_stack(**FAST_TAKEOVER)
     url = await s.agateway()
@@ -201,7 +201,7 @@ async def test_worker_killed_after_text_ends_the_chunks_with_an_error_the_sdk_ra
             async for chunk in stream:
                 seen += chunk.choices[0].delta.content or ""
                 if len(seen.split()) == 5:
-                    (await worker_of(s, redis_server.url, stream_id)).signal(signal.SIGKILL)
+                    (await worker_of(s, s.redis_url, stream_id)).signal(signal.SIGKILL)
 
     assert reset.value.code == "stream_reset"
     assert f"/v1/streams/{stream_id}/events" in reset.value.message
@@ -214,7 +214,7 @@ async def test_worker_killed_after_text_ends_the_chunks_with_an_error_the_sdk_ra
 
 
 async def test_worker_killed_before_any_text_is_invisible_to_chat_clients(
-    client: httpx.AsyncClient, make_stack: MakeStack, redis_server: RedisServer, mock_url: str, prompt: str
+    client: httpx.AsyncClient, make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
     s = make_stack(**FAST_TAKEOVER)
     url = await s.agateway()
@@ -224,8 +224,8 @@ async def test_worker_killed_before_any_text_is_invisible_to_chat_clients(
     async with sdk(url, s.api_key) as api:
         stream = await api.chat.completions.create(model=MODEL, messages=ask(prompt), stream=True)
         stream_id = stream.response.headers["x-tailgate-stream-id"]
-        await await_until(lambda: has_stored(redis_server.url, stream_id, 2), "attempt 1 started")
-        (await worker_of(s, redis_server.url, stream_id)).signal(signal.SIGKILL)  # before its first token
+        await await_until(lambda: has_stored(s.redis_url, stream_id, 2), "attempt 1 started")
+        (await worker_of(s, s.redis_url, stream_id)).signal(signal.SIGKILL)  # before its first token
         chunks = [chunk async for chunk in stream]
 
     assert [c.choices[0].delta.role for c in chunks].count("assistant") == 1
@@ -238,7 +238,7 @@ async def test_worker_killed_before_any_text_is_invisible_to_chat_clients(
 
 
 async def test_whole_completion_survives_a_worker_killed_mid_answer(
-    make_stack: MakeStack, redis_server: RedisServer, mock_url: str, prompt: str
+    make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
     s = make_stack(**FAST_TAKEOVER)
     url = await s.agateway()
@@ -247,7 +247,7 @@ async def test_whole_completion_survives_a_worker_killed_mid_answer(
     async with sdk(url, s.api_key) as api:
         whole = asyncio.create_task(api.chat.completions.create(model=MODEL, messages=ask(prompt)))
         stream_id = (await doomed.await_match(r"stream ([0-9a-f]{32}) attempt 1 started"))[1]
-        await await_until(lambda: has_stored(redis_server.url, stream_id, 20), "text streamed")
+        await await_until(lambda: has_stored(s.redis_url, stream_id, 20), "text streamed")
         await s.aworker()
         doomed.signal(signal.SIGKILL)
         completion = await whole

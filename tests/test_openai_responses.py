@@ -15,7 +15,7 @@ import pytest
 from httpx_sse import EventSource
 from openai.types.responses import Response, ResponseStreamEvent
 
-from tailgate.dev.procs import RedisServer, await_until
+from tailgate.dev.procs import await_until
 from tailgate.dev.sse import assert_exactly_once, read_sse, text_of
 from tests.harness import MODEL, MakeStack, Stack, expected_answer, mock_requests
 from tests.openai_support import FAST_TAKEOVER, expected_for, has_stored, sdk, stored, worker_of
@@ -234,7 +234,7 @@ async def test_a_stream_that_is_not_a_response_is_not_found_as_one(
 
 
 async def test_worker_killed_after_text_fails_the_response_with_an_error_the_sdk_raises(
-    client: httpx.AsyncClient, make_stack: MakeStack, redis_server: RedisServer, mock_url: str, prompt: str
+    client: httpx.AsyncClient, make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
     s = make_stack(**FAST_TAKEOVER)
     url = await s.agateway()
@@ -250,7 +250,7 @@ async def test_worker_killed_after_text_fails_the_response_with_an_error_the_sdk
             async for event in stream:
                 seen.append(event)
                 if len(text_in(seen).split()) == 5 and event.type == "response.output_text.delta":
-                    (await worker_of(s, redis_server.url, stream_id)).signal(signal.SIGKILL)
+                    (await worker_of(s, s.redis_url, stream_id)).signal(signal.SIGKILL)
         assert seen[0].type == "response.created"
         response_id = seen[0].response.id
         failed = await api.responses.retrieve(response_id)
@@ -276,7 +276,7 @@ async def test_worker_killed_after_text_fails_the_response_with_an_error_the_sdk
 
 
 async def test_worker_killed_before_any_text_is_invisible_to_the_response(
-    make_stack: MakeStack, redis_server: RedisServer, mock_url: str, prompt: str
+    make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
     s = make_stack(**FAST_TAKEOVER)
     url = await s.agateway()
@@ -286,8 +286,8 @@ async def test_worker_killed_before_any_text_is_invisible_to_the_response(
     async with sdk(url, s.api_key) as api:
         stream = await api.responses.create(model=MODEL, input=prompt, background=True, stream=True)
         stream_id = stream.response.headers["x-tailgate-stream-id"]
-        await await_until(lambda: has_stored(redis_server.url, stream_id, 2), "attempt 1 started")
-        (await worker_of(s, redis_server.url, stream_id)).signal(signal.SIGKILL)  # before its first token
+        await await_until(lambda: has_stored(s.redis_url, stream_id, 2), "attempt 1 started")
+        (await worker_of(s, s.redis_url, stream_id)).signal(signal.SIGKILL)  # before its first token
         events = [e async for e in stream]
         final = await api.responses.retrieve(f"resp_{stream_id}")
 
@@ -295,7 +295,7 @@ async def test_worker_killed_before_any_text_is_invisible_to_the_response(
     assert [e.type for e in events].count("response.in_progress") == 1
     assert events[-1].type == "response.completed"
     assert text_in(events) == final.output_text == await expected_answer(mock_url, prompt)
-    assert (await stored(redis_server.url, stream_id))["attempt"] == "2"
+    assert (await stored(s.redis_url, stream_id))["attempt"] == "2"
 
 
 async def test_concurrent_resumes_from_every_point_agree(stack: Stack, prompt: str) -> None:

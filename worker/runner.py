@@ -214,7 +214,8 @@ def _tasks(state: WorkerState) -> list[asyncio.Task[Outcome]]:
 async def _listen(queue: ArqRedis, worker: TailgateWorker, state: WorkerState) -> None:
     pubsub = queue.pubsub()
     try:
-        await pubsub.subscribe(keys.WAKE_CHANNEL, keys.CANCEL_CHANNEL)
+        # Through an outage too: a worker started while Redis is down waits for it, polling meanwhile.
+        await ride_out(lambda: pubsub.subscribe(keys.WAKE_CHANNEL, keys.CANCEL_CHANNEL))
         while True:
             # While the channel is lost, ARQ's poll still finds new jobs.
             msg = await ride_out(lambda: pubsub.get_message(ignore_subscribe_messages=False, timeout=None))
