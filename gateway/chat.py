@@ -24,7 +24,6 @@ from fastapi import APIRouter, Header, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway import sse
 from gateway.creation import ChatMessage, MetadataKey, MetadataValue, start
 from gateway.dependencies import Caller
 from gateway.errors import ApiError
@@ -37,9 +36,9 @@ from gateway.openai_wire import (
     documented,
     error_response,
     reset_message,
+    sdk_stream,
     seconds,
     stream_error,
-    until_finished,
 )
 from gateway.services import Services, Svc
 from tailgate.events import START, CursorError, Entry, dumps, id_key, parse_cursor
@@ -145,15 +144,7 @@ async def chat_completions(
         raise
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     chunks = ChatChunks(created.id, meta, include_usage=include_usage, after=cursor)
-    # Not resumable by the hub: an SDK cannot reconnect, so a gateway shutting down lets it finish.
-    tail = svc.hub.tail(created.id, START, 0, resumable=False)
-    return sse.respond(
-        until_finished(tail, chunks),
-        sse.Wire(chunks, keep_alive=sse.KEEP_ALIVE),
-        stream_id=created.id,
-        send_timeout=svc.settings.send_timeout_s,
-        on_close=release,
-    )
+    return sdk_stream(svc, created.id, chunks, release)
 
 
 def _cursor(body: ChatRequest, idempotency_key: str | None, last_event_id: str | None) -> str | None:

@@ -30,10 +30,12 @@ from pydantic import BaseModel, Field
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway import sse
 from gateway.creation import StreamRequest
 from gateway.errors import ApiError
 from gateway.hub import Tailed
-from tailgate.events import Entry
+from gateway.services import Services
+from tailgate.events import START, Entry
 
 log = logging.getLogger(__name__)
 
@@ -201,3 +203,18 @@ async def until_finished(
             yield item
             if render.finished:
                 return
+
+
+def sdk_stream(
+    svc: Services, stream_id: str, render: Renderer, release: Callable[[], None]
+) -> sse.SSEResponse:
+    """A stream rendered for an SDK, to ``render``'s last frame. Not resumable by the hub: an SDK
+    does not reconnect, so a gateway shutting down lets it finish."""
+    tail = svc.hub.tail(stream_id, START, 0, resumable=False)
+    return sse.respond(
+        until_finished(tail, render),
+        sse.Wire(render, keep_alive=sse.KEEP_ALIVE),
+        stream_id=stream_id,
+        send_timeout=svc.settings.send_timeout_s,
+        on_close=release,
+    )

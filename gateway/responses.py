@@ -27,7 +27,7 @@ from gateway.creation import ChatMessage, MetadataKey, MetadataValue, start
 from gateway.dependencies import Caller, Stream, find_stream
 from gateway.errors import ApiError
 from gateway.hub import Batch
-from gateway.openai_wire import OpenAIRequest, OpenAIRoute, documented, until_finished
+from gateway.openai_wire import OpenAIRequest, OpenAIRoute, documented, sdk_stream
 from gateway.response_events import ResponseFrames, ResponseView
 from gateway.services import Services, Svc
 from tailgate import keys, tuning
@@ -233,15 +233,7 @@ async def cancel_response(svc: Svc, owner: Caller, response_id: str) -> JSONResp
 
 def _events(svc: Services, stream: Stream, after: int, release: Callable[[], None]) -> sse.SSEResponse:
     frames = ResponseFrames(ResponseView(stream.id, stream.meta), after)
-    # Not resumable by the hub: an SDK does not reconnect, so a gateway shutting down lets it finish.
-    tail = svc.hub.tail(stream.id, START, 0, resumable=False)
-    return sse.respond(
-        until_finished(tail, frames),
-        sse.Wire(frames, keep_alive=sse.KEEP_ALIVE),
-        stream_id=stream.id,
-        send_timeout=svc.settings.send_timeout_s,
-        on_close=release,
-    )
+    return sdk_stream(svc, stream.id, frames, release)
 
 
 async def _fold(svc: Services, stream_id: str, meta: dict[str, str], *, wait: bool = False) -> ResponseView:

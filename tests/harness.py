@@ -19,10 +19,17 @@ from urllib.parse import urlsplit
 import httpx
 import openai
 import redis
+from redis.asyncio import Redis
 
+from tailgate import keys
 from tailgate.dev.procs import Child, RedisServer, child_env, free_port, tailgate_command
 
-MODEL = "gpt-4o-mini"  # the gateway's default model, which the worker sends upstream
+MODEL = "gpt-4o-mini"
+# Heartbeat and takeover fast enough for a test that kills a worker (the defaults take 6 s or more).
+FAST_TAKEOVER = {
+    "TAILGATE_HEARTBEAT_S": "0.5",
+    "TAILGATE_TAKEOVER_AFTER_S": "2",
+}  # the gateway's default model, which the worker sends upstream
 
 
 @dataclass
@@ -280,3 +287,22 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.close()
+
+
+async def takeover_stack(make_stack: MakeStack) -> tuple[Stack, str]:
+    """A gateway and two workers that take over fast: for a test that kills the one running its
+    stream. The stack and the gateway's URL."""
+    stack = make_stack(**FAST_TAKEOVER)
+    url = await stack.agateway()
+    await stack.aworker()
+    await stack.aworker()
+    return stack, url
+
+
+async def worker_of(stack: Stack, stream_id: str) -> Child:
+    """The worker process of ``stack`` running the stream (a worker's id is host-pid-random)."""
+    async with Redis.from_url(stack.redis_url, decode_responses=True) as r:
+        worker = await r.hget(keys.meta(stream_id), "worker")
+    pid = int(str(worker).rsplit("-", 2)[1])
+    [child] = [c for c in stack.procs if c.pid == pid]
+    return child

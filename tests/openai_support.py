@@ -10,11 +10,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from redis.asyncio import Redis
 
 from tailgate import keys
-from tailgate.dev.procs import Child
-from tests.harness import MODEL, Stack
-
-# Heartbeat and takeover fast enough for a test that kills a worker (the defaults take 6 s or more).
-FAST_TAKEOVER = {"TAILGATE_HEARTBEAT_S": "0.5", "TAILGATE_TAKEOVER_AFTER_S": "2"}
+from tests.harness import MODEL
 
 
 def sdk(url: str, api_key: str, **options: Any) -> openai.AsyncOpenAI:
@@ -39,10 +35,3 @@ async def stored(redis_url: str, stream_id: str) -> dict[str, str]:
 async def has_stored(redis_url: str, stream_id: str, seq: int) -> bool:
     """Whether the stream has stored its event ``seq``."""
     return int((await stored(redis_url, stream_id)).get("seq", 0)) >= seq
-
-
-async def worker_of(stack: Stack, redis_url: str, stream_id: str) -> Child:
-    """The worker process running the stream (its id is host-pid-random)."""
-    pid = int((await stored(redis_url, stream_id))["worker"].rsplit("-", 2)[1])
-    [child] = [c for c in stack.procs if c.pid == pid]
-    return child

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 from tailgate.dev.procs import Child, free_port, tailgate_command
 from tailgate.settings import Settings
-from tests.harness import MakeStack, Stack, expected_answer
+from tests.harness import FAST_TAKEOVER, MakeStack, Stack, expected_answer
 
 # The binary, not the /usr/bin/chromium launcher script (which misreads some /dev/shm mounts).
 CHROMIUM = os.environ.get("CHROMIUM") or "/usr/lib/chromium/chromium"
@@ -37,7 +37,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 APP = "http://localhost:9"  # the app's own origin, served by Playwright: not the gateway's
-FAST_TAKEOVER = {"TAILGATE_HEARTBEAT_S": "0.5", "TAILGATE_TAKEOVER_AFTER_S": "2"}
 ENDED = (
     "() => ['done', 'error', 'cancelled', 'failed'].includes(document.getElementById('status').textContent)"
 )

@@ -38,9 +38,8 @@ from tailgate.dev.faultproxy import FaultProxy
 from tailgate.dev.procs import RedisServer, arun, child_env, free_port
 from tailgate.dev.sse import assert_exactly_once, text_of
 from tests.conftest import OTHER_KEY
-from tests.harness import MakeStack, Stack, expected_answer
+from tests.harness import MakeStack, Stack, expected_answer, takeover_stack
 
-FAST_TAKEOVER = {"TAILGATE_HEARTBEAT_S": "0.5", "TAILGATE_TAKEOVER_AFTER_S": "2"}
 QUICK = Backoff(attempts=3, first_s=0.01, max_s=0.05, jitter_s=0.01)  # to see a give-up soon
 OUTAGE_S = 0.5  # how long a proxy refuses: the scenario itself, not a wait for anything
 README = Path(__file__).parent.parent / "README.md"
@@ -185,10 +184,7 @@ async def read_through(
 async def test_worker_sigkill_is_surfaced_as_a_reset_and_the_text_is_the_final_attempts(
     make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
-    s = make_stack(**FAST_TAKEOVER)
-    url = await s.agateway()
-    await s.aworker()
-    await s.aworker()
+    s, url = await takeover_stack(make_stack)
     prompt += " [mock:tokens=100,delay_ms=20]"
     async with AsyncClient(url, s.api_key) as tg:
         created = await tg.create(prompt)

@@ -16,11 +16,10 @@ import pytest
 from redis.asyncio import Redis
 
 from tailgate.dev.faultproxy import FaultProxy
-from tailgate.dev.procs import Child, RedisServer, await_until
+from tailgate.dev.procs import RedisServer, await_until
 from tailgate.dev.sse import Event, Extras, assert_exactly_once, read_resuming, read_sse, text_of
-from tests.harness import MakeStack, Stack, expected_answer
+from tests.harness import FAST_TAKEOVER, MakeStack, Stack, expected_answer, takeover_stack, worker_of
 
-FAST_TAKEOVER = {"TAILGATE_HEARTBEAT_S": "0.5", "TAILGATE_TAKEOVER_AFTER_S": "2"}
 OUTAGE_S = 1.0  # how long Redis stays down: the scenario itself, not a wait for anything
 
 
@@ -43,13 +42,6 @@ async def written(redis_url: str, events_urls: list[str], seq: int) -> bool:
     return all([int((await meta(redis_url, url)).get("seq", 0)) >= seq for url in events_urls])
 
 
-async def owner(stack: Stack, redis_url: str, events_url: str) -> Child:
-    """The worker process running the stream (its id is host-pid-random)."""
-    pid = int((await meta(redis_url, events_url))["worker"].rsplit("-", 2)[1])
-    [child] = [c for c in stack.procs if c.pid == pid]
-    return child
-
-
 def resets(events: list[Event]) -> list[Event]:
     return [e for e in events if e.event == "reset"]
 
@@ -65,7 +57,7 @@ async def test_killed_worker_is_taken_over_within_10s_and_the_client_sees_one_re
     path = await create(client, url, s, prompt)
     _, first = await read_sse(client, url + path, headers=s.headers, limit=12)
 
-    (await owner(s, s.redis_url, path)).signal(signal.SIGKILL)
+    (await worker_of(s, path.split("/")[3])).signal(signal.SIGKILL)
     killed = time.monotonic()
     rest = await read_resuming(client, [url], path, s.headers | {"Last-Event-ID": first[-1].id})
     elapsed = time.monotonic() - killed
@@ -84,10 +76,7 @@ async def test_killed_worker_is_taken_over_within_10s_and_the_client_sees_one_re
 async def test_paused_worker_is_fenced_after_takeover_and_nothing_it_writes_reaches_readers(
     client: httpx.AsyncClient, make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
-    s = make_stack(**FAST_TAKEOVER)
-    url = await s.agateway()
-    await s.aworker()
-    await s.aworker()
+    s, url = await takeover_stack(make_stack)
     prompt += " [mock:tokens=300,delay_ms=10]"
     path = await create(client, url, s, prompt)
     reader = asyncio.create_task(read_resuming(client, [url], path, s.headers))
@@ -96,7 +85,7 @@ async def test_paused_worker_is_fenced_after_takeover_and_nothing_it_writes_reac
     async def taken_over() -> bool:
         return (await meta(s.redis_url, path))["attempt"] == "2"
 
-    zombie = await owner(s, s.redis_url, path)
+    zombie = await worker_of(s, path.split("/")[3])
     zombie.signal(signal.SIGSTOP)
     try:
         await await_until(taken_over, "attempt 2 under another worker")

@@ -17,8 +17,17 @@ from openai.types.chat import ChatCompletionMessageParam
 from tailgate.dev.procs import await_until
 from tailgate.dev.sse import assert_exactly_once, read_sse, text_of
 from tailgate.events import id_key
-from tests.harness import MODEL, MakeStack, Stack, expected_answer, mock_requests
-from tests.openai_support import FAST_TAKEOVER, has_stored, sdk, worker_of
+from tests.harness import (
+    FAST_TAKEOVER,
+    MODEL,
+    MakeStack,
+    Stack,
+    expected_answer,
+    mock_requests,
+    takeover_stack,
+    worker_of,
+)
+from tests.openai_support import has_stored, sdk
 
 
 def ask(prompt: str) -> list[ChatCompletionMessageParam]:
@@ -187,10 +196,7 @@ async def test_sdk_raises_openais_error_classes(
 async def test_worker_killed_after_text_ends_the_chunks_with_an_error_the_sdk_raises(
     client: httpx.AsyncClient, make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
-    s = make_stack(**FAST_TAKEOVER)
-    url = await s.agateway()
-    await s.aworker()
-    await s.aworker()
+    s, url = await takeover_stack(make_stack)
     prompt += " [mock:tokens=200,delay_ms=10]"
     expected = await expected_answer(mock_url, prompt)
     seen = ""
@@ -201,7 +207,7 @@ async def test_worker_killed_after_text_ends_the_chunks_with_an_error_the_sdk_ra
             async for chunk in stream:
                 seen += chunk.choices[0].delta.content or ""
                 if len(seen.split()) == 5:
-                    (await worker_of(s, s.redis_url, stream_id)).signal(signal.SIGKILL)
+                    (await worker_of(s, stream_id)).signal(signal.SIGKILL)
 
     assert reset.value.code == "stream_reset"
     assert f"/v1/streams/{stream_id}/events" in reset.value.message
@@ -216,16 +222,13 @@ async def test_worker_killed_after_text_ends_the_chunks_with_an_error_the_sdk_ra
 async def test_worker_killed_before_any_text_is_invisible_to_chat_clients(
     client: httpx.AsyncClient, make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
-    s = make_stack(**FAST_TAKEOVER)
-    url = await s.agateway()
-    await s.aworker()
-    await s.aworker()
+    s, url = await takeover_stack(make_stack)
     prompt += " [mock:tokens=20,ttft_ms=1500]"
     async with sdk(url, s.api_key) as api:
         stream = await api.chat.completions.create(model=MODEL, messages=ask(prompt), stream=True)
         stream_id = stream.response.headers["x-tailgate-stream-id"]
         await await_until(lambda: has_stored(s.redis_url, stream_id, 2), "attempt 1 started")
-        (await worker_of(s, s.redis_url, stream_id)).signal(signal.SIGKILL)  # before its first token
+        (await worker_of(s, stream_id)).signal(signal.SIGKILL)  # before its first token
         chunks = [chunk async for chunk in stream]
 
     assert [c.choices[0].delta.role for c in chunks].count("assistant") == 1

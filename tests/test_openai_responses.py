@@ -17,8 +17,8 @@ from openai.types.responses import Response, ResponseStreamEvent
 
 from tailgate.dev.procs import await_until
 from tailgate.dev.sse import assert_exactly_once, read_sse, text_of
-from tests.harness import MODEL, MakeStack, Stack, expected_answer, mock_requests
-from tests.openai_support import FAST_TAKEOVER, expected_for, has_stored, sdk, stored, worker_of
+from tests.harness import MODEL, MakeStack, Stack, expected_answer, mock_requests, takeover_stack, worker_of
+from tests.openai_support import expected_for, has_stored, sdk, stored
 
 
 async def raw_events(
@@ -236,10 +236,7 @@ async def test_a_stream_that_is_not_a_response_is_not_found_as_one(
 async def test_worker_killed_after_text_fails_the_response_with_an_error_the_sdk_raises(
     client: httpx.AsyncClient, make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
-    s = make_stack(**FAST_TAKEOVER)
-    url = await s.agateway()
-    await s.aworker()
-    await s.aworker()
+    s, url = await takeover_stack(make_stack)
     prompt += " [mock:tokens=200,delay_ms=10]"
     expected = await expected_answer(mock_url, prompt)
     seen: list[ResponseStreamEvent] = []
@@ -250,7 +247,7 @@ async def test_worker_killed_after_text_fails_the_response_with_an_error_the_sdk
             async for event in stream:
                 seen.append(event)
                 if len(text_in(seen).split()) == 5 and event.type == "response.output_text.delta":
-                    (await worker_of(s, s.redis_url, stream_id)).signal(signal.SIGKILL)
+                    (await worker_of(s, stream_id)).signal(signal.SIGKILL)
         assert seen[0].type == "response.created"
         response_id = seen[0].response.id
         failed = await api.responses.retrieve(response_id)
@@ -278,16 +275,13 @@ async def test_worker_killed_after_text_fails_the_response_with_an_error_the_sdk
 async def test_worker_killed_before_any_text_is_invisible_to_the_response(
     make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
-    s = make_stack(**FAST_TAKEOVER)
-    url = await s.agateway()
-    await s.aworker()
-    await s.aworker()
+    s, url = await takeover_stack(make_stack)
     prompt += " [mock:tokens=20,ttft_ms=1500]"
     async with sdk(url, s.api_key) as api:
         stream = await api.responses.create(model=MODEL, input=prompt, background=True, stream=True)
         stream_id = stream.response.headers["x-tailgate-stream-id"]
         await await_until(lambda: has_stored(s.redis_url, stream_id, 2), "attempt 1 started")
-        (await worker_of(s, s.redis_url, stream_id)).signal(signal.SIGKILL)  # before its first token
+        (await worker_of(s, stream_id)).signal(signal.SIGKILL)  # before its first token
         events = [e async for e in stream]
         final = await api.responses.retrieve(f"resp_{stream_id}")
 
