@@ -73,7 +73,10 @@ def _top_level(runs: list[dict[str, Any]], flag: str) -> int:
 
 
 def table(r: dict[str, Any]) -> str:
-    """The markdown table of the issue's figures and goals."""
+    """The markdown table of the issue's figures and goals.
+
+    Long on purpose: one short block per row, in the table's order, sharing the run's figures; split
+    into a function per row, each would take and unpack the same half-dozen of them again."""
     plan, n = r["plan"], r["plan"]["steady"]["concurrency"]
     one, steady, sat, runs = r["ttft1"], r["steady"], r["saturation"], r["sustained"]["runs"]
     coalesce, xadd, rc, idle = r["coalesce_ms"], r["xadd_rps"], r["redis_connections"], r["idle"]
