@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -405,3 +406,28 @@ async def test_module_stops_with_the_gateways_error_when_the_token_is_refused(
 
     assert result == {"error": ["invalid_token", 401], "status": "failed"}
     assert len(requests) == 2  # EventSource's, then the module's question: no reconnect loop
+
+
+async def test_the_readme_example_runs_as_written(
+    client: httpx.AsyncClient, stack: Stack, page: Page, mock_url: str
+) -> None:
+    """The README's Browser example, as written but for the gateway's address, on an app's page
+    whose backend route adds the key."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("\n## Browser\n", 1)[1].split("\n## ", 1)[0]
+    [html] = re.findall(r"```html\n(.*?)```", section, re.S)
+    gateway = await stack.agateway(TAILGATE_CORS_ORIGINS=APP)
+    html = html.replace("https://gateway.example.com", gateway)
+
+    async def backend(route: Route) -> None:
+        body = route.request.post_data_json
+        r = await client.post(f"{gateway}/v1/streams", json=body, headers=stack.headers)
+        await route.fulfill(status=r.status_code, content_type="application/json", body=r.text)
+
+    await page.route(f"{APP}/", lambda route: route.fulfill(content_type="text/html", body=html))
+    await page.route(f"{APP}/api/streams", backend)
+    await page.goto(f"{APP}/")
+    expected = await expected_answer(mock_url, "Tell me about rivers")
+    await page.wait_for_function(
+        "expected => document.getElementById('answer').textContent === expected", arg=expected
+    )

@@ -5,12 +5,15 @@ Stream, SSE over real HTTP. Where what the server sent byte for byte matters, te
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tailgate.client import AsyncClient, Unauthorized
+from tailgate.dev.procs import arun, child_env
 from tailgate.dev.sse import assert_exactly_once, read_sse, text_of
 from tests.harness import MakeStack, Stack, expected_answer, mock_requests
 
@@ -274,3 +277,15 @@ async def test_every_native_event_stream_starts_with_the_retry_hint(
         "POST", f"{stack.url}/ask_query", json={"prompt": prompt}, headers=stack.headers
     )
     assert b"retry:" not in await first_bytes(client, ask)  # JSON lines: no SSE field to carry it
+
+
+async def test_the_readme_curl_script_runs_as_written(stack: Stack) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("\n## A curl session\n", 1)[1].split("\n## ", 1)[0]
+    [script] = re.findall(r"```bash\n(.*?)```", section, re.S)
+    env = child_env(TAILGATE_URL=stack.url, TAILGATE_API_KEY=stack.api_key)
+
+    run = await arun(["bash", "-c", script], env=env)
+
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["event:", "done", "204"]
