@@ -8,9 +8,7 @@ import asyncio
 import contextlib
 import secrets
 import signal
-import socket
-import struct
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -203,90 +201,6 @@ async def mock_requests(mock_url: str, prompt: str) -> list[dict[str, Any]]:
     async with httpx.AsyncClient() as client:
         served: list[dict[str, Any]] = (await client.get(f"{mock_url}/mock/requests")).json()
     return [r for r in served if r["prompt"] == prompt and r["stream"]]
-
-
-class ReplyLosingProxy:
-    """A TCP proxy in front of Redis that loses one reply on purpose: after :meth:`lose_reply_to`,
-    the first request containing ``marker`` goes through to Redis, which runs it, and when its reply
-    comes back the connection is reset both ways instead. The client sees a broken connection and
-    cannot know that its command was applied: the one failure that replays are recognised for.
-
-    One connection carries one request at a time (redis-py waits for a reply before it sends the
-    next command on a connection, and a pipeline's commands go in one write), so the reply that
-    comes back next on that connection is the marked request's."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self.lost = 0  # replies lost so far
-        self._marker: bytes | None = None
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def url(self, redis_url: str) -> str:
-        """``redis_url``'s database, reached through this proxy."""
-        return f"redis://127.0.0.1:{self.port}{urlsplit(redis_url).path}"
-
-    def lose_reply_to(self, marker: bytes) -> None:
-        self._marker = marker
-
-    async def start(self) -> ReplyLosingProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-        doomed = False  # the next reply on this connection is lost
-
-        async def requests() -> None:
-            nonlocal doomed
-            while data := await client_r.read(65536):
-                if self._marker is not None and self._marker in data:
-                    self._marker, doomed = None, True
-                redis_w.write(data)
-                await redis_w.drain()
-
-        async def replies() -> None:
-            while data := await redis_r.read(65536):
-                if doomed:
-                    self.lost += 1
-                    _reset(client_w)
-                    _reset(redis_w)
-                    return
-                client_w.write(data)
-                await client_w.drain()
-
-        for pump in (requests(), replies()):
-            task = asyncio.create_task(_closing(pump, client_w, redis_w))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-
-async def _closing(pump: Coroutine[Any, Any, None], *writers: asyncio.StreamWriter) -> None:
-    """Run one direction of a proxied connection; when it ends (or breaks), close both sides."""
-    try:
-        with contextlib.suppress(ConnectionError, OSError):
-            await pump
-    finally:
-        for w in writers:
-            w.close()
-
-
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Close with RST, not FIN: the peer sees a broken connection, not a polite end."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.close()
 
 
 async def takeover_stack(make_stack: MakeStack) -> tuple[Stack, str]:

@@ -1,7 +1,7 @@
 """The store's scripts against a real redis-server: every way a stream can end leaves its owner's
 active set and the running index and is counted once; fencing and replayed appends; and the worker's
 appender writing an attempt through them, also when the reply to an append is lost on the way back
-(``tests.harness.ReplyLosingProxy``) and the appender sends it again.
+(``tailgate.dev.faultproxy.FaultProxy.lose_reply_to``) and the appender sends it again.
 
 The counters (``tg:stats``) are global, so each test has an empty database of its own on the
 shared server (the ``redis_db`` fixture).
@@ -15,16 +15,17 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from tailgate import keys
 from tailgate.connections import open_store
+from tailgate.dev.faultproxy import FaultProxy
 from tailgate.dev.procs import RedisServer, await_until
 from tailgate.events import dumps
 from tailgate.settings import Settings
 from tailgate.store import Append, CreateReply, Creation, Limits, Reply, StreamStore, Written
-from tests.harness import ReplyLosingProxy
 from worker.attempt import Attempt, Outcome
 from worker.publisher import Appender
 
@@ -297,11 +298,16 @@ async def test_the_appender_writes_an_attempts_events_in_order_and_its_end_settl
 
 
 @pytest.fixture
-async def lossy(redis_server: RedisServer, redis_db: str) -> AsyncIterator[tuple[ReplyLosingProxy, Appender]]:
+async def lossy(redis_server: RedisServer, redis_db: str) -> AsyncIterator[tuple[FaultProxy, Appender]]:
     """The worker's appender on a store opened as the worker opens it (no command re-send), through a
     proxy that can lose a reply; on the test's database."""
-    proxy = await ReplyLosingProxy(redis_server.port).start()
-    worker_store = open_store(Settings(redis_url=proxy.url(redis_db)), "worker", 4, retry=False)
+    proxy = await FaultProxy(redis_server.port).start()
+    worker_store = open_store(
+        Settings(redis_url=f"redis://127.0.0.1:{proxy.port}{urlsplit(redis_db).path}"),
+        "worker",
+        4,
+        retry=False,
+    )
     appender = Appender(worker_store, window_s=0.005)
     loop = appender.start()
     try:
@@ -314,7 +320,7 @@ async def lossy(redis_server: RedisServer, redis_db: str) -> AsyncIterator[tuple
 
 
 async def test_an_append_whose_reply_was_lost_is_written_once_and_the_attempt_goes_on(
-    store: StreamStore, lossy: tuple[ReplyLosingProxy, Appender]
+    store: StreamStore, lossy: tuple[FaultProxy, Appender]
 ) -> None:
     proxy, appender = lossy
     stream_id = await create(store)
@@ -342,7 +348,7 @@ async def test_an_append_whose_reply_was_lost_is_written_once_and_the_attempt_go
 
 
 async def test_a_terminal_append_whose_reply_was_lost_ends_the_attempt_as_completed_once(
-    store: StreamStore, lossy: tuple[ReplyLosingProxy, Appender]
+    store: StreamStore, lossy: tuple[FaultProxy, Appender]
 ) -> None:
     proxy, appender = lossy
     stream_id = await create(store)

@@ -1,7 +1,8 @@
 """A TCP proxy that can fail on purpose: for fault tests and the chaos soak, on loopback only.
 
 ``cut()`` resets every connection through it at once (as a dropped network path does); ``refuse``
-makes it reset new connections too until ``accept`` is called.
+makes it reset new connections too until ``accept`` is called; ``lose_reply_to`` lets one request
+through and resets its connection when the reply comes back (the client cannot know it ran).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ class FaultProxy:
         self.host = host
         self.port = port
         self.refusing = False
+        self.lost = 0  # replies lost on purpose so far
+        self._marker: bytes | None = None
         self._server: asyncio.Server | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -55,6 +58,13 @@ class FaultProxy:
     def accept(self) -> None:
         self.refusing = False
 
+    def lose_reply_to(self, marker: bytes) -> None:
+        """The next request containing ``marker`` goes through to the target, which runs it; when its
+        reply comes back, that connection is reset both ways instead. One connection carries one
+        request at a time (redis-py waits for a reply before it sends the next command on a
+        connection, and a pipeline's commands go in one write), so the next reply is that request's."""
+        self._marker = marker
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.refusing:
             _reset(writer)
@@ -66,8 +76,9 @@ class FaultProxy:
             return
         pair = (writer, up_writer)
         self._pairs.add(pair)
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst, pair))
+        doomed = [False]  # the next reply on this connection is lost
+        for src, dst, upstream in ((reader, up_writer, True), (up_reader, writer, False)):
+            task = asyncio.create_task(self._pipe(src, dst, pair, upstream, doomed))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -76,9 +87,18 @@ class FaultProxy:
         src: asyncio.StreamReader,
         dst: asyncio.StreamWriter,
         pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+        upstream: bool,
+        doomed: list[bool],
     ) -> None:
         try:
             while data := await src.read(65536):
+                if upstream and self._marker is not None and self._marker in data:
+                    self._marker, doomed[0] = None, True
+                elif not upstream and doomed[0]:
+                    self.lost += 1
+                    for w in pair:
+                        _reset(w)
+                    return
                 dst.write(data)
                 await dst.drain()
         except (ConnectionError, OSError):
