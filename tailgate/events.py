@@ -1,4 +1,5 @@
-"""The event codec: how an event is stored in Redis, published to gateways and framed for SSE.
+"""The event codec: how an event is stored in Redis and published to gateways (the gateway's
+``sse`` module renders it for each wire format).
 
 A stream entry has two fields, ``t`` (the event type) and ``d`` (its JSON data, which always starts
 with ``{"seq":N`` because the append script writes ``seq`` first). Appends publish the same entries as
@@ -36,9 +37,6 @@ class Entry(NamedTuple):
     @property
     def terminal(self) -> bool:
         return self.type in TERMINAL
-
-    def frame(self) -> bytes:
-        return f"id: {self.id}\nevent: {self.type}\ndata: {self.data}\n\n".encode()
 
 
 def dumps(data: dict[str, Any]) -> str:
@@ -78,8 +76,3 @@ def parse_cursor(raw: str | None) -> str | None:
 def id_key(entry_id: str) -> tuple[int, int]:
     ms, _, n = entry_id.partition("-")
     return int(ms), int(n)
-
-
-def frames(entries: list[Entry]) -> bytes:
-    """Several events in one write."""
-    return b"".join(e.frame() for e in entries)
