@@ -92,9 +92,13 @@ class Admission:
                 raise ApiError(400, "max_tokens_too_large", message)
 
     async def check_queue(self) -> None:
-        """429 ``queue_full`` when the queue holds ``TAILGATE_MAX_QUEUED`` jobs."""
+        """429 ``queue_full`` when the queue holds ``TAILGATE_MAX_QUEUED`` jobs. (On one Redis, the
+        store's create script checks this itself, atomically.)"""
         if await self._queue.zcard(self._settings.queue_name) >= self._settings.max_queued:
-            raise ApiError(429, "queue_full", "the queue is full; retry shortly", {"Retry-After": "1"})
+            raise self.queue_full()
+
+    def queue_full(self) -> ApiError:
+        return ApiError(429, "queue_full", "the queue is full; retry shortly", {"Retry-After": "1"})
 
     def refused(self, creation: Creation) -> ApiError:
         """The 429 for a create the store's limits refused."""

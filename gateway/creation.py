@@ -2,8 +2,11 @@
 store's create and the enqueue.
 
 A surface turns its own body into a :class:`StreamRequest` and calls :func:`start`; what it answers
-is its own business. A stream is queued whole or not at all: if the enqueue fails, the store's
-``discard`` takes back the create, so no stream exists that nobody will ever run.
+is its own business. A stream is queued whole or not at all. When the queue shares the streams'
+Redis (the default), the store's create script enqueues the job and wakes a worker in the same
+atomic step: one round trip. Otherwise the queue's depth is checked first and the job goes in one
+transaction after the create; if that fails, the store's ``discard`` takes back the create, so no
+stream exists that nobody will ever run.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import logging
 import secrets
 from typing import Annotated, Any, Literal, assert_never
 
+from arq.constants import job_key_prefix
+from arq.jobs import serialize_job
+from arq.utils import timestamp_ms
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -20,7 +26,7 @@ from gateway.errors import ApiError
 from gateway.services import Services
 from tailgate import keys
 from tailgate.events import dumps
-from tailgate.store import CreateReply
+from tailgate.store import CreateReply, Job
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +99,9 @@ async def start(
 
     Idempotency, the per-key limits and the create are one atomic script: concurrent duplicates get
     the one stream or the same refusal, and no answer names a stream that does not exist."""
-    await svc.admission.check_queue()
+    one_redis = svc.settings.one_redis
+    if not one_redis:
+        await svc.admission.check_queue()
     stream_id = secrets.token_hex(16)
     request = body.upstream_request(svc.settings.default_model)
     svc.admission.check_request(request)
@@ -106,12 +114,15 @@ async def start(
     if idempotency_key is not None:
         digest = hashlib.sha256(body.model_dump_json(exclude_none=True).encode()).hexdigest()
         idempotency = (hashlib.sha256(idempotency_key.encode()).hexdigest(), digest)
+    job = _job(svc, stream_id) if one_redis else None
     creation = await svc.store.create(
-        stream_id, owner, fields, limits=svc.admission.limits, idempotency=idempotency
+        stream_id, owner, fields, limits=svc.admission.limits, idempotency=idempotency, job=job
     )
     match creation.reply:
         case CreateReply.CREATED | CreateReply.ID_TAKEN:  # ID_TAKEN: this create, re-sent
             pass
+        case CreateReply.QUEUE_FULL:
+            raise svc.admission.queue_full()
         case CreateReply.EXISTING:
             return created(svc, creation.stream_id)
         case CreateReply.CONFLICT:
@@ -121,20 +132,40 @@ async def start(
             raise svc.admission.refused(creation)
         case _:
             assert_never(creation.reply)
-    await _enqueue(svc, stream_id)
+    if job is None:
+        await _enqueue(svc, stream_id)
     STREAMS_CREATED.inc()
     log.info("stream %s queued", stream_id)
     return created(svc, stream_id)
 
 
+def _job(svc: Services, stream_id: str) -> Job:
+    """The stream's ARQ job as ``ArqRedis.enqueue_job`` would write it (its id is the stream's)."""
+    q = svc.queue
+    enqueued = timestamp_ms()
+    payload = serialize_job(keys.JOB_GENERATE, (stream_id,), {}, None, enqueued, serializer=q.job_serializer)
+    return Job(
+        queue=svc.settings.queue_name,
+        key=job_key_prefix + stream_id,
+        payload=payload,
+        expires_ms=q.expires_extra_ms,
+        max_queued=svc.settings.max_queued,
+        wake=keys.WAKE_CHANNEL,
+    )
+
+
 async def _enqueue(svc: Services, stream_id: str) -> None:
-    """Enqueue the stream's job and wake a worker; if that fails, the store takes the create back
-    (quota and idempotency record included) and the client gets 503."""
+    """Enqueue the stream's job and wake a worker, in one transaction on the queue's Redis; if that
+    fails, the store takes the create back (quota and idempotency record included) and the client
+    gets 503. (ARQ's own ``enqueue_job`` first checks that the job id is new, two more round trips:
+    a stream id is, as its create just proved.)"""
+    job = _job(svc, stream_id)
     try:
-        await svc.queue.enqueue_job(
-            keys.JOB_GENERATE, stream_id, _job_id=stream_id, _queue_name=svc.settings.queue_name
-        )
-        await svc.queue.publish(keys.WAKE_CHANNEL, stream_id)  # an idle worker starts it at once
+        async with svc.queue.pipeline(transaction=True) as pipe:
+            pipe.psetex(job.key, job.expires_ms, job.payload)
+            pipe.zadd(job.queue, {stream_id: timestamp_ms()})
+            pipe.publish(job.wake, stream_id)  # an idle worker starts it at once
+            await pipe.execute()
     except Exception as exc:
         log.error("enqueue of %s failed: %s", stream_id, exc)
         await svc.store.discard(stream_id)

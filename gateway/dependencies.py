@@ -87,7 +87,7 @@ async def readable_stream(
 ReadableStream = Annotated[Stream, Depends(readable_stream)]
 
 
-def resume_cursor(
+async def resume_cursor(
     last_event_id: Annotated[
         str | None, Header(description="Resume after this event id (wins over the query parameter).")
     ] = None,

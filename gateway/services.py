@@ -67,7 +67,7 @@ async def opened(settings: Settings) -> AsyncIterator[Services]:
         await queue.aclose()
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
     """The process's services (a dependency)."""
     return request.app.state.svc  # type: ignore[no-any-return]
 

@@ -36,11 +36,14 @@ end
 """
 
 # KEYS: events, meta, active (the owner's), stats, rate (the owner's), idempotency (the rate key
-# again when there is none). ARGV: live_ttl, now, owner, max_active (0: no cap), active_stale_before,
-# rate limit (0: none), rate window ms, idempotency value ('' for none: "<id> <digest>"), its ttl,
-# then meta field/value pairs (the owner argument wins over an `owner` among them).
-# Admission and creation in one step, so the caps hold under any concurrency, and a refused request
-# leaves nothing behind (no quota used, no idempotency record).
+# again when there is none), and, when the queue shares this Redis, ARQ's queue and the job's key.
+# ARGV: live_ttl, now, owner, max_active (0: no cap), active_stale_before, rate limit (0: none), rate
+# window ms, idempotency value ('' for none: "<id> <digest>"), its ttl, the job (ARQ's serialized
+# job, its expiry ms, the queue's cap, the wake-up channel; all '' without a queue), then
+# meta field/value pairs (the owner argument wins over an `owner` among them).
+# Admission, creation and the enqueue in one step, so the caps hold under any concurrency, a refused
+# request leaves nothing behind (no quota used, no idempotency record), and a created stream is
+# queued: one round trip for the whole of a create.
 CREATE = (
     LIB
     + """
@@ -56,6 +59,10 @@ if ARGV[8] ~= '' then
     return {'existing', sid}
   end
 end
+local queued = #KEYS == 8
+if queued and redis.call('ZCARD', KEYS[7]) >= tonumber(ARGV[12]) then
+  return {'queue_full'}
+end
 if tonumber(ARGV[6]) > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[7]))
   if redis.call('ZCARD', KEYS[5]) >= tonumber(ARGV[6]) then
@@ -69,7 +76,7 @@ if tonumber(ARGV[4]) > 0 then
   if active >= tonumber(ARGV[4]) then return {'too_many', tostring(active)} end
 end
 redis.call('HSET', KEYS[2], 'status', 'queued', 'attempt', 0, 'cancel', 0, 'created_at', ARGV[2])
-for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 14, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[2], 'owner', ARGV[3])
 local seq, eid = add(KEYS[1], 0, 'queued', '{}', {})
 redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', eid)
@@ -84,6 +91,11 @@ end
 if ARGV[8] ~= '' then
   redis.call('SET', KEYS[6], ARGV[8], 'EX', ARGV[9])
   redis.call('HSET', KEYS[2], 'idempotency', KEYS[6])
+end
+if queued then  -- as ARQ's enqueue_job writes a job, and the wake-up the gateway would publish
+  redis.call('SET', KEYS[8], ARGV[10], 'PX', ARGV[11])
+  redis.call('ZADD', KEYS[7], now, id)
+  redis.call('PUBLISH', ARGV[13], id)
 end
 return {'created', id}
 """

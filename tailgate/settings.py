@@ -84,6 +84,12 @@ class Settings(BaseSettings):
         return self.streams_redis_url or self.redis_url
 
     @property
+    def one_redis(self) -> bool:
+        """The queue and the streams on one Redis: a create enqueues in the same script, and a worker
+        claims a job and its stream in one."""
+        return self.queue_url == self.streams_url
+
+    @property
     def allowed_models(self) -> frozenset[str]:
         return frozenset(m.strip() for m in self.models.split(",") if m.strip())
 

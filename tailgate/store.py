@@ -1,7 +1,7 @@
 """The stream store: every write to a stream goes through one of seven atomic scripts.
 
 - ``create``: the meta hash (with the stream's owner) and the ``queued`` event, or nothing if the id
-  exists.
+  exists; when the queue is on the same Redis, the stream's ARQ job and a worker's wake-up too.
 - ``discard``: undoes a create whose job could not be enqueued; nothing of the stream is left.
 - ``claim``: a worker starts an attempt; the attempt number goes up by one and becomes the fencing
   token. Past ``max_attempts`` the stream ends with ``error`` instead.
@@ -61,6 +61,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from tailgate import keys, scripts
 from tailgate.events import FINAL_STATUS, FINISHED, Entry, dumps, entry
@@ -89,6 +91,7 @@ class CreateReply(enum.Enum):
     # A stream with this id exists: ids are random, so it is this very create, re-sent after its
     # reply was lost (redis-py's command retry), and the stream is the caller's.
     ID_TAKEN = "id_taken"
+    QUEUE_FULL = "queue_full"  # with a `Job`: the queue holds its cap of jobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,20 @@ class Limits:
     max_active: int = 0  # unfinished streams
     active_stale_ms: int = 0  # an entry of the active set older than this is pruned (a lost stream)
     rate_per_min: int = 0  # creations in any 60 s
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """The stream's queue job, for a create on the Redis that holds the queue too: the create
+    enqueues it in the same step (ARQ's job key and payload, as ``ArqRedis.enqueue_job`` writes them)
+    and wakes a worker."""
+
+    queue: str  # ARQ's queue, a sorted set
+    key: str  # the job's key
+    payload: bytes  # ARQ's serialized job
+    expires_ms: int
+    max_queued: int  # the queue's cap: at this many jobs, QUEUE_FULL
+    wake: str  # the channel that wakes an idle worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,11 +195,13 @@ class StreamStore:
         *,
         limits: Limits | None = None,
         idempotency: tuple[str, str] | None = None,
+        job: Job | None = None,
     ) -> Creation:
         """A new stream of ``owner``, queued, if ``limits`` admit it: its meta (``fields`` and the
         owner), the ``queued`` event, a place in the owner's active set and rate window, and one more
         ``created``. With ``idempotency`` (the key's hash, the body's digest): the stream that key
-        created before, or a conflict if that body differed. All in one atomic step."""
+        created before, or a conflict if that body differed. With ``job`` (the queue is on this
+        Redis): the job enqueued too, unless the queue is full. All in one atomic step."""
         lim = limits or Limits()
         now = int(time.time() * 1000)
         idem_key, idem_value = keys.rate(owner), ""
@@ -191,10 +210,16 @@ class StreamStore:
         stale_before = now - lim.active_stale_ms if lim.active_stale_ms else 0
         args: list[Any] = [self._live_ttl, now, owner, lim.max_active, stale_before]
         args += [lim.rate_per_min, 60_000, idem_value, self._retention]
+        ks = [keys.events(stream_id), keys.meta(stream_id), keys.active(owner), keys.STATS]
+        ks += [keys.rate(owner), idem_key]
+        if job is None:
+            args += ["", "", "", ""]
+        else:
+            args += [job.payload, job.expires_ms, job.max_queued, job.wake]
+            ks += [job.queue, job.key]
         for k, v in fields.items():
             args += [k, v]
-        ks = [keys.events(stream_id), keys.meta(stream_id), keys.active(owner), keys.STATS]
-        r = await self._create(keys=[*ks, keys.rate(owner), idem_key], args=args)
+        r = await self._create(keys=ks, args=args)
         reply = CreateReply(r[0])
         if reply in (CreateReply.CREATED, CreateReply.EXISTING):
             return Creation(reply, stream_id=r[1])
@@ -245,22 +270,37 @@ class StreamStore:
         :class:`SeqConflict` in its place in the result.
         """
         now = stamp()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for a in appends:
-                extra = list((a.meta or {}).items())
-                final = FINAL_STATUS.get(a.events[-1][0], "")
-                args: list[Any] = [a.attempt, a.seq, self._maxlen, keys.notify(a.stream_id), final, now]
-                args += [self._retention, len(extra)]
-                for k, v in extra:
-                    args += [k, v]
-                for kind, data in a.events:
-                    args += [kind, dumps(data)]
-                # The bookkeeping keys: the stream may end here (a terminal event, or the cap).
-                ks = [keys.events(a.stream_id), keys.meta(a.stream_id), keys.RUNNING, keys.STATS]
-                ks.append(keys.active(a.owner))
-                await self._append(keys=ks, args=args, client=pipe)
-            replies = await pipe.execute(raise_on_error=False)
+        calls = []
+        for a in appends:
+            extra = list((a.meta or {}).items())
+            final = FINAL_STATUS.get(a.events[-1][0], "")
+            args: list[Any] = [a.attempt, a.seq, self._maxlen, keys.notify(a.stream_id), final, now]
+            args += [self._retention, len(extra)]
+            for k, v in extra:
+                args += [k, v]
+            for kind, data in a.events:
+                args += [kind, dumps(data)]
+            # The bookkeeping keys: the stream may end here (a terminal event, or the cap).
+            ks = [keys.events(a.stream_id), keys.meta(a.stream_id), keys.RUNNING, keys.STATS]
+            ks.append(keys.active(a.owner))
+            calls.append((ks, args))
+        replies = await self._pipelined(self._append, calls)
         return [_written(a, r) for a, r in zip(appends, replies, strict=True)]
+
+    async def _pipelined(self, script: AsyncScript, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """``script`` once per ``(keys, args)`` of ``calls``, in one pipelined round trip; each reply
+        or error in its place. (redis-py's pipeline asks ``SCRIPT EXISTS`` before every execute that
+        holds a script, a second round trip; here the script is loaded only when Redis has lost it,
+        after a restart, and then no call of the batch has run, so the batch runs again whole.)"""
+        for _ in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for ks, args in calls:
+                    pipe.evalsha(script.sha, len(ks), *ks, *args)
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if not any(isinstance(r, NoScriptError) for r in replies):
+                break
+            await self.redis.script_load(script.script)
+        return replies
 
     async def beat(self, attempts: dict[str, int]) -> dict[str, str]:
         """Heartbeat every stream in ``attempts`` (id -> attempt) in one round trip, in its meta and
@@ -268,10 +308,12 @@ class StreamStore:
         :class:`Reply` value saying why the attempt no longer owns it (``gone``, ``fenced``,
         ``finished``)."""
         now = stamp()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream_id, attempt in attempts.items():
-                await self._beat(keys=[keys.meta(stream_id), keys.RUNNING], args=[attempt, now], client=pipe)
-            return dict(zip(attempts, (str(r) for r in await pipe.execute()), strict=True))
+        calls = [([keys.meta(i), keys.RUNNING], [attempt, now]) for i, attempt in attempts.items()]
+        replies = await self._pipelined(self._beat, calls)
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        return dict(zip(attempts, (str(r) for r in replies), strict=True))
 
     async def release(self, stream_id: str, attempt: int, reason: str) -> Reply:
         """Hand the stream back (heartbeat 0): the next claim takes it at once and writes ``reset``

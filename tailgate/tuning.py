@@ -19,10 +19,14 @@ COMMAND_RETRY_BASE_S = 0.01
 COMMAND_RETRY_CAP_S = 0.5
 ACTIVE_STALE_S = 3600  # an entry in `active` older than job timeout + this is pruned
 # Redis connections of one gateway process, however many SSE clients it serves: readers share the
-# hub's pub/sub connection (taken from the streams pool) and commands share the rest; at most 4.
-# One queue connection enqueues a few thousand jobs a second (ARQ's enqueue is a WATCH transaction).
-GATEWAY_STREAMS_POOL = 3
-GATEWAY_QUEUE_POOL = 1
+# hub's pub/sub connection (taken from the streams pool) and commands share the rest. A connection
+# carries one command per turn of the event loop, and under a burst of new streams a turn takes
+# milliseconds: with 2 connections, creates and catch-ups queued behind each other for seconds at
+# 200 new streams a second. 16 keeps that queue short and the count bounded.
+# The queue pool serves only the queue-depth check when the queue has a Redis of its own (on one
+# Redis, the create script enqueues) and that path's enqueue transaction.
+GATEWAY_STREAMS_POOL = 16
+GATEWAY_QUEUE_POOL = 2
 # A worker appends for hundreds of streams side by side.
 WORKER_STREAMS_POOL = 64
 WORKER_QUEUE_POOL = 8

@@ -13,9 +13,9 @@ from gateway.app import create_app
 from tailgate import keys
 from tailgate.apikeys import owner_of
 from tailgate.dev.procs import RedisServer
-from tailgate.dev.sse import read_sse
+from tailgate.dev.sse import read_sse, text_of
 from tailgate.settings import Settings
-from tests.harness import MakeStack, Stack
+from tests.harness import MakeStack, Stack, expected_answer
 
 UNKNOWN = "0" * 32
 KEYED = {
@@ -125,6 +125,30 @@ async def test_stream_whose_enqueue_fails_is_taken_back_whole(
             assert accepted.status_code == 202
             assert await r.zrange(keys.active(owner), 0, -1) == [accepted.json()["id"]]
             assert int(await r.hget(keys.STATS, "created") or 0) == created_before + 1
+    finally:
+        await queue_redis.astop()
+        queue_redis.close()
+
+
+async def test_a_queue_on_its_own_redis_runs_streams_whole(
+    client: httpx.AsyncClient, make_stack: MakeStack, mock_url: str
+) -> None:
+    # Not the one-round-trip create: a check of the queue, the create, then the job in a transaction.
+    queue_redis = await RedisServer().astart()
+    try:
+        s = make_stack(TAILGATE_QUEUE_REDIS_URL=queue_redis.url, TAILGATE_MAX_QUEUED="1")
+        url = await s.agateway()
+        created = await client.post(f"{url}/v1/streams", json={"prompt": "apart"}, headers=s.headers)
+        assert created.status_code == 202
+        # No worker yet, so the job waits in the queue's own Redis, which is now full.
+        async with Redis.from_url(queue_redis.url) as q:
+            assert await q.zrange(s.env["TAILGATE_QUEUE_NAME"], 0, -1) == [created.json()["id"].encode()]
+        full = await client.post(f"{url}/v1/streams", json={"prompt": "apart"}, headers=s.headers)
+        assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+        await s.aworker()
+        _, events = await read_sse(client, url + created.json()["events_url"], headers=s.headers)
+        assert [e.event for e in events[:2]] == ["queued", "started"] and events[-1].event == "done"
+        assert text_of(events) == await expected_answer(mock_url, "apart")
     finally:
         await queue_redis.astop()
         queue_redis.close()

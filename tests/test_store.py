@@ -94,6 +94,17 @@ async def test_create_writes_meta_and_queued_counts_created_and_enters_the_owner
     assert (await store.meta(stream_id))["model"] == REQUEST["model"]
 
 
+async def test_appends_and_heartbeats_load_their_script_again_when_redis_lost_it(store: StreamStore) -> None:
+    # As after a restart of Redis: its script cache is empty; the batch runs whole, once.
+    stream_id = await create(store)
+    c = await claim(store, stream_id)
+    await store.redis.script_flush()
+    assert (await write(store, append(stream_id, c.attempt, c.seq, ("delta", {"text": "a"})))).seq == c.seq + 1
+    await store.redis.script_flush()
+    assert await store.beat({stream_id: c.attempt}) == {stream_id: "0"}
+    assert [t for t, _ in await events(store, stream_id)] == ["queued", "started", "delta"]
+
+
 async def test_cancel_of_a_queued_stream_ends_it_at_once_and_settles_its_bookkeeping(
     store: StreamStore,
 ) -> None:
