@@ -161,6 +161,15 @@ def _written(a: Append, r: Any) -> Written | Exception:
     return Written(Reply.OK, seq=int(r[1]), attempt=a.attempt, cancel=r[2] == "1")
 
 
+def _claimed(r: Any) -> Claimed | Exception:
+    if isinstance(r, Exception):
+        return r
+    reply = Reply(r[0])
+    if reply is not Reply.OK:
+        return Claimed(reply)
+    return Claimed(reply, int(r[1]), int(r[2]), r[3] == "1", r[4], json.loads(r[5]))
+
+
 @dataclass(frozen=True, slots=True)
 class Claimed:
     reply: Reply
@@ -243,23 +252,33 @@ class StreamStore:
         A running stream is taken over only if its heartbeat is older than ``stale_after_s``. Past
         ``max_attempts`` the stream ends with ``error`` (:attr:`Reply.EXHAUSTED`).
         """
-        now = time.time() * 1000
-        r = await self._claim(
-            keys=[keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS],
-            args=[
-                keys.notify(stream_id),
-                f"{now:.3f}",
-                worker,
-                f"{now - stale_after_s * 1000:.3f}",
-                max_attempts,
-                self._retention,
-                keys.ACTIVE_PREFIX,
-            ],
+        [claimed] = await self.claim_many(
+            [stream_id], worker, stale_after_s=stale_after_s, max_attempts=max_attempts
         )
-        reply = Reply(r[0])
-        if reply is not Reply.OK:
-            return Claimed(reply)
-        return Claimed(reply, int(r[1]), int(r[2]), r[3] == "1", r[4], json.loads(r[5]))
+        if isinstance(claimed, Exception):
+            raise claimed
+        return claimed
+
+    async def claim_many(
+        self,
+        stream_ids: list[str],
+        worker: str,
+        *,
+        stale_after_s: float,
+        max_attempts: int,
+    ) -> list[Claimed | Exception]:
+        """:meth:`claim` for each of ``stream_ids``, in one pipelined round trip, each atomic on its
+        own; a claim that failed has its error in its place."""
+        now = time.time() * 1000
+        tail = [f"{now:.3f}", worker, f"{now - stale_after_s * 1000:.3f}", max_attempts, self._retention]
+        calls: list[tuple[list[str], list[Any]]] = [
+            (
+                [keys.events(i), keys.meta(i), keys.RUNNING, keys.STATS],
+                [keys.notify(i), *tail, keys.ACTIVE_PREFIX],
+            )
+            for i in stream_ids
+        ]
+        return [_claimed(r) for r in await self._pipelined(self._claim, calls)]
 
     async def append_many(self, appends: list[Append]) -> list[Written | Exception]:
         """Each of ``appends`` in one pipelined round trip, each atomic on its own: its events go in if
@@ -289,9 +308,10 @@ class StreamStore:
 
     async def _pipelined(self, script: AsyncScript, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """``script`` once per ``(keys, args)`` of ``calls``, in one pipelined round trip; each reply
-        or error in its place. (redis-py's pipeline asks ``SCRIPT EXISTS`` before every execute that
-        holds a script, a second round trip; here the script is loaded only when Redis has lost it,
-        after a restart, and then no call of the batch has run, so the batch runs again whole.)"""
+        or error in its place. (redis-py's pipeline asks ``SCRIPT
+        EXISTS`` before every execute that holds a script, a second round trip; here the script is
+        loaded only when Redis has lost it, after a restart, and then no call of the batch has run,
+        so the batch runs again whole.)"""
         for _ in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for ks, args in calls:

@@ -99,7 +99,8 @@ async def test_appends_and_heartbeats_load_their_script_again_when_redis_lost_it
     stream_id = await create(store)
     c = await claim(store, stream_id)
     await store.redis.script_flush()
-    assert (await write(store, append(stream_id, c.attempt, c.seq, ("delta", {"text": "a"})))).seq == c.seq + 1
+    written = await write(store, append(stream_id, c.attempt, c.seq, ("delta", {"text": "a"})))
+    assert written.seq == c.seq + 1
     await store.redis.script_flush()
     assert await store.beat({stream_id: c.attempt}) == {stream_id: "0"}
     assert [t for t, _ in await events(store, stream_id)] == ["queued", "started", "delta"]

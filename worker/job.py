@@ -29,7 +29,7 @@ from tailgate import keys
 from tailgate.connections import REDIS_ERRORS
 from tailgate.events import dumps
 from tailgate.settings import Settings
-from tailgate.store import Reply, StreamStore
+from tailgate.store import Claimed, Reply, StreamStore
 from worker import upstream
 from worker.attempt import Attempt, Outcome, refused
 from worker.publisher import Appender
@@ -72,9 +72,15 @@ async def generate(ctx: dict[str, Any], stream_id: str) -> str:
     except REDIS_ERRORS as exc:
         log.warning("stream %s: Redis unavailable at claim (%s); retrying", stream_id, exc)
         raise Retry(defer=1) from exc
+    start(w, stream_id, claim)
+    return str(claim.reply.value)
+
+
+def start(w: WorkerState, stream_id: str, claim: Claimed) -> None:
+    """Start the attempt ``claim`` gave this worker, as a task of the worker (if it gave one)."""
     if claim.reply is not Reply.OK or claim.request is None:
         log.info("stream %s not claimed: %s", stream_id, claim.reply.value)
-        return str(claim.reply.value)
+        return
     log.info("stream %s attempt %d started", stream_id, claim.attempt)
     attempt = Attempt(w.appender, stream_id, claim.owner, claim.attempt, claim.seq)
     if claim.cancel:
@@ -87,7 +93,6 @@ async def generate(ctx: dict[str, Any], stream_id: str) -> str:
             del w.running[stream_id]
 
     attempt.task.add_done_callback(leave)
-    return str(claim.reply.value)
 
 
 async def _attempt(w: WorkerState, attempt: Attempt, request: dict[str, Any]) -> Outcome:

@@ -4,6 +4,13 @@
   waits on that signal and polls ARQ's queue at once. ARQ's ``poll_delay`` remains only as a fallback
   (a lost message, a worker that was busy). At ``concurrency`` running streams it stops taking jobs,
   which stay queued for other workers.
+- **Jobs.** When the queue shares the streams' Redis (the default), the worker runs a polled job
+  itself instead of through ARQ's ``run_job``: the claims of every stream polled go in one pipelined
+  round trip, the attempts start, and then the jobs are dropped from the queue as ARQ drops a job
+  that ran (four round trips a job through ARQ). The stream's claim is what makes a job run once:
+  two workers polling the same job both claim, and the second is answered ``busy``. A job whose
+  claim failed stays queued for the next poll; a worker that dies before it drops its jobs leaves
+  them to be claimed again, which the claim answers ``busy``, or takes over if the worker is gone.
 - **Cancel.** ``tg:cancel`` names a stream whose generation must stop; if it runs here, its attempt
   halts and the upstream response is closed.
 - **Heartbeat.** Every ``heartbeat_s`` the worker stamps the meta of each stream it runs (an attempt
@@ -32,7 +39,7 @@ from typing import Any
 
 from arq import Worker
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import func
 
@@ -42,7 +49,7 @@ from tailgate.settings import Settings
 from tailgate.store import Reply, stamp
 from worker import upstream
 from worker.attempt import Outcome, refused
-from worker.job import WorkerState, generate, takeover
+from worker.job import WorkerState, generate, start, takeover
 from worker.publisher import Appender
 
 log = logging.getLogger(__name__)
@@ -76,6 +83,7 @@ class TailgateWorker(Worker):
         super().__init__(**kwargs)
         self.state = state
         self.woken = asyncio.Event()
+        self.more = False  # the last poll read a full page: more jobs may be due behind it
         self._claim_jobs = self.pool.register_script(_CLAIM_JOBS)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
@@ -83,9 +91,15 @@ class TailgateWorker(Worker):
         # the jobs started here and the streams running already never add up to more than it.
         s = self.state
         room = min(self.max_jobs, s.settings.concurrency - len(s.running)) - self.job_counter
+        self.more = len(job_ids) >= self.queue_read_limit and room > len(job_ids)
         if room <= 0 or not job_ids:
             return
         ids = [j.decode() for j in job_ids[:room]]
+        if s.settings.one_redis:
+            # A task in `tasks`, as ARQ's jobs are: shutdown waits for the claims in flight.
+            task = self.tasks[f"claims-{ids[0]}"] = self.loop.create_task(self._run_jobs(ids))
+            await task
+            return
         ttl_ms = int(self.in_progress_timeout_s * 1000)
         claimed = await self._claim_jobs(
             keys=[self.queue_name], args=[in_progress_key_prefix, ttl_ms, timestamp_ms(), *ids]
@@ -98,6 +112,39 @@ class TailgateWorker(Worker):
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job] = task
 
+    async def _run_jobs(self, job_ids: list[str]) -> None:
+        """Run polled ``generate`` jobs here (see the module docstring): claim their streams in one
+        round trip, start the attempts, then drop the jobs."""
+        s = self.state
+        # A job id is its stream's id, or ``<stream id>:<tag>`` for a takeover job (worker.job).
+        streams = [j[:32] for j in job_ids]
+        # A takeover job for a stream that runs here (our heartbeat failed, not the attempt): drop it.
+        wanted = [i for i in streams if i not in s.running]
+        try:
+            claims = await s.store.claim_many(
+                wanted, s.id, stale_after_s=s.settings.takeover_after_s, max_attempts=s.settings.max_attempts
+            )
+        except REDIS_ERRORS as exc:
+            log.warning("claims of %d streams failed (%s); their jobs stay queued", len(wanted), exc)
+            return
+        failed = set()
+        for stream_id, claim in zip(wanted, claims, strict=True):
+            if isinstance(claim, Exception):
+                log.warning("stream %s: claim failed (%s); its job stays queued", stream_id, claim)
+                failed.add(stream_id)
+            else:
+                start(s, stream_id, claim)
+        done = [j for j, i in zip(job_ids, streams, strict=True) if i not in failed]
+        if done:
+            try:
+                async with self.pool.pipeline(transaction=False) as pipe:
+                    for j in done:  # as ARQ's finish_job leaves a job that ran with keep_result=0
+                        pipe.delete(job_key_prefix + j, retry_key_prefix + j, in_progress_key_prefix + j)
+                    pipe.zrem(self.queue_name, *done)
+                    await pipe.execute()
+            except REDIS_ERRORS as exc:  # claimed again later, and answered `busy` (or taken over)
+                log.warning("dropping %d claimed jobs failed: %s", len(done), exc)
+
     async def main(self) -> None:
         self.ctx["redis"] = self.pool
         while True:
@@ -105,6 +152,8 @@ class TailgateWorker(Worker):
             s = self.state
             self.allow_pick_jobs = not s.stopping and len(s.running) < s.settings.concurrency
             await ride_out(self._poll_iteration)
+            if self.more and self.allow_pick_jobs:
+                continue  # a burst: read the next page now, not after a wake-up or a poll_delay
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_delay_s):
                     await self.woken.wait()

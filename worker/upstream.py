@@ -4,6 +4,11 @@ The SDK makes the request (auth, base URL, retries with backoff before the first
 over its aiohttp transport (``openai[aiohttp]``, a quarter less CPU per token than the default);
 the body's SSE lines are read raw and decoded with ``json.loads``. The SDK's own stream builds a
 pydantic model per chunk, which costs more CPU than everything else a worker does for a token.
+The request goes through the client's ``post`` (the SDK's documented way to an endpoint as is,
+here with ``httpx.Response`` as the result type and ``stream=True``): ``chat.completions.create``
+first walks its ~45 typed parameters and every message through the SDK's type-directed transform,
+which was a sixth of a worker's CPU at 200 new streams a second. The body is the request the gateway
+validated, sent as is.
 
 Every way a call can fail becomes an :class:`UpstreamError` whose ``code`` is what the client sees in
 the ``error`` event:
@@ -19,6 +24,7 @@ the ``error`` event:
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,10 +79,18 @@ async def stream(api: openai.AsyncOpenAI, request: dict[str, Any], on_text: Call
     """
     finish: str | None = None
     usage: dict[str, Any] | None = None
-    create = api.chat.completions.with_streaming_response.create
+    body = request | {"stream": True, "stream_options": {"include_usage": True}}
     try:
-        async with create(**request, stream=True, stream_options={"include_usage": True}) as response:
-            async for line in response.iter_lines():
+        response = await api.post(  # the raw response (cast_to), its body not read yet (stream)
+            "/chat/completions",
+            cast_to=httpx2.Response,
+            body=body,
+            stream=True,
+            stream_cls=openai.AsyncStream[Any],
+        )
+        assert isinstance(response, httpx2.Response)
+        async with contextlib.aclosing(response):
+            async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue  # blank separators, comments, `event:` lines
                 data = line[5:].strip()
