@@ -41,6 +41,7 @@ class Stack:
     api_key: str
     procs: list[Child] = field(default_factory=list)
     gateways: list[str] = field(default_factory=list)
+    metrics: dict[int, str] = field(default_factory=dict)  # worker pid -> its /metrics URL
 
     def gateway(self, **env: str) -> str:
         """Start a gateway on a free port; its base URL once ``/readyz`` answers 200."""
@@ -52,10 +53,17 @@ class Stack:
         return url
 
     def worker(self, **env: str) -> Child:
-        """Start a worker; the process, once it says it is ready."""
-        child = self._start("worker", [], env)
+        """Start a worker, with its metrics on a free port (:meth:`metrics_url`); the process, once
+        it says it is ready."""
+        port = free_port()
+        child = self._start("worker", ["--metrics-port", str(port)], env)
+        self.metrics[child.pid] = f"http://127.0.0.1:{port}/metrics"
         child.wait_for_log(" ready (concurrency")
         return child
+
+    def metrics_url(self, worker: Child) -> str:
+        """Where ``worker`` (started by :meth:`worker`) serves its Prometheus metrics."""
+        return self.metrics[worker.pid]
 
     async def agateway(self, **env: str) -> str:
         return await asyncio.to_thread(self.gateway, **env)

@@ -40,7 +40,7 @@ from tailgate import keys, tuning
 from tailgate.connections import REDIS_ERRORS, open_queue, open_store, ride_out
 from tailgate.settings import Settings
 from tailgate.store import Reply, stamp
-from worker import upstream
+from worker import metrics, upstream
 from worker.attempt import Outcome, refused
 from worker.job import WorkerState, generate, takeover
 from worker.publisher import Appender
@@ -124,27 +124,8 @@ async def run(settings: Settings) -> None:
     try:
         appender = Appender(store, settings.coalesce_ms / 1000)
         state = WorkerState(worker_id, settings, store, queue, api, appender)
-        worker = _arq_worker(state)
-        loops = [
-            asyncio.create_task(_listen(queue, worker, state), name="listen"),
-            asyncio.create_task(_heartbeat(state), name="heartbeat"),
-            asyncio.create_task(_scan(state), name="takeover-scan"),
-            asyncio.create_task(worker.main(), name="arq-main"),
-            appender.start(),
-        ]
-        log.info("worker %s ready (concurrency %d)", worker_id, settings.concurrency)
-        stopping = asyncio.create_task(stop.wait(), name="signal")
-        try:
-            await asyncio.wait({*loops, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            died = [t for t in loops if t.done()]
-            for t in died:  # a bug: shut down in order all the same, then raise its error
-                log.error("worker %s: loop %s ended; shutting down", worker_id, t.get_name())
-        finally:
-            stopping.cancel()
-            await _shut_down(state, worker, loops)
-        for t in died:
-            t.result()
-            raise RuntimeError(f"worker loop {t.get_name()} ended without an error")
+        with metrics.served(settings.metrics_port, lambda: len(state.running)):
+            await _serve(state, stop)
     finally:
         for sig in SIGNALS:
             loop.remove_signal_handler(sig)
@@ -154,6 +135,31 @@ async def run(settings: Settings) -> None:
         await store.redis.aclose()
         await queue.aclose()
         log.info("worker %s stopped", worker_id)
+
+
+async def _serve(state: WorkerState, stop: asyncio.Event) -> None:
+    """The loops, until ``stop`` is set or one of them ends; then shut down in order."""
+    worker = _arq_worker(state)
+    loops = [
+        asyncio.create_task(_listen(state.queue, worker, state), name="listen"),
+        asyncio.create_task(_heartbeat(state), name="heartbeat"),
+        asyncio.create_task(_scan(state), name="takeover-scan"),
+        asyncio.create_task(worker.main(), name="arq-main"),
+        state.appender.start(),
+    ]
+    log.info("worker %s ready (concurrency %d)", state.id, state.settings.concurrency)
+    stopping = asyncio.create_task(stop.wait(), name="signal")
+    try:
+        await asyncio.wait({*loops, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        died = [t for t in loops if t.done()]
+        for t in died:  # a bug: shut down in order all the same, then raise its error
+            log.error("worker %s: loop %s ended; shutting down", state.id, t.get_name())
+    finally:
+        stopping.cancel()
+        await _shut_down(state, worker, loops)
+    for t in died:
+        t.result()
+        raise RuntimeError(f"worker loop {t.get_name()} ended without an error")
 
 
 def _arq_worker(state: WorkerState) -> TailgateWorker:
