@@ -245,10 +245,7 @@ def test_k8s_ports_services_probes_and_scrape_annotations_agree_with_the_cli_and
             assert int(scrape["prometheus.io/port"]) == args.metrics_port
 
 
-def test_k8s_autoscalers_own_the_replicas_of_existing_deployments_and_keda_scales_on_exported_metrics() -> (
-    None
-):
-
+def test_k8s_autoscalers_own_the_replicas_and_keda_scales_on_exported_metrics() -> None:
     hpa = named("HorizontalPodAutoscaler", "tailgate-gateway")
     ref = hpa["spec"]["scaleTargetRef"]
     assert (ref["kind"], ref["name"]) == ("Deployment", "tailgate-gateway")
