@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from tailgate import keys
 from tailgate.dev.procs import Child, RedisServer, child_env, free_port, tailgate_command
+from tailgate.dev.sse import Event, assert_exactly_once, read_sse
 
 MODEL = "gpt-4o-mini"
 # Heartbeat and takeover fast enough for a test that kills a worker (the defaults take 6 s or more).
@@ -209,6 +210,15 @@ async def mock_requests(mock_url: str, prompt: str) -> list[dict[str, Any]]:
     async with httpx.AsyncClient() as client:
         served: list[dict[str, Any]] = (await client.get(f"{mock_url}/mock/requests")).json()
     return [r for r in served if r["prompt"] == prompt and r["stream"]]
+
+
+async def run_stream(client: httpx.AsyncClient, stack: Stack, prompt: str) -> list[Event]:
+    """Create a stream on ``stack``'s first gateway and read it to its end: its events, each once."""
+    r = await client.post(f"{stack.url}/v1/streams", json={"prompt": prompt}, headers=stack.headers)
+    assert r.status_code == 202, r.text
+    _, events = await read_sse(client, stack.url + r.json()["events_url"], headers=stack.headers)
+    assert_exactly_once(events)
+    return events
 
 
 async def takeover_stack(make_stack: MakeStack) -> tuple[Stack, str]:

@@ -12,8 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from tailgate.dev.procs import RedisServer, await_until
-from tailgate.dev.sse import Event, assert_exactly_once, events, read_resuming, read_sse, text_of
-from tests.harness import MakeStack, Stack, expected_answer, mock_requests, takeover_stack, worker_of
+from tailgate.dev.sse import Event, events, read_resuming, read_sse, text_of
+from tests.harness import MakeStack, expected_answer, mock_requests, run_stream, takeover_stack, worker_of
 from worker import metrics
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -44,15 +44,6 @@ def finished(samples: Samples) -> dict[tuple[str, str], float]:
     return out
 
 
-async def run(client: httpx.AsyncClient, stack: Stack, prompt: str) -> list[Event]:
-    """Create a stream and read it to its end: its events."""
-    r = await client.post(f"{stack.url}/v1/streams", json={"prompt": prompt}, headers=stack.headers)
-    assert r.status_code == 202, r.text
-    _, events = await read_sse(client, stack.url + r.json()["events_url"], headers=stack.headers)
-    assert_exactly_once(events)
-    return events
-
-
 def deltas(events: list[Event]) -> int:
     return sum(e.event == "delta" for e in events)
 
@@ -64,7 +55,7 @@ async def test_worker_metrics_count_finished_streams_their_tokens_and_one_wait_a
     await s.agateway()
     worker = await s.aworker()
     prompts = [f"{prompt} {i}" for i in range(5)]
-    streams = await asyncio.gather(*(run(client, s, p) for p in prompts))
+    streams = await asyncio.gather(*(run_stream(client, s, p) for p in prompts))
     assert all(events[-1].event == "done" for events in streams)
 
     m = await scrape(client, s.metrics_url(worker))
@@ -103,9 +94,9 @@ async def test_worker_metrics_count_cancelled_streams_and_errors_by_their_code(
                 url = f"{s.url}/v1/streams/{r.json()['id']}/cancel"
                 assert (await client.post(url, headers=s.headers)).status_code == 202
     assert cancelled[-1].event == "cancelled"
-    refused = await run(client, s, prompt + " auth [mock:status=401]")
-    broken = await run(client, s, prompt + " broken [mock:fail_after=3]")
-    long = await run(client, s, prompt + " long [mock:tokens=100,delay_ms=1]")
+    refused = await run_stream(client, s, prompt + " auth [mock:status=401]")
+    broken = await run_stream(client, s, prompt + " broken [mock:fail_after=3]")
+    long = await run_stream(client, s, prompt + " long [mock:tokens=100,delay_ms=1]")
     codes = [e[-1].data["code"] for e in (refused, broken, long)]
     assert codes == ["upstream_auth", "upstream_error", "stream_too_long"]
 
