@@ -81,7 +81,7 @@ async def test_worker_metrics_count_cancelled_streams_and_errors_by_their_code(
     worker = await s.aworker(TAILGATE_STREAM_MAXLEN="40")  # the worker's appends enforce it
 
     r = await client.post(
-        f"{s.url}/v1/streams", json={"prompt": prompt + " [mock:tokens=400,delay_ms=20]"}, headers=s.headers
+        f"{s.url}/v1/streams", json={"prompt": prompt + " [mock:tokens=400,delay_ms=50]"}, headers=s.headers
     )
     assert r.status_code == 202, r.text
     cancelled: list[Event] = []

@@ -12,6 +12,8 @@
 - **Takeover.** Every second it looks for running streams whose heartbeat is older than
   ``takeover_after_s`` and enqueues a job that claims them again. Right after Redis itself restarted
   it waits one takeover period first: every heartbeat looks old then, though the workers are alive.
+- **Metrics.** With ``metrics_port``, Prometheus metrics (``worker.metrics``) are served from a
+  thread for as long as the loops run.
 - **Shutdown.** SIGTERM/SIGINT, or a side loop that died: stop taking jobs, let claims in flight
   land, let running streams finish within ``shutdown_grace_s``, then hand the rest back (``reset``
   reason ``worker_shutdown``) so other workers resume them at once; cancel what is still stuck, then
