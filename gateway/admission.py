@@ -5,7 +5,10 @@ Counters live in Redis so every replica enforces the same limits.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -15,8 +18,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import ApiError, error_response
 from tailgate import tuning
+from tailgate.connections import REDIS_ERRORS
 from tailgate.settings import Settings
 from tailgate.store import CreateReply, Creation, Limits
+
+log = logging.getLogger(__name__)
 
 
 class BodyLimit:
@@ -75,6 +81,9 @@ class Admission:
             active_stale_ms=(settings.job_timeout_s + tuning.ACTIVE_STALE_S) * 1000,
             rate_per_min=settings.rate_limit_per_min,
         )
+        self._depth = math.nan  # the queue's length as last read for metrics; NaN: never read
+        self._depth_read_at = -math.inf
+        self._depth_lock = asyncio.Lock()
 
     def check_request(self, request: dict[str, Any]) -> None:
         """What the operator allows upstream: 400 for a model outside ``TAILGATE_MODELS`` or a
@@ -99,6 +108,20 @@ class Admission:
 
     def queue_full(self) -> ApiError:
         return ApiError(429, "queue_full", "the queue is full; retry shortly", {"Retry-After": "1"})
+
+    async def queue_depth(self) -> float:
+        """The queue's length, for ``/metrics``: read at most once per ``QUEUE_DEPTH_CACHE_S`` (scrapes
+        meanwhile get the value read; concurrent ones wait for one read), so one Redis call per scrape
+        at most and none per request. While the queue Redis is unreachable: the last value read."""
+        async with self._depth_lock:
+            now = time.monotonic()
+            if now - self._depth_read_at >= tuning.QUEUE_DEPTH_CACHE_S:
+                self._depth_read_at = now
+                try:
+                    self._depth = await self._queue.zcard(self._settings.queue_name)
+                except REDIS_ERRORS as exc:
+                    log.warning("queue depth unknown: the queue Redis is unreachable: %s", exc)
+        return self._depth
 
     def refused(self, creation: Creation) -> ApiError:
         """The 429 for a create the store's limits refused."""

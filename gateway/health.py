@@ -6,7 +6,7 @@ import logging
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
 from gateway.errors import documented, error_response
 from gateway.services import Svc
@@ -14,6 +14,11 @@ from gateway.services import Svc
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["operations"])
+
+QUEUE_DEPTH = Gauge(
+    "tailgate_queue_depth",
+    "Jobs in the ARQ queue (its sorted set on the queue Redis), read when scraped, at most once a second",
+)
 
 
 @router.get("/healthz")
@@ -41,6 +46,7 @@ async def readyz(svc: Svc) -> JSONResponse:
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
 )
-async def metrics() -> Response:
-    """Prometheus metrics of this process."""
+async def metrics(svc: Svc) -> Response:
+    """Prometheus metrics of this process, and the queue's depth."""
+    QUEUE_DEPTH.set(await svc.admission.queue_depth())
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

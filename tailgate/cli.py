@@ -37,7 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
 
-    sub.add_parser("worker", help="one worker process")
+    p = sub.add_parser("worker", help="one worker process")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on this port at /metrics (default: TAILGATE_METRICS_PORT, 0: none)",
+    )
 
     p = sub.add_parser("mock-upstream", help="an OpenAI-compatible mock model server")
     p.add_argument("--host", default="127.0.0.1")
@@ -73,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "gateway":
         return _gateway(settings, args.host, args.port)
     if args.command == "worker":
+        if args.metrics_port is not None:
+            settings = Settings(metrics_port=args.metrics_port)
         return _worker(settings)
     if args.command == "top":
         return asyncio.run(_top(settings, args.once, args.interval))

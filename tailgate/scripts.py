@@ -126,12 +126,14 @@ return 1
 # KEYS: events, meta, running, stats. ARGV: channel, now, worker, stale_before, max_attempts,
 # retention, active prefix. A running stream is claimed only if its heartbeat is older than
 # stale_before (its worker is gone or handed it back); past max_attempts it ends with `error` instead.
-# A stream that is gone or ended leaves the running index (it may have expired there).
+# A stream that is gone or ended leaves the running index (it may have expired there). Answers, when
+# claimed: 'ok', attempt, seq, cancel flag, owner, request, created_at, and why the previous attempt
+# ended ('' for the first).
 CLAIM = (
     LIB
     + """
 local m = redis.call('HMGET', KEYS[2], 'status', 'seq', 'cancel', 'heartbeat', 'attempt', 'release',
-  'request', 'owner', 'model')
+  'request', 'owner', 'model', 'created_at')
 if not m[1] or finished(m[1]) then
   redis.call('ZREM', KEYS[3], id_of(KEYS[2]))
   return {m[1] and 'finished' or 'gone'}
@@ -162,7 +164,8 @@ seq, id = add(KEYS[1], seq, 'started',
   '{"attempt":' .. attempt .. ',"model":' .. cjson.encode(m[9] or '') .. '}', lines)
 redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id)
 redis.call('PUBLISH', ARGV[1], table.concat(lines, '\\n'))
-return {'ok', tostring(attempt), tostring(seq), m[3] or '0', m[8] or '', m[7]}
+return {'ok', tostring(attempt), tostring(seq), m[3] or '0', m[8] or '', m[7], m[10] or ARGV[2],
+  attempt > 1 and reason or ''}
 """
 )
 

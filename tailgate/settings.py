@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     upstream_idle_timeout_s: float = 60.0  # no chunk for this long ends the attempt
     upstream_max_retries: int = 2  # before the first token, by the openai SDK with backoff
     shutdown_grace_s: float = 25.0
+    # Prometheus metrics on http://<any interface>:<port>/metrics; 0: none (`tailgate worker
+    # --metrics-port` sets it too). The gateway serves its own on its HTTP port.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
 
     log_format: str = Field(default="json", pattern="^(json|text)$")
     log_level: str = "INFO"

@@ -161,13 +161,14 @@ def _written(a: Append, r: Any) -> Written | Exception:
     return Written(Reply.OK, seq=int(r[1]), attempt=a.attempt, cancel=r[2] == "1")
 
 
-def _claimed(r: Any) -> Claimed | Exception:
+def _claimed(r: Any, now: float) -> Claimed | Exception:
     if isinstance(r, Exception):
         return r
     reply = Reply(r[0])
     if reply is not Reply.OK:
         return Claimed(reply)
-    return Claimed(reply, int(r[1]), int(r[2]), r[3] == "1", r[4], json.loads(r[5]))
+    attempt, seq, cancel, owner, request, created_at = int(r[1]), int(r[2]), r[3] == "1", r[4], r[5], r[6]
+    return Claimed(reply, attempt, seq, cancel, owner, json.loads(request), float(created_at), now, r[7])
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +179,14 @@ class Claimed:
     cancel: bool = False
     owner: str = ""
     request: dict[str, Any] | None = None  # what the worker sends upstream
+    created_at: float = 0.0  # Unix ms: the stream's creation (a gateway's clock)
+    claimed_at: float = 0.0  # Unix ms: this claim (the worker's clock)
+    reason: str = ""  # from the second attempt on, why the one before ended (`worker_lost`, ...)
+
+    @property
+    def queue_wait_s(self) -> float:
+        """Created → claimed, in seconds; never negative (the two clocks may disagree a little)."""
+        return max(0.0, self.claimed_at - self.created_at) / 1000
 
 
 class StreamStore:
@@ -278,7 +287,7 @@ class StreamStore:
             )
             for i in stream_ids
         ]
-        return [_claimed(r) for r in await self._pipelined(self._claim, calls)]
+        return [_claimed(r, now) for r in await self._pipelined(self._claim, calls)]
 
     async def append_many(self, appends: list[Append]) -> list[Written | Exception]:
         """Each of ``appends`` in one pipelined round trip, each atomic on its own: its events go in if

@@ -66,3 +66,10 @@ SHARED_REREAD_MIN_S = 1.0
 # POST /v1/responses/{id}/cancel waits this long for a running response's worker to stop, so that it
 # can answer `cancelled` as OpenAI does; past it, it answers the response still `in_progress`.
 RESPONSE_CANCEL_WAIT_S = 5.0
+# Metrics. A gateway reads the queue's length for /metrics at most once a second: one Redis call per
+# scrape at most (Prometheus scrapes every 15 s or so), never one per request.
+QUEUE_DEPTH_CACHE_S = 1.0
+# Histogram buckets: a stream's wait in the queue is a few ms when workers have room and grows to
+# minutes when they do not; an upstream's first token takes from ~100 ms to tens of seconds.
+QUEUE_WAIT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+FIRST_TOKEN_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 30, 60)

@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from tailgate import keys
 from tailgate.dev.procs import Child, RedisServer, child_env, free_port, tailgate_command
+from tailgate.dev.sse import Event, assert_exactly_once, read_sse
 
 MODEL = "gpt-4o-mini"
 # Heartbeat and takeover fast enough for a test that kills a worker (the defaults take 6 s or more).
@@ -41,6 +42,7 @@ class Stack:
     api_key: str
     procs: list[Child] = field(default_factory=list)
     gateways: list[str] = field(default_factory=list)
+    metrics: dict[int, str] = field(default_factory=dict)  # worker pid -> its /metrics URL
 
     def gateway(self, **env: str) -> str:
         """Start a gateway on a free port; its base URL once ``/readyz`` answers 200."""
@@ -52,10 +54,17 @@ class Stack:
         return url
 
     def worker(self, **env: str) -> Child:
-        """Start a worker; the process, once it says it is ready."""
-        child = self._start("worker", [], env)
+        """Start a worker, with its metrics on a free port (:meth:`metrics_url`); the process, once
+        it says it is ready."""
+        port = free_port()
+        child = self._start("worker", ["--metrics-port", str(port)], env)
+        self.metrics[child.pid] = f"http://127.0.0.1:{port}/metrics"
         child.wait_for_log(" ready (concurrency")
         return child
+
+    def metrics_url(self, worker: Child) -> str:
+        """Where ``worker`` (started by :meth:`worker`) serves its Prometheus metrics."""
+        return self.metrics[worker.pid]
 
     async def agateway(self, **env: str) -> str:
         return await asyncio.to_thread(self.gateway, **env)
@@ -201,6 +210,15 @@ async def mock_requests(mock_url: str, prompt: str) -> list[dict[str, Any]]:
     async with httpx.AsyncClient() as client:
         served: list[dict[str, Any]] = (await client.get(f"{mock_url}/mock/requests")).json()
     return [r for r in served if r["prompt"] == prompt and r["stream"]]
+
+
+async def run_stream(client: httpx.AsyncClient, stack: Stack, prompt: str) -> list[Event]:
+    """Create a stream on ``stack``'s first gateway and read it to its end: its events, each once."""
+    r = await client.post(f"{stack.url}/v1/streams", json={"prompt": prompt}, headers=stack.headers)
+    assert r.status_code == 202, r.text
+    _, events = await read_sse(client, stack.url + r.json()["events_url"], headers=stack.headers)
+    assert_exactly_once(events)
+    return events
 
 
 async def takeover_stack(make_stack: MakeStack) -> tuple[Stack, str]:

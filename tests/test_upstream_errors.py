@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from tailgate.dev.procs import free_port
-from tailgate.dev.sse import Event, assert_exactly_once, read_sse, text_of
-from tests.harness import MakeStack, Stack, expected_answer, mock_requests, start_mock
+from tailgate.dev.sse import text_of
+from tests.harness import MakeStack, Stack, expected_answer, mock_requests, run_stream, start_mock
 
 
 @pytest.fixture
@@ -21,14 +21,6 @@ def strict_mock(log_dir: Path) -> Iterator[str]:
     child, url = start_mock(log_dir, "mock-strict", "--api-key", "sk-right")
     yield url
     child.stop()
-
-
-async def run_stream(client: httpx.AsyncClient, stack: Stack, prompt: str) -> list[Event]:
-    r = await client.post(f"{stack.url}/v1/streams", json={"prompt": prompt}, headers=stack.headers)
-    assert r.status_code == 202, r.text
-    _, events = await read_sse(client, stack.url + r.json()["events_url"], headers=stack.headers)
-    assert_exactly_once(events)
-    return events
 
 
 @pytest.mark.parametrize(

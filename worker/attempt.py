@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from tailgate.events import TERMINAL
 from tailgate.store import Append, Reply, Written
+from worker import metrics
 
 if TYPE_CHECKING:
     from worker.publisher import Appender
@@ -45,9 +46,15 @@ class Outcome(enum.Enum):
     def wrote_terminal(self) -> bool:
         return self in (Outcome.COMPLETED, Outcome.FAILED, Outcome.CANCELLED)
 
+    @property
+    def terminal(self) -> str | None:
+        """The terminal event the attempt wrote (``done``, ``error``, ``cancelled``), if it wrote one."""
+        return _TERMINAL.get(self)
+
 
 # The outcome of an attempt whose terminal event of this type went in.
 _WROTE = {"done": Outcome.COMPLETED, "error": Outcome.FAILED, "cancelled": Outcome.CANCELLED}
+_TERMINAL = {outcome: kind for kind, outcome in _WROTE.items()}
 
 
 def refused(reply: Reply) -> Outcome:
@@ -71,12 +78,16 @@ class Attempt:
         self.cancel_requested = False
         self.handing_back = False
         self.deltas = 0
+        self.error = ""  # the code of the `error` event this attempt ends the stream with, if it does
         self.outcome: Outcome | None = None
         self.task: asyncio.Task[Outcome] | None = None  # the job's task running this attempt
         self._appender = appender
         self._pending: list[tuple[str, dict[str, Any]]] = []
         self._meta: dict[str, str] | None = None
         self._terminal: asyncio.Future[Outcome] | None = None  # set by `finish`
+        # Deltas added up to the batch in flight, and those counted as written (the tokens metric).
+        self._deltas_taken = 0
+        self._deltas_counted = 0
 
     def __repr__(self) -> str:
         return f"<Attempt {self.stream_id} #{self.number} seq={self.seq} {self.outcome}>"
@@ -101,6 +112,8 @@ class Attempt:
         if self.outcome is not None:
             return self.outcome
         if self._terminal is None:  # a second call waits for the first terminal, never adds one
+            if kind == "error":
+                self.error = data["code"]
             self._pending.append((kind, data))
             self._meta = meta
             self._terminal = asyncio.get_running_loop().create_future()
@@ -141,6 +154,7 @@ class Attempt:
         if not self._pending or self.outcome is not None:
             return None
         batch, self._pending = self._pending, []
+        self._deltas_taken = self.deltas  # every delta added so far is in this batch or written
         meta, self._meta = (self._meta, None) if batch[-1][0] in TERMINAL else (None, self._meta)
         return Append(self.stream_id, self.owner, self.number, self.seq, batch, meta)
 
@@ -157,9 +171,14 @@ class Attempt:
             # it, needs this attempt's heartbeat to have gone stale first.)
             written = Written(Reply.OK, append.seq + len(append.events), self.number)
         if written.reply is not Reply.OK:
+            if written.reply is Reply.TOO_LONG:
+                self.error = "stream_too_long"  # the script ended the stream with it
             self.refuse(refused(written.reply))
             return
         self.seq = written.seq
+        if self._deltas_taken > self._deltas_counted:  # one increment per batch, not per token
+            metrics.TOKENS.inc(self._deltas_taken - self._deltas_counted)
+            self._deltas_counted = self._deltas_taken
         if kind in TERMINAL:
             self.end(_WROTE[kind])
         elif written.cancel and not self.cancel_requested:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ from tailgate.connections import REDIS_ERRORS
 from tailgate.events import dumps
 from tailgate.settings import Settings
 from tailgate.store import Claimed, Reply, StreamStore
-from worker import upstream
+from worker import metrics, upstream
 from worker.attempt import Attempt, Outcome, refused
 from worker.publisher import Appender
 
@@ -80,7 +81,13 @@ def start(w: WorkerState, stream_id: str, claim: Claimed) -> None:
     """Start the attempt ``claim`` gave this worker, as a task of the worker (if it gave one)."""
     if claim.reply is not Reply.OK or claim.request is None:
         log.info("stream %s not claimed: %s", stream_id, claim.reply.value)
+        if claim.reply is Reply.EXHAUSTED:  # the claim script ended it
+            metrics.finished("error", "worker_lost")
         return
+    if claim.attempt == 1:
+        metrics.QUEUE_WAIT.observe(claim.queue_wait_s)
+    else:
+        metrics.taken_over(claim.reason)
     log.info("stream %s attempt %d started", stream_id, claim.attempt)
     attempt = Attempt(w.appender, stream_id, claim.owner, claim.attempt, claim.seq)
     if claim.cancel:
@@ -106,15 +113,25 @@ async def _attempt(w: WorkerState, attempt: Attempt, request: dict[str, Any]) ->
         attempt.close()
     outcome = attempt.end(outcome)  # a hand-back stays one, whatever a heartbeat learns after it
     log.info("stream %s attempt %d %s", attempt.stream_id, attempt.number, outcome.value)
+    if outcome.terminal is not None:
+        metrics.finished(outcome.terminal, attempt.error)
     return outcome
 
 
 async def _run(w: WorkerState, attempt: Attempt, request: dict[str, Any]) -> Outcome:
     """Call the upstream until it ends, the attempt halts, or the job timeout; then end the stream
     (or give it up) accordingly."""
-    call = asyncio.create_task(
-        upstream.stream(w.api, request, lambda text: attempt.add("delta", {"text": text}))
-    )
+    sent = time.monotonic()
+    first = True
+
+    def on_text(text: str) -> None:
+        nonlocal first
+        if first:
+            first = False
+            metrics.FIRST_TOKEN.observe(time.monotonic() - sent)
+        attempt.add("delta", {"text": text})
+
+    call = asyncio.create_task(upstream.stream(w.api, request, on_text))
     halted = asyncio.create_task(attempt.halted.wait())
     try:
         # The timeout bounds the generation, not the terminal append after it: that one must go in.

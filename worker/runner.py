@@ -19,6 +19,8 @@
 - **Takeover.** Every second it looks for running streams whose heartbeat is older than
   ``takeover_after_s`` and enqueues a job that claims them again. Right after Redis itself restarted
   it waits one takeover period first: every heartbeat looks old then, though the workers are alive.
+- **Metrics.** With ``metrics_port``, Prometheus metrics (``worker.metrics``) are served from a
+  thread for as long as the loops run.
 - **Shutdown.** SIGTERM/SIGINT, or a side loop that died: stop taking jobs, let claims in flight
   land, let running streams finish within ``shutdown_grace_s``, then hand the rest back (``reset``
   reason ``worker_shutdown``) so other workers resume them at once; cancel what is still stuck, then
@@ -47,7 +49,7 @@ from tailgate import keys, tuning
 from tailgate.connections import REDIS_ERRORS, open_queue, open_store, ride_out
 from tailgate.settings import Settings
 from tailgate.store import Reply, stamp
-from worker import upstream
+from worker import metrics, upstream
 from worker.attempt import Outcome, refused
 from worker.job import WorkerState, generate, start, takeover
 from worker.publisher import Appender
@@ -173,27 +175,8 @@ async def run(settings: Settings) -> None:
     try:
         appender = Appender(store, settings.coalesce_ms / 1000)
         state = WorkerState(worker_id, settings, store, queue, api, appender)
-        worker = _arq_worker(state)
-        loops = [
-            asyncio.create_task(_listen(queue, worker, state), name="listen"),
-            asyncio.create_task(_heartbeat(state), name="heartbeat"),
-            asyncio.create_task(_scan(state), name="takeover-scan"),
-            asyncio.create_task(worker.main(), name="arq-main"),
-            appender.start(),
-        ]
-        log.info("worker %s ready (concurrency %d)", worker_id, settings.concurrency)
-        stopping = asyncio.create_task(stop.wait(), name="signal")
-        try:
-            await asyncio.wait({*loops, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            died = [t for t in loops if t.done()]
-            for t in died:  # a bug: shut down in order all the same, then raise its error
-                log.error("worker %s: loop %s ended; shutting down", worker_id, t.get_name())
-        finally:
-            stopping.cancel()
-            await _shut_down(state, worker, loops)
-        for t in died:
-            t.result()
-            raise RuntimeError(f"worker loop {t.get_name()} ended without an error")
+        with metrics.served(settings.metrics_port, lambda: len(state.running)):
+            await _serve(state, stop)
     finally:
         for sig in SIGNALS:
             loop.remove_signal_handler(sig)
@@ -203,6 +186,31 @@ async def run(settings: Settings) -> None:
         await store.redis.aclose()
         await queue.aclose()
         log.info("worker %s stopped", worker_id)
+
+
+async def _serve(state: WorkerState, stop: asyncio.Event) -> None:
+    """The loops, until ``stop`` is set or one of them ends; then shut down in order."""
+    worker = _arq_worker(state)
+    loops = [
+        asyncio.create_task(_listen(state.queue, worker, state), name="listen"),
+        asyncio.create_task(_heartbeat(state), name="heartbeat"),
+        asyncio.create_task(_scan(state), name="takeover-scan"),
+        asyncio.create_task(worker.main(), name="arq-main"),
+        state.appender.start(),
+    ]
+    log.info("worker %s ready (concurrency %d)", state.id, state.settings.concurrency)
+    stopping = asyncio.create_task(stop.wait(), name="signal")
+    try:
+        await asyncio.wait({*loops, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        died = [t for t in loops if t.done()]
+        for t in died:  # a bug: shut down in order all the same, then raise its error
+            log.error("worker %s: loop %s ended; shutting down", state.id, t.get_name())
+    finally:
+        stopping.cancel()
+        await _shut_down(state, worker, loops)
+    for t in died:
+        t.result()
+        raise RuntimeError(f"worker loop {t.get_name()} ended without an error")
 
 
 def _arq_worker(state: WorkerState) -> TailgateWorker:

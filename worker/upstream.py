@@ -35,6 +35,17 @@ import openai
 
 from tailgate.settings import Settings
 
+# Every code an UpstreamError may carry (the table above).
+CODES = (
+    "upstream_auth",
+    "upstream_rate_limited",
+    "upstream_bad_request",
+    "upstream_error",
+    "upstream_unreachable",
+    "upstream_timeout",
+    "upstream_incomplete",
+)
+
 
 class UpstreamError(Exception):
     def __init__(self, code: str, message: str) -> None:
