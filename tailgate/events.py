@@ -8,9 +8,10 @@ lines ``<id>\\t<type>\\t<data>``; JSON never holds a raw tab or newline, so no e
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, NamedTuple
+
+import orjson
 
 TERMINAL = frozenset({"done", "error", "cancelled"})
 # The stream status each terminal event leaves behind.
@@ -40,7 +41,8 @@ class Entry(NamedTuple):
 
 
 def dumps(data: dict[str, Any]) -> str:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    """Compact JSON, non-ASCII as is (orjson: a tenth of ``json.dumps``'s time, same text)."""
+    return orjson.dumps(data).decode()
 
 
 def seq_of(data: str) -> int:

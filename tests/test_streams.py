@@ -53,6 +53,17 @@ async def test_deltas_assemble_exactly_the_upstream_answer(
     assert text_of(events) == await expected_answer(mock_url, prompt)
 
 
+async def test_upstream_lines_cut_across_reads_and_ending_in_crlf_give_the_same_text(
+    client: httpx.AsyncClient, stack: Stack, mock_url: str
+) -> None:
+    prompt = "cut [mock:split=1,tokens=6,delay_ms=0]"
+    created = await create(client, stack, {"prompt": prompt})
+    _, events = await read_sse(client, stack.url + created["events_url"], headers=stack.headers)
+    assert_exactly_once(events)
+    assert events[-1].event == "done" and events[-1].data["usage"]["completion_tokens"] == 6
+    assert text_of(events) == await expected_answer(mock_url, prompt)
+
+
 async def test_create_answers_location_and_status_follows_the_stream(
     client: httpx.AsyncClient, tg: AsyncClient, stack: Stack, prompt: str
 ) -> None:

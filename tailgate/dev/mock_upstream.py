@@ -15,6 +15,7 @@ Per-request behaviour is chosen by directives in the last message, ``[mock:key=v
     drop_after=K                      K tokens, then the TCP connection is cut
     stall_after=K                     K tokens, then silence until the client goes away
     stamp=1                           each token ends with `@<send time in ns>` (benchmarks)
+    split=1                           lines end in CRLF, and each frame goes out in 5-byte writes
     echo=1                            the answer is the message itself (without the directive), a
                                       token per line or space: to test that model output is escaped
 
@@ -205,7 +206,10 @@ class Mock:
                 return error(status, f"mock failure {status} as requested", "mock_failure")
         if not answer.record.stream:
             return answer.whole()
-        return StreamingResponse(self._frames(answer), media_type="text/event-stream")
+        frames = self._frames(answer)
+        if answer.opts.get("split"):
+            frames = _split(frames)
+        return StreamingResponse(frames, media_type="text/event-stream")
 
     def _answer(self, body: dict[str, Any], model: str, messages: list[dict[str, Any]]) -> Answer:
         opts = directives(messages)
@@ -267,3 +271,13 @@ class Mock:
 
     async def requests_served(self, _: Request) -> JSONResponse:
         return JSONResponse([asdict(r) for r in self.served])
+
+
+async def _split(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Frames with CRLF line ends, each in 5-byte writes a millisecond apart: a reader gets lines
+    (and CRLFs) cut across reads."""
+    async for frame in frames:
+        frame = frame.replace(b"\n", b"\r\n")
+        for i in range(0, len(frame), 5):
+            yield frame[i : i + 5]
+            await asyncio.sleep(0.001)
