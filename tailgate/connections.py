@@ -1,7 +1,8 @@
 """Redis clients, built the same way for every process, and the one retry policy for Redis outages.
 
 Clients have bounded pools and a client name per process (`CLIENT LIST` shows which gateway or worker
-holds which connection).
+holds which connection). Their connections pack commands with hiredis, in C: redis-py's asyncio
+connection packs in Python, ~20 µs for an append's arguments, an eighth of a worker's CPU per token.
 
 Retries, in two layers, both with jitter so that a fleet reconnecting after a Redis restart does not
 retry in lockstep:
@@ -20,11 +21,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import hiredis
 import stamina
 from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import FullJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -69,6 +72,32 @@ async def ride_out(call: Callable[[], Awaitable[T]], *, patience_s: float | None
     raise AssertionError("unreachable: stamina raises once it gives up")
 
 
+class _HiredisPacking:
+    """Packs commands as redis-py does (the same bytes), with ``hiredis.pack_command``."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " in args[0]:  # `SCRIPT LOAD`, `CLIENT SETNAME`, ...
+            args = (*args[0].split(), *args[1:])
+        return [hiredis.pack_command(args)]
+
+
+_PACKING: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def _packing(cls: type[AbstractConnection]) -> type[AbstractConnection]:
+    if cls not in _PACKING:
+        _PACKING[cls] = type(cls.__name__, (_HiredisPacking, cls), {})
+    return _PACKING[cls]
+
+
+def _bounded(url: str, pool_size: int, **kwargs: Any) -> BlockingConnectionPool:
+    """A pool of at most ``pool_size`` connections to ``url`` (whatever their kind: TCP, TLS, unix
+    socket), packing with hiredis."""
+    pool = BlockingConnectionPool.from_url(url, max_connections=pool_size, **kwargs)
+    pool.connection_class = _packing(pool.connection_class)
+    return pool
+
+
 def client_name(role: str) -> str:
     return f"tailgate-{role}-{os.getpid()}"
 
@@ -77,9 +106,9 @@ def open_store(settings: Settings, role: str, pool_size: int, *, retry: bool = T
     """The streams Redis (strings, not bytes) behind a :class:`StreamStore`. ``retry``: re-send
     commands whose connection failed (see the module docstring)."""
     extra = {"retry": command_retry(), "retry_on_error": list(REDIS_ERRORS)} if retry else {}
-    pool = BlockingConnectionPool.from_url(
+    pool = _bounded(
         settings.streams_url,
-        max_connections=pool_size,
+        pool_size,
         decode_responses=True,
         client_name=client_name(role),
         **extra,
@@ -96,9 +125,9 @@ def open_store(settings: Settings, role: str, pool_size: int, *, retry: bool = T
 def open_queue(settings: Settings, role: str, pool_size: int) -> ArqRedis:
     """The queue Redis (bytes, as ARQ expects). ARQ's enqueue is a WATCH transaction, which redis-py
     never re-sends; reads and publishes are safe to."""
-    pool = BlockingConnectionPool.from_url(
+    pool = _bounded(
         settings.queue_url,
-        max_connections=pool_size,
+        pool_size,
         client_name=client_name(role),
         retry=command_retry(),
         retry_on_error=list(REDIS_ERRORS),

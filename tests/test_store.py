@@ -471,3 +471,17 @@ async def active_score(store: StreamStore, stream_id: str) -> float:
     score = await store.redis.zscore(keys.active(OWNER), stream_id)
     assert score is not None
     return float(score)
+
+
+async def test_connections_pack_commands_with_hiredis_byte_for_byte_as_redis_py(store: StreamStore) -> None:
+    from redis.asyncio.connection import Connection
+
+    packing = store.redis.connection_pool.connection_class()
+    assert type(packing).__mro__[1].__name__ == "_HiredisPacking"
+    commands = [
+        ("EVALSHA", "f" * 40, 2, "tg:{x}:events", b"raw", "héllo\n", 1.5, float("-inf"), 10**20, -3),
+        ("SCRIPT LOAD", "return 1"),
+        ("CLIENT SETNAME", "tailgate-test"),
+    ]
+    for args in commands:
+        assert b"".join(packing.pack_command(*args)) == b"".join(Connection().pack_command(*args))
