@@ -74,7 +74,7 @@ STATS = "tg:stats"
 RUNNING = "tg:running"
 
 # On the queue Redis: the worker listens here, so a fresh job starts without waiting for ARQ's poll.
-WAKE_CHANNEL = "tg:wake"
+WAKE_CHANNEL = "tg:wake"  # message: the id of the job just enqueued
 CANCEL_CHANNEL = "tg:cancel"  # message: a stream id whose generation must stop
 WORKERS = "tg:workers"  # hash: worker id -> JSON {pid, host, running, beat_ms}
 

@@ -179,7 +179,6 @@ async def _hand_back(w: WorkerState, attempt: Attempt) -> Outcome:
 async def takeover(queue: ArqRedis, queue_name: str, stream_id: str, tag: str) -> None:
     """Enqueue a job that claims ``stream_id`` again. ``tag`` makes the job id unique per stale
     heartbeat, so several workers noticing the same loss enqueue it once."""
-    await queue.enqueue_job(
-        keys.JOB_GENERATE, stream_id, _job_id=f"{stream_id}:{tag}", _queue_name=queue_name
-    )
-    await queue.publish(keys.WAKE_CHANNEL, stream_id)
+    job_id = f"{stream_id}:{tag}"
+    await queue.enqueue_job(keys.JOB_GENERATE, stream_id, _job_id=job_id, _queue_name=queue_name)
+    await queue.publish(keys.WAKE_CHANNEL, job_id)  # a wake-up names the job it is for

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -85,6 +86,7 @@ class TailgateWorker(Worker):
         super().__init__(**kwargs)
         self.state = state
         self.woken = asyncio.Event()
+        self.wake_ids: list[bytes] = []  # the job ids that wake-ups named since the last poll
         self.more = False  # the last poll read a full page: more jobs may be due behind it
         self._claim_jobs = self.pool.register_script(_CLAIM_JOBS)
 
@@ -153,6 +155,11 @@ class TailgateWorker(Worker):
             self.woken.clear()
             s = self.state
             self.allow_pick_jobs = not s.stopping and len(s.running) < s.settings.concurrency
+            named, self.wake_ids = self.wake_ids, []
+            if named and self.allow_pick_jobs and s.settings.one_redis:
+                # The jobs a wake-up named start first, without the poll's round trip before them;
+                # the poll then finds what else is due (the named ones are dropped by then).
+                await ride_out(functools.partial(self.start_jobs, named))
             await ride_out(self._poll_iteration)
             if self.more and self.allow_pick_jobs:
                 continue  # a burst: read the next page now, not after a wake-up or a poll_delay
@@ -281,6 +288,8 @@ async def _listen(queue: ArqRedis, worker: TailgateWorker, state: WorkerState) -
             # After a (re)subscription too: a wake-up may have been missed meanwhile.
             channel = msg["channel"].decode()
             if channel == keys.WAKE_CHANNEL or msg["type"] == "subscribe":
+                if msg["type"] == "message":
+                    worker.wake_ids.append(msg["data"])  # the job id
                 worker.woken.set()
             elif msg["type"] == "message" and channel == keys.CANCEL_CHANNEL:
                 attempt = state.running.get(msg["data"].decode())
