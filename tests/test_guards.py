@@ -14,15 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
+from collections.abc import AsyncGenerator
 
 import httpx
+import pytest
 from redis.asyncio import Redis
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import Message
 
+from gateway import sse
+from gateway.hub import Batch, Tailed
 from tailgate import keys
 from tailgate.dev.faultproxy import FaultProxy
 from tailgate.dev.procs import RedisServer, await_until
 from tailgate.dev.sse import assert_exactly_once, events, read_resuming, text_of
+from tailgate.events import Entry
 from tests.harness import MakeStack, Stack, expected_answer
 
 TAKEOVER_AFTER_S = 3.0
@@ -131,3 +139,38 @@ async def test_a_worker_started_while_redis_is_down_waits_for_it_and_then_serves
     resumed = await read_resuming(client, [url], f"/v1/streams/{stream_id}/events", s.headers)
     assert_exactly_once(resumed.events)
     assert text_of(resumed.events) == await expected_answer(mock_url, prompt)
+
+
+async def test_a_send_blocked_past_the_send_timeout_ends_the_response_and_its_reader() -> None:
+    # A client that stops reading blocks the server's send once the socket's buffers are full, which
+    # on loopback takes megabytes; the response is driven directly here, its send blocking at once.
+    closed = asyncio.Event()
+
+    async def tailed() -> AsyncGenerator[Tailed, None]:
+        try:
+            for n in itertools.count(1):
+                yield Batch([Entry(f"{n}-0", "delta", f'{{"seq":{n},"text":"x"}}', n)])
+        finally:
+            closed.set()  # the hub's subscription is released here
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+        if len(sent) == 3:  # headers, one frame, then the client stops reading
+            await asyncio.Event().wait()
+
+    async def receive() -> Message:
+        await asyncio.Event().wait()  # no disconnect: the peer is simply gone quiet
+        raise AssertionError
+
+    response = sse.respond(tailed(), sse.native_wire(0), stream_id="s", send_timeout=0.3)
+    scope = {"type": "http", "method": "GET", "headers": []}
+    started = time.monotonic()
+    with pytest.raises(ExceptionGroup) as raised:
+        async with asyncio.timeout(10):
+            await response(scope, receive, send)
+    assert raised.group_contains(SendTimeoutError)
+    assert 0.3 <= time.monotonic() - started < 5
+    assert closed.is_set()
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body", "http.response.body"]
