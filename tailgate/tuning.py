@@ -62,3 +62,6 @@ SHARED_REREAD_MIN_S = 1.0
 # POST /v1/responses/{id}/cancel waits this long for a running response's worker to stop, so that it
 # can answer `cancelled` as OpenAI does; past it, it answers the response still `in_progress`.
 RESPONSE_CANCEL_WAIT_S = 5.0
+# `tailgate top` lists the workers heard from in the last 10 minutes: a worker that was killed never
+# takes its entry out of tg:workers, and one that went silent recently is worth seeing.
+TOP_FORGET_WORKER_S = 600
