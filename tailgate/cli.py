@@ -210,15 +210,19 @@ def _top(settings: Settings, once: bool, interval: float) -> None:
 
     if interval <= 0:
         sys.exit("tailgate top: --interval must be above 0")
-    if once:
+    if not once:
+        return top.live(settings, interval)  # says so on screen while Redis is unreachable
+    from tailgate.connections import REDIS_ERRORS
+
+    try:
         print(asyncio.run(top.once(settings)), flush=True)
-    else:
-        top.live(settings, interval)
+    except REDIS_ERRORS as exc:
+        sys.exit(f"tailgate top: Redis unreachable ({top.describe(settings)}): {exc}")
 
 
 async def _inspect(settings: Settings, raw_id: str, as_json: bool) -> None:
     from tailgate import inspection
-    from tailgate.connections import open_store
+    from tailgate.connections import REDIS_ERRORS, open_store
 
     stream_id = inspection.stream_id_of(raw_id)
     if stream_id is None:
@@ -226,6 +230,8 @@ async def _inspect(settings: Settings, raw_id: str, as_json: bool) -> None:
     store = open_store(settings, "cli", 1)
     try:
         life = await inspection.read(store.redis, stream_id)
+    except REDIS_ERRORS as exc:
+        sys.exit(f"tailgate inspect: Redis unreachable: {exc}")
     finally:
         await store.redis.aclose()
     if life is None:

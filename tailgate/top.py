@@ -95,9 +95,11 @@ def _seconds(ms: float) -> str:
 
 
 def _row(label: str, *pairs: tuple[str, object], style: str = "") -> Line:
+    """``label`` then ``name value`` cells, each 22 columns wide (or wider, then 2 spaces apart)."""
     line: Line = [(f"{label:<10}", "label")]
     for name, value in pairs:
-        line += [(f"{name} ", ""), (f"{value!s:<8}", style), ("  ", "")]
+        pad = max(22 - len(name) - 1 - len(str(value)), 2)
+        line += [(f"{name} ", ""), (str(value), style), (" " * pad, "")]
     return line
 
 
