@@ -118,6 +118,8 @@ def frame(snap: Snapshot, before: Snapshot | None, title: str, takeover_after_s:
     )
     clock = time.strftime("%H:%M:%S", time.gmtime(snap.at_ms / 1000))
     quiet = f"   silent {len(silent)}" if silent else ""
+    iw = max([len("worker"), *(len(w.id) for w in snap.workers)]) + 3
+    hw = max([len("host"), *(len(w.host) for w in snap.workers)]) + 3
     lines: list[Line] = [
         [(f" {title}   {clock} UTC ", "title")],
         [],
@@ -135,10 +137,10 @@ def frame(snap: Snapshot, before: Snapshot | None, title: str, takeover_after_s:
         _row("failures", *failures, style="bad") if failures else _row("failures", ("none", "")),
         [],
         [("workers ", "label"), (str(len(snap.workers)), ""), (quiet, "warn")],
-        [(f"{'worker':<36}{'host':<20}{'pid':>8}{'running':>9}   heartbeat", "head")],
+        [(f"{'worker':<{iw}}{'host':<{hw}}{'pid':>8}{'running':>9}   heartbeat", "head")],
     ]
     for w in snap.workers:
-        text = f"{w.id:<36}{w.host:<20}{w.pid:>8}{w.running:>9}   {_seconds(snap.at_ms - w.beat_ms)} ago"
+        text = f"{w.id:<{iw}}{w.host:<{hw}}{w.pid:>8}{w.running:>9}   {_seconds(snap.at_ms - w.beat_ms)} ago"
         lines.append([(text + ("   silent" if w.id in silent else ""), "warn" if w.id in silent else "")])
     return lines
 
