@@ -199,6 +199,9 @@ async def test_top_once_prints_one_frame_with_the_counters_in_redis(
     stack = make_stack()
     url = await stack.agateway()
     await stack.aworker()
+    gone = {"pid": 1, "host": "elsewhere", "running": 3, "beat_ms": time.time() * 1000 - 3600_000}
+    async with Redis.from_url(stack.redis_url) as r:  # a worker killed an hour ago: forgotten
+        await r.hset(keys.WORKERS, "long-gone", json.dumps(gone))
     for tail in (" [mock:tokens=2]", " [mock:tokens=3]", " [mock:status=400]"):
         created = await create(client, url, stack, prompt + tail)
         await read_sse(client, f"{url}/v1/streams/{created}/events", headers=stack.headers)
@@ -208,7 +211,7 @@ async def test_top_once_prints_one_frame_with_the_counters_in_redis(
     assert top.returncode == 0, top.stderr
     async with Redis.from_url(stack.redis_url, decode_responses=True) as r:
         stats = {k: int(v) for k, v in (await r.hgetall(keys.STATS)).items()}
-        [worker_id] = await r.hkeys(keys.WORKERS)
+        [worker_id] = [w for w in await r.hkeys(keys.WORKERS) if w != "long-gone"]
     got = pairs(top.stdout)
     counted = ("completed", "failed", "cancelled", "created", "takeovers", "handed back")
     assert {k: int(got[k]) for k in counted} == {k: stats.get(k.replace(" ", "_"), 0) for k in counted}
