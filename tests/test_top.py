@@ -151,7 +151,7 @@ async def test_top_in_a_terminal_shows_running_streams_failures_and_a_stopped_wo
         stale_before = time.time() * 1000 - float(FAST_TAKEOVER["TAILGATE_TAKEOVER_AFTER_S"]) * 1000
         assert got["awaiting takeover"] == str(await r.zcount(keys.RUNNING, "-inf", stale_before)) == "2"
         assert got["running"] == str(await r.zcard(keys.RUNNING)) == "2"
-        assert 0 < float(got["oldest"].removesuffix(" s")) <= time.time() - stopped_at
+        assert 0 < float(got["oldest"].removesuffix(" s")) <= time.time() - stopped_at + 0.05  # to 0.1 s
         assert got["tokens/s"] == "0"
         assert "workers 1   silent 1" in shown
         assert worker_rows(shown)[worker_id][-1] == "silent"
