@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Response
@@ -18,7 +17,7 @@ from gateway.errors import ApiError, documented
 from gateway.services import Services, Svc
 from tailgate import keys
 from tailgate.events import START, Entry, dumps
-from tailgate.store import is_finished
+from tailgate.store import is_finished, iso
 
 router = APIRouter(
     prefix="/v1/streams", tags=["streams"], responses=documented(400, 401, 404, 413, 422, 429, 503)
@@ -54,9 +53,9 @@ async def stream_status(stream: OwnedStream) -> dict[str, Any]:
     return {
         "id": stream.id,
         "status": meta["status"],
-        "created_at": _iso(meta.get("created_at")),
-        "started_at": _iso(meta.get("started_at")),
-        "finished_at": _iso(meta.get("finished_at")),
+        "created_at": iso(meta.get("created_at")),
+        "started_at": iso(meta.get("started_at")),
+        "finished_at": iso(meta.get("finished_at")),
         "model": meta.get("model"),
         "attempt": int(meta.get("attempt", 0)),
         "events": int(meta.get("seq", 0)),
@@ -126,13 +125,3 @@ async def _resume(svc: Services, stream: Stream, cursor: str | None) -> Resume |
     if is_finished(stream.meta.get("status")) and cursor == stream.meta.get("last_id"):
         return None
     return Resume(cursor, at.seq)
-
-
-def _iso(ms: str | None) -> str | None:
-    if not ms:
-        return None
-    return (
-        datetime.fromtimestamp(float(ms) / 1000, UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tailgate import keys
 from tailgate.settings import Settings
@@ -53,9 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttft-ms", type=float, default=200.0, help="pause before the first token")
     p.add_argument("--api-key", default=None, help="the only key accepted (default: any)")
 
-    p = sub.add_parser("top", help="queue depth, running streams, workers and failures, from Redis")
-    p.add_argument("--once", action="store_true", help="print once and exit")
-    p.add_argument("--interval", type=float, default=1.0)
+    p = sub.add_parser("top", help="live queue depth, running streams, workers and failures, from Redis")
+    p.add_argument("--once", action="store_true", help="print one frame as plain text and exit")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between frames (default 1)")
+
+    p = sub.add_parser("inspect", help="one stream's life: status, attempts, events, timings, usage")
+    p.add_argument("id", help="a stream id (or a chatcmpl-/resp_ id of one)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser("keys", help="manage API keys stored in Redis")
     p.add_argument("action", choices=["add", "list", "revoke"])
@@ -83,7 +87,9 @@ def main(argv: list[str] | None = None) -> None:
             settings = Settings(metrics_port=args.metrics_port)
         return _worker(settings)
     if args.command == "top":
-        return asyncio.run(_top(settings, args.once, args.interval))
+        return _top(settings, args.once, args.interval)
+    if args.command == "inspect":
+        return asyncio.run(_inspect(settings, args.id, args.json))
     if args.command == "keys":
         return asyncio.run(_keys(settings, args.action, args.value))
 
@@ -207,31 +213,41 @@ Ctrl-C stops everything.
 """
 
 
-async def _top(settings: Settings, once: bool, interval: float) -> None:
-    from redis.asyncio import Redis
+def _top(settings: Settings, once: bool, interval: float) -> None:
+    from tailgate import top
 
-    queue = Redis.from_url(settings.queue_url, decode_responses=True)
-    streams = Redis.from_url(settings.streams_url, decode_responses=True)
+    if interval <= 0:
+        sys.exit("tailgate top: --interval must be above 0")
+    if not once:
+        return top.live(settings, interval)  # says so on screen while Redis is unreachable
+    from tailgate.connections import REDIS_ERRORS
+
     try:
-        while True:
-            depth = await queue.zcard(settings.queue_name)
-            now = time.time() * 1000
-            workers = [json.loads(v) for v in (await queue.hgetall(keys.WORKERS)).values()]
-            alive = [w for w in workers if now - w["beat_ms"] < settings.heartbeat_s * 3000]
-            stats: dict[str, Any] = await streams.hgetall(keys.STATS)
-            running = sum(w["running"] for w in alive)
-            print(
-                f"{time.strftime('%H:%M:%S')}  queued {depth:>6}  running {running:>6}  "
-                f"workers {len(alive):>3}  completed {stats.get('completed', 0):>8}  "
-                f"failed {stats.get('failed', 0):>6}  cancelled {stats.get('cancelled', 0):>6}",
-                flush=True,
-            )
-            if once:
-                return
-            await asyncio.sleep(interval)
+        print(asyncio.run(top.once(settings)), flush=True)
+    except REDIS_ERRORS as exc:
+        sys.exit(f"tailgate top: Redis unreachable ({top.describe(settings)}): {exc}")
+
+
+async def _inspect(settings: Settings, raw_id: str, as_json: bool) -> None:
+    from tailgate import inspection
+    from tailgate.connections import REDIS_ERRORS, open_store
+
+    stream_id = inspection.stream_id_of(raw_id)
+    if stream_id is None:
+        sys.exit(f"tailgate inspect: {raw_id!r} is not a stream id (32 hex digits, from POST /v1/streams)")
+    store = open_store(settings, "cli", 1)
+    try:
+        life = await inspection.read(store.redis, stream_id)
+    except REDIS_ERRORS as exc:
+        sys.exit(f"tailgate inspect: Redis unreachable: {exc}")
     finally:
-        await queue.aclose()
-        await streams.aclose()
+        await store.redis.aclose()
+    if life is None:
+        sys.exit(
+            f"tailgate inspect: no stream {stream_id} in Redis: it never existed, or it ended more than "
+            f"TAILGATE_RETENTION_S ({settings.retention_s} s) ago and expired"
+        )
+    print(json.dumps(inspection.as_json(life), indent=2) if as_json else inspection.as_text(life), flush=True)
 
 
 async def _keys(settings: Settings, action: str, value: str | None) -> None:

@@ -18,7 +18,8 @@ def events(stream_id: str) -> str:
 
 
 def meta(stream_id: str) -> str:
-    """A hash: owner, status, attempt, seq, last_id, request, timings, usage, heartbeat."""
+    """A hash: owner, status, attempt, seq, last_id, request, timings, usage, heartbeat, and
+    ``attempts``: the attempt history, a JSON array (see ``tailgate.store``)."""
     return f"tg:{{{stream_id}}}:meta"
 
 
@@ -67,7 +68,9 @@ API_KEYS = "tg:apikeys"
 SECRET = "tg:secret"  # the read-token signing secret (TAILGATE_SECRET)
 OWNER_KEY = "tg:owner-key"  # the HMAC key of owner ids (TAILGATE_OWNER_KEY)
 # Hash of counters for `tailgate top`, kept by the store's scripts: created (a discard takes one
-# back), and completed, failed, cancelled: each stream counted once, by how it ended.
+# back), and completed, failed, cancelled: each stream counted once, by how it ended; failed:<code>
+# by error code too; tokens (deltas written), takeovers (a lost worker's stream claimed again),
+# handed_back (streams released by a worker shutting down).
 STATS = "tg:stats"
 # Sorted set of running streams, score: last heartbeat (ms; 0: handed back). Workers scan it for
 # streams to take over. Kept by the store's scripts: claim adds, heartbeat refreshes, every end removes.

@@ -22,16 +22,41 @@ end
 local function id_of(key)
   return string.match(key, '{(.-)}')
 end
--- The one place a stream ends: its final status, the retention TTL, and the bookkeeping (it leaves
--- the running index and its owner's active set; its final status is counted).
-local function close(ek, mk, status, now, retention, running, stats, active)
+-- The attempt history: the meta field `attempts`, a JSON array with one object per attempt (so at
+-- most max_attempts): attempt, worker, started_at, then first_token_at, and once it ended ended_at,
+-- reason (done, error with its code, cancelled, taken_over, handed_back, worker_lost) and, for a
+-- worker that vanished, last_heartbeat_at. Times are the meta's millisecond stamps, as strings
+-- (cjson keeps 14 digits of a number).
+local function attempts_of(mk)
+  local raw = redis.call('HGET', mk, 'attempts')
+  if not raw then return {} end
+  return cjson.decode(raw)
+end
+-- Ends the stream's current attempt, unless it ended before (a hand-back) or there is none.
+local function end_attempt(mk, now, reason, code, beat)
+  local list = attempts_of(mk)
+  local last = list[#list]
+  if not last or last.ended_at then return end
+  last.ended_at = now
+  last.reason = reason
+  last.code = code
+  last.last_heartbeat_at = beat
+  redis.call('HSET', mk, 'attempts', cjson.encode(list))
+end
+local REASON = {completed = 'done', failed = 'error', cancelled = 'cancelled'}
+-- The one place a stream ends: its final status, the retention TTL, the end of its current attempt,
+-- and the bookkeeping (it leaves the running index and its owner's active set; its final status is
+-- counted, a failure also by its error code).
+local function close(ek, mk, status, now, retention, running, stats, active, code)
   redis.call('HSET', mk, 'status', status, 'finished_at', now)
   redis.call('EXPIRE', ek, retention)
   redis.call('EXPIRE', mk, retention)
+  end_attempt(mk, now, REASON[status], code, nil)
   local id = id_of(mk)
   redis.call('ZREM', running, id)
   redis.call('ZREM', active, id)
   redis.call('HINCRBY', stats, status, 1)
+  if status == 'failed' then redis.call('HINCRBY', stats, 'failed:' .. (code or 'unknown'), 1) end
 end
 """
 
@@ -126,9 +151,11 @@ return 1
 # KEYS: events, meta, running, stats. ARGV: channel, now, worker, stale_before, max_attempts,
 # retention, active prefix. A running stream is claimed only if its heartbeat is older than
 # stale_before (its worker is gone or handed it back); past max_attempts it ends with `error` instead.
-# A stream that is gone or ended leaves the running index (it may have expired there). Answers, when
-# claimed: 'ok', attempt, seq, cancel flag, owner, request, created_at, and why the previous attempt
-# ended ('' for the first).
+# A stream that is gone or ended leaves the running index (it may have expired there). The attempt
+# it takes over ends here (`taken_over`; `worker_lost` when none is left), unless it was handed back
+# (the release ended it); a takeover of a lost worker's stream is counted. Answers, when claimed:
+# 'ok', attempt, seq, cancel flag, owner, request, created_at, and why the previous attempt ended
+# ('' for the first).
 CLAIM = (
     LIB
     + """
@@ -144,14 +171,23 @@ local attempt = tonumber(m[5]) + 1
 local lines = {}
 local seq, id = tonumber(m[2]), nil
 if attempt > tonumber(ARGV[5]) then
+  end_attempt(KEYS[2], ARGV[2], 'worker_lost', nil, m[4])
   local err = '{"code":"worker_lost","message":' .. cjson.encode(
     'the stream lost its worker ' .. m[5] .. ' times (last: ' .. reason .. '); giving up') .. '}'
   seq, id = add(KEYS[1], seq, 'error', err, lines)
   redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id, 'error', err)
-  close(KEYS[1], KEYS[2], 'failed', ARGV[2], ARGV[6], KEYS[3], KEYS[4], ARGV[7] .. (m[8] or ''))
+  close(KEYS[1], KEYS[2], 'failed', ARGV[2], ARGV[6], KEYS[3], KEYS[4], ARGV[7] .. (m[8] or ''),
+    'worker_lost')
   redis.call('PUBLISH', ARGV[1], table.concat(lines, '\\n'))
   return {'exhausted'}
 end
+if attempt > 1 and not m[6] then
+  end_attempt(KEYS[2], ARGV[2], 'taken_over', nil, m[4])
+  redis.call('HINCRBY', KEYS[4], 'takeovers', 1)
+end
+local history = attempts_of(KEYS[2])
+history[#history + 1] = {attempt = attempt, worker = ARGV[3], started_at = ARGV[2]}
+redis.call('HSET', KEYS[2], 'attempts', cjson.encode(history))
 redis.call('HSET', KEYS[2], 'attempt', attempt, 'status', 'running', 'worker', ARGV[3], 'heartbeat', ARGV[2])
 redis.call('HDEL', KEYS[2], 'release')
 redis.call('HSETNX', KEYS[2], 'started_at', ARGV[2])
@@ -175,7 +211,7 @@ return {'ok', tostring(attempt), tostring(seq), m[3] or '0', m[8] or '', m[7], m
 APPEND = (
     LIB
     + """
-local m = redis.call('HMGET', KEYS[2], 'status', 'attempt', 'seq', 'cancel')
+local m = redis.call('HMGET', KEYS[2], 'status', 'attempt', 'seq', 'cancel', 'first_token_attempt')
 if not m[1] then return {'gone'} end
 if m[2] ~= ARGV[1] then return {'fenced'} end
 if finished(m[1]) then return {'finished'} end
@@ -192,16 +228,36 @@ if room < 0 or (room == 0 and ARGV[5] == '') then
     'the stream reached ' .. ARGV[3] .. ' events (TAILGATE_STREAM_MAXLEN) and was ended') .. '}'
   seq, id = add(KEYS[1], seq, 'error', err, lines)
   redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id, 'error', err)
-  close(KEYS[1], KEYS[2], 'failed', ARGV[6], ARGV[7], KEYS[3], KEYS[4], KEYS[5])
+  close(KEYS[1], KEYS[2], 'failed', ARGV[6], ARGV[7], KEYS[3], KEYS[4], KEYS[5], 'stream_too_long')
   redis.call('PUBLISH', ARGV[4], table.concat(lines, '\\n'))
   return {'too_long'}
 end
 for i = 9, first - 1, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+local deltas = 0
 for i = first, #ARGV, 2 do
   seq, id = add(KEYS[1], seq, ARGV[i], ARGV[i + 1], lines)
+  if ARGV[i] == 'delta' then deltas = deltas + 1 end
 end
 redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id)
-if ARGV[5] ~= '' then close(KEYS[1], KEYS[2], ARGV[5], ARGV[6], ARGV[7], KEYS[3], KEYS[4], KEYS[5]) end
+-- `tokens` counts deltas (a chunk from the model each, about a token), one increment per append.
+if deltas > 0 then
+  redis.call('HINCRBY', KEYS[4], 'tokens', deltas)
+  if m[5] ~= ARGV[1] then  -- this attempt's first token: once per attempt
+    local history = attempts_of(KEYS[2])
+    if #history > 0 then
+      history[#history].first_token_at = ARGV[6]
+      redis.call('HSET', KEYS[2], 'attempts', cjson.encode(history))
+    end
+    redis.call('HSET', KEYS[2], 'first_token_attempt', ARGV[1])
+  end
+end
+if ARGV[5] == 'failed' then
+  local ok, data = pcall(cjson.decode, ARGV[#ARGV])
+  local code = ok and type(data) == 'table' and type(data.code) == 'string' and data.code or nil
+  close(KEYS[1], KEYS[2], ARGV[5], ARGV[6], ARGV[7], KEYS[3], KEYS[4], KEYS[5], code)
+elseif ARGV[5] ~= '' then
+  close(KEYS[1], KEYS[2], ARGV[5], ARGV[6], ARGV[7], KEYS[3], KEYS[4], KEYS[5])
+end
 redis.call('PUBLISH', ARGV[4], table.concat(lines, '\\n'))
 return {'ok', tostring(seq), m[4] or '0'}
 """
@@ -226,8 +282,9 @@ return m[3] or '0'
 """
 )
 
-# KEYS: meta, running. ARGV: attempt, reason. Gives the stream up for another worker to claim at
-# once: a zero heartbeat, in the running index too, so the takeover scan finds it if the job is lost.
+# KEYS: meta, running, stats. ARGV: attempt, reason, now. Gives the stream up for another worker to
+# claim at once: a zero heartbeat, in the running index too, so the takeover scan finds it if the job
+# is lost. The attempt ends here (`handed_back`), and is counted.
 RELEASE = (
     LIB
     + """
@@ -237,6 +294,8 @@ if finished(m[1]) then return 'finished' end
 if m[1] ~= 'running' or m[2] ~= ARGV[1] then return 'fenced' end
 redis.call('HSET', KEYS[1], 'heartbeat', 0, 'release', ARGV[2])
 redis.call('ZADD', KEYS[2], 0, id_of(KEYS[1]))
+end_attempt(KEYS[1], ARGV[3], 'handed_back', nil, nil)
+redis.call('HINCRBY', KEYS[3], 'handed_back', 1)
 return 'ok'
 """
 )

@@ -24,8 +24,19 @@ These scripts keep them, and nothing else writes them: ``create`` adds the strea
 and counts ``created``; ``claim`` indexes it as running, ``beat`` and ``release`` restamp it; every way
 a stream ends (a terminal append; a claim past ``max_attempts``, which ends it with ``error``; a
 cancel of a queued stream) goes through one Lua function, ``close``, which also takes the stream out
-of both sets and counts its final status. A script that finds its stream ended returns before
-writing, so no stream is counted twice. ``discard`` takes a create back, ``created`` included.
+of both sets and counts its final status (a failure also as ``failed:<code>``). A script that finds
+its stream ended returns before writing, so no stream is counted twice. ``discard`` takes a create
+back, ``created`` included. The counters also hold ``tokens`` (deltas: an append adds its own, one
+increment per append, not per token), ``takeovers`` (claims of a stream whose worker stopped
+heartbeating) and ``handed_back`` (releases).
+
+**Attempt history.** The meta's ``attempts`` field is a JSON array with one object per attempt, kept
+by the same scripts in the same step as what it records, so it is never out of step with the stream:
+``claim`` adds one (number, worker, ``started_at``) and ends the one it takes over (``taken_over``, or
+``worker_lost`` when it gives up, with the lost worker's last heartbeat); the first append with a
+delta stamps ``first_token_at``; ``release`` ends it ``handed_back``; ``close`` ends it by how the
+stream ended (``done``, ``error`` with its ``code``, ``cancelled``). It holds at most ``max_attempts``
+objects and expires with the meta. ``tailgate inspect`` shows it.
 
 **Keys.** Every key a script touches is in its KEYS but one: the owner's active set, where the caller
 does not know the owner (``claim`` ending an exhausted stream, ``cancel``, ``discard``: their callers
@@ -33,13 +44,14 @@ hold only the stream id). Those scripts read the owner from the meta and build t
 ``keys.ACTIVE_PREFIX``, passed in ARGV; the alternative, a read of the meta before the script, would
 cost a round trip and open a race. ``create`` and ``append`` get the key in KEYS: the gateway and the
 attempt know the owner. Every ``append`` gets the bookkeeping keys, as any append may end its stream
-(a terminal event, or the length cap); only one that does touches them. The member of both sets is
+(a terminal event, or the length cap); only one that does touches the sets. The member of both sets is
 the stream id, which the scripts take from the hash tag of the stream's keys.
 
 **Redis Cluster.** A stream's own keys share a slot (the hash tag); the bookkeeping keys do not
 (``tg:running`` and ``tg:stats`` are global, ``tg:active:<owner>`` is per owner). So today every
 script crosses slots: ``create``, ``discard``, ``claim``, ``cancel``, ``append`` (running, stats,
-active; a non-terminal append only names them), ``beat`` and ``release`` (running). Before the store
+active; a non-terminal append touches only stats, to count its deltas), ``beat`` (running) and
+``release`` (running, stats). Before the store
 can run on a cluster, each of these must be split into the stream's own step and a bookkeeping step.
 
 **Replays.** The worker opens its store without redis-py's command re-send (``retry=False``): the
@@ -58,6 +70,7 @@ import enum
 import json
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
@@ -347,7 +360,8 @@ class StreamStore:
     async def release(self, stream_id: str, attempt: int, reason: str) -> Reply:
         """Hand the stream back (heartbeat 0): the next claim takes it at once and writes ``reset``
         with ``reason``. Anything but :attr:`Reply.OK` means the attempt no longer owns it."""
-        r = await self._release(keys=[keys.meta(stream_id), keys.RUNNING], args=[attempt, reason])
+        ks = [keys.meta(stream_id), keys.RUNNING, keys.STATS]
+        r = await self._release(keys=ks, args=[attempt, reason, stamp()])
         return Reply(r)
 
     async def stale(self, stale_after_s: float, limit: int = 100) -> list[tuple[str, float]]:
@@ -384,6 +398,14 @@ class StreamStore:
 def stamp() -> str:
     """Now, in Unix milliseconds with microsecond decimals: the meta's `*_at` and heartbeat."""
     return f"{time.time() * 1000:.3f}"
+
+
+def iso(ms: str | None) -> str | None:
+    """A :func:`stamp` as ISO 8601 in UTC, to the millisecond (``2024-11-24T10:13:20.123Z``)."""
+    if not ms:
+        return None
+    at = datetime.fromtimestamp(float(ms) / 1000, UTC)
+    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def is_finished(status: str | None) -> bool:

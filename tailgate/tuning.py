@@ -73,3 +73,6 @@ QUEUE_DEPTH_CACHE_S = 1.0
 # minutes when they do not; an upstream's first token takes from ~100 ms to tens of seconds.
 QUEUE_WAIT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 FIRST_TOKEN_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 30, 60)
+# `tailgate top` lists the workers heard from in the last 10 minutes: a worker that was killed never
+# takes its entry out of tg:workers, and one that went silent recently is worth seeing.
+TOP_FORGET_WORKER_S = 600

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -15,9 +14,8 @@ import pytest
 import redis
 import redis.asyncio
 
-from tailgate.dev.procs import Child, RedisServer, arun, child_env, free_port, tailgate_command
+from tailgate.dev.procs import Child, RedisServer, child_env, free_port, tailgate_command
 from tailgate.dev.sse import read_sse
-from tests.harness import Stack
 
 
 @pytest.fixture
@@ -82,21 +80,3 @@ def _cli(server: RedisServer, *args: str) -> str:
 async def _redis_info(url: str) -> str:
     async with redis.asyncio.Redis.from_url(url, decode_responses=True) as r:
         return "\n".join(f"{k}:{v}" for k, v in (await r.info("server")).items())
-
-
-async def test_tailgate_top_shows_queue_workers_and_counters(client: httpx.AsyncClient, stack: Stack) -> None:
-    created = await client.post(
-        f"{stack.url}/v1/streams", json={"prompt": "top [mock:tokens=2]"}, headers=stack.headers
-    )
-    _, events = await read_sse(client, stack.url + created.json()["events_url"], headers=stack.headers)
-    assert events[-1].event == "done"
-    async with redis.asyncio.Redis.from_url(stack.redis_url, decode_responses=True) as r:
-        completed = int(await r.hget("tg:stats", "completed") or 0)
-    top = await arun(tailgate_command("top", "--once"), stack.env)
-    assert top.returncode == 0, top.stderr
-    out = top.stdout
-    fields = dict(re.findall(r"(queued|running|workers|completed|failed|cancelled)\s+(\d+)", out))
-    assert set(fields) == {"queued", "running", "workers", "completed", "failed", "cancelled"}
-    assert fields["queued"] == "0"
-    assert int(fields["workers"]) >= 1  # the session stack's worker, heartbeating
-    assert int(fields["completed"]) == completed >= 1

@@ -56,6 +56,12 @@ async def stats(store: StreamStore) -> dict[str, int]:
     return {k: int(v) for k, v in (await store.redis.hgetall(keys.STATS)).items()}  # type: ignore[misc]
 
 
+async def history(store: StreamStore, stream_id: str) -> list[dict[str, Any]]:
+    """The stream's attempt history, as the scripts keep it in its meta."""
+    attempts: list[dict[str, Any]] = json.loads((await store.meta(stream_id))["attempts"])
+    return attempts
+
+
 async def active(store: StreamStore) -> dict[str, float]:
     return dict(await store.redis.zrange(keys.active(OWNER), 0, -1, withscores=True))
 
@@ -140,15 +146,20 @@ async def test_cancel_of_a_running_stream_only_flags_it_for_its_worker(store: St
 
 
 @pytest.mark.parametrize(
-    ("kind", "data", "status"),
+    ("kind", "data", "status", "ended"),
     [
-        ("done", {"finish_reason": "stop", "usage": None}, "completed"),
-        ("error", {"code": "upstream_error", "message": "boom"}, "failed"),
-        ("cancelled", {"usage": {"completion_tokens": 1}}, "cancelled"),
+        ("done", {"finish_reason": "stop", "usage": None}, "completed", {"reason": "done"}),
+        (
+            "error",
+            {"code": "upstream_error", "message": "boom"},
+            "failed",
+            {"reason": "error", "code": "upstream_error"},
+        ),
+        ("cancelled", {"usage": {"completion_tokens": 1}}, "cancelled", {"reason": "cancelled"}),
     ],
 )
 async def test_a_terminal_append_ends_the_stream_and_settles_its_bookkeeping_once(
-    store: StreamStore, kind: str, data: dict[str, Any], status: str
+    store: StreamStore, kind: str, data: dict[str, Any], status: str, ended: dict[str, str]
 ) -> None:
     stream_id = await create(store)
     c = await claim(store, stream_id)
@@ -160,15 +171,32 @@ async def test_a_terminal_append_ends_the_stream_and_settles_its_bookkeeping_onc
     written = await write(store, last)
 
     assert written.reply is Reply.OK and written.seq == c.seq + 2
-    assert (await store.meta(stream_id))["status"] == status
+    after = await store.meta(stream_id)
+    assert after["status"] == status
     assert [t for t, _ in await events(store, stream_id)] == ["queued", "started", "delta", kind]
-    assert await stats(store) == {"created": 1, status: 1}
+    counted = {"created": 1, status: 1, "tokens": 1} | (
+        {"failed:" + data["code"]: 1} if kind == "error" else {}
+    )
+    assert await stats(store) == counted
     assert await active(store) == {}
     assert await running(store) == {}
+    # The attempt's record: its worker, its start (the claim's), first token and end (the append's).
+    started = meta["heartbeat"]
+    finished = after["finished_at"]
+    assert await history(store, stream_id) == [
+        {
+            "attempt": 1,
+            "worker": WORKER,
+            "started_at": started,
+            "first_token_at": finished,
+            "ended_at": finished,
+        }
+        | ended
+    ]
     # The same append again (its reply lost): the stream has ended, nothing is written or counted.
     again = await write(store, last)
     assert again.reply is Reply.FINISHED
-    assert await stats(store) == {"created": 1, status: 1}
+    assert await stats(store) == counted
     assert len(await events(store, stream_id)) == 4
 
 
@@ -186,9 +214,66 @@ async def test_a_claim_past_max_attempts_ends_the_stream_with_error_and_settles_
     assert kind == "error" and data["code"] == "worker_lost"
     assert "worker_shutdown" in data["message"]
     assert (await store.meta(stream_id))["status"] == "failed"
-    assert await stats(store) == {"created": 1, "failed": 1}
+    assert await stats(store) == {"created": 1, "failed": 1, "failed:worker_lost": 1, "handed_back": 1}
     assert await active(store) == {}
     assert await running(store) == {}
+    [handed_back] = await history(store, stream_id)  # the release ended it; the claim added none
+    assert handed_back["reason"] == "handed_back"
+
+
+async def test_a_claim_past_max_attempts_ends_the_lost_workers_attempt_as_worker_lost(
+    store: StreamStore,
+) -> None:
+    stream_id = await create(store)
+    await claim(store, stream_id, max_attempts=1)
+    await store.redis.hset(keys.meta(stream_id), "heartbeat", "12.5")  # type: ignore[misc]  # then it vanished
+
+    assert (await claim(store, stream_id, max_attempts=1)).reply is Reply.EXHAUSTED
+
+    finished = (await store.meta(stream_id))["finished_at"]
+    [lost] = await history(store, stream_id)
+    assert lost == lost | {"reason": "worker_lost", "ended_at": finished, "last_heartbeat_at": "12.5"}
+    assert await stats(store) == {"created": 1, "failed": 1, "failed:worker_lost": 1}
+
+
+async def test_the_attempt_history_holds_every_attempt_its_worker_first_token_and_why_it_ended(
+    store: StreamStore,
+) -> None:
+    stream_id = await create(store)
+    one = await store.claim(stream_id, "worker-one", stale_after_s=60, max_attempts=3)
+    await write(store, append(stream_id, 1, one.seq, ("delta", {"text": "a"})))
+    first_token = json.loads((await store.meta(stream_id))["attempts"])[0]["first_token_at"]
+    await write(store, append(stream_id, 1, one.seq + 1, ("delta", {"text": "b"})))
+    beat = (await store.meta(stream_id))["heartbeat"]
+    await store.redis.zadd(keys.RUNNING, {stream_id: 0})
+    await store.redis.hset(keys.meta(stream_id), "heartbeat", "0")  # type: ignore[misc]  # worker-one is lost
+    two = await store.claim(stream_id, "worker-two", stale_after_s=60, max_attempts=3)
+    assert await store.release(stream_id, 2, "worker_shutdown") is Reply.OK
+    three = await store.claim(stream_id, "worker-three", stale_after_s=60, max_attempts=3)
+    error = {"code": "upstream_timeout", "message": "silence"}
+    await write(store, append(stream_id, 3, three.seq, ("error", error)))
+
+    h = await history(store, stream_id)
+    assert [(a["attempt"], a["worker"], a["reason"], a.get("code")) for a in h] == [
+        (1, "worker-one", "taken_over", None),
+        (2, "worker-two", "handed_back", None),
+        (3, "worker-three", "error", "upstream_timeout"),
+    ]
+    assert beat != "0" and h[0]["last_heartbeat_at"] == "0"  # what the takeover found
+    assert h[0]["first_token_at"] == first_token  # the first delta's, not the second's
+    assert "first_token_at" not in h[1] and "first_token_at" not in h[2]  # they wrote no delta
+    assert all(float(a["started_at"]) <= float(a["ended_at"]) for a in h)
+    assert h[0]["ended_at"] == h[1]["started_at"] and h[1]["ended_at"] <= h[2]["started_at"]
+    assert h[2]["ended_at"] == (await store.meta(stream_id))["finished_at"]
+    assert two.attempt == 2
+    assert await stats(store) == {
+        "created": 1,
+        "failed": 1,
+        "failed:upstream_timeout": 1,
+        "tokens": 2,
+        "takeovers": 1,
+        "handed_back": 1,
+    }
 
 
 @pytest.mark.parametrize("claimed", [False, True])
@@ -251,7 +336,7 @@ async def test_an_attempt_that_was_taken_over_cannot_write(store: StreamStore) -
 
     assert written.reply is Reply.FENCED
     assert [t for t, _ in await events(store, stream_id)] == kinds
-    assert await stats(store) == {"created": 1}
+    assert await stats(store) == {"created": 1, "takeovers": 1}
 
 
 async def test_an_append_replayed_after_its_reply_was_lost_is_recognised_by_seq(store: StreamStore) -> None:
@@ -289,7 +374,7 @@ async def test_the_appender_writes_an_attempts_events_in_order_and_its_end_settl
         assert [d["seq"] for _, d in evs] == list(range(1, 54))
         assert "".join(d["text"] for t, d in evs if t == "delta") == "".join(f"t{i} " for i in range(50))
         assert evs[-1][0] == "done"
-        assert await stats(store) == {"created": 1, "completed": 1}
+        assert await stats(store) == {"created": 1, "completed": 1, "tokens": 50}
         assert await active(store) == {} and await running(store) == {}
 
         # An attempt that was taken over meanwhile is refused, and says so.
@@ -376,7 +461,7 @@ async def test_a_terminal_append_whose_reply_was_lost_ends_the_attempt_as_comple
     assert outcome is Outcome.COMPLETED  # not "finished elsewhere": the stream ended with its own `done`
     assert [t for t, _ in await events(store, stream_id)] == ["queued", "started", "delta", "done"]
     assert (await store.meta(stream_id))["status"] == "completed"
-    assert await stats(store) == {"created": 1, "completed": 1}
+    assert await stats(store) == {"created": 1, "completed": 1, "tokens": 1}
     assert await active(store) == {} and await running(store) == {}
 
 
@@ -398,7 +483,9 @@ async def test_an_append_past_the_length_cap_ends_the_stream_with_stream_too_lon
         assert [d["seq"] for _, d in got] == [1, 2, 3, 4, 5]  # nothing trimmed, nothing skipped
         assert got[-1][1]["code"] == "stream_too_long"
         assert (await capped.meta(stream_id))["status"] == "failed"
-        assert await stats(capped) == {"created": 1, "failed": 1}
+        assert await stats(capped) == {"created": 1, "failed": 1, "failed:stream_too_long": 1, "tokens": 2}
+        [ended] = json.loads((await capped.meta(stream_id))["attempts"])
+        assert (ended["reason"], ended["code"]) == ("error", "stream_too_long")
         assert await active(capped) == {} and await running(capped) == {}
     finally:
         await capped.redis.aclose()
