@@ -1,31 +1,26 @@
-"""``python -m bench [--quick]``: three setups side by side, on loopback, against the mock upstream.
+"""``python -m bench [--quick]``: three setups side by side, on loopback, against the mock upstream:
+(a) clients straight to the mock, the baseline every figure is compared with; (b) the original
+tutorial's naive proxy (``bench/naive_proxy.py``); (c) tailgate, one gateway and one worker process.
 
-    (a) clients straight to the mock upstream: the baseline every figure is compared with
-    (b) the naive direct proxy of the original tutorial (``bench/naive_proxy.py``, under uvicorn)
-    (c) tailgate: one gateway and one worker process, one Redis
-
-Phases, each printing a line per step:
-
- 1. warm-up            a few streams through each setup (imports, pools, scripts loaded)
- 2. TTFT at 1 stream   one stream at a time, the setups interleaved; enqueue → start from the meta
- 3. steady load        N concurrent streams (closed loop, 64–256 tokens 20 ms apart) per setup:
-                       time to first token, per-chunk latency, CPU per token, enqueue → start
- 4. saturation         ``redis-benchmark`` XADD, then many streams with 1 ms pacing: tokens/s
- 5. sustained          rising levels of concurrent streams at 50 tokens/s until one does not hold
- 6. live fan-in        many slow streams on the main gateway: its Redis connections
- 7. idle connections   10,000 SSE connections to queued streams on a fresh gateway: RSS and
-                       Redis connections
+Phases, each printing a line per step: warm-up (a few streams through each setup); TTFT at 1 stream
+(one at a time, the setups interleaved); steady load (N concurrent streams, closed loop, 64–256
+tokens 20 ms apart: TTFT, per-chunk latency, CPU per token, enqueue → start); saturation
+(``redis-benchmark`` XADD, then streams with 1 ms pacing: tokens/s); sustained (rising levels at 50
+tokens/s until one does not hold); live fan-in (the gateway's Redis connections under many slow
+streams); idle connections (10,000 SSE connections to queued streams on a fresh gateway: RSS, Redis
+connections).
 
 Every workload goes through :meth:`Bench.load`, which gives the same figures for each (the JSON keeps
-them all); ``bench/report.py`` turns them into the table, the notes and the plot. Results go to
-``bench/results/`` (gitignored): ``<stamp>.json``, ``<stamp>.png``, ``<stamp>.md``, and the
-processes' logs in ``logs/``. Every process started here is stopped at the end, on error and on
-Ctrl-C too.
+them all); ``bench/report.py`` makes the table, the notes and the plot. Results go to
+``bench/results/`` (gitignored), the processes' logs to ``bench/results/logs/``. Every process
+started here is stopped at the end, on error and on Ctrl-C too.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import math
 import os
 import re
@@ -34,15 +29,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import aiohttp
 import psutil  # type: ignore[import-untyped]
 import redis
 
 from bench import report
-from bench.client import Load
+from bench.client import Load, body, session
 from bench.procs import Procs, raise_fd_limit
 from tailgate import keys
 from tailgate.settings import Settings
@@ -73,7 +69,7 @@ class Plan:
     xadd_requests: int
 
 
-SAT = Load(0, (0, 0), delay_ms=1, ttft_ms=0, ramp_s=0.5, fill=False, samples=False)
+SAT = Load(0, (0, 0), delay_ms=1, ttft_ms=0, ramp_s=0.5, samples=False)
 FULL = Plan(
     name="full",
     ttft1_samples=20,
@@ -102,11 +98,8 @@ QUICK = Plan(
 
 class Bench:
     def __init__(self, plan: Plan, procs: Procs) -> None:
-        self.plan = plan
-        self.procs = procs
-        self.t0 = time.monotonic()
-        self.run_id = secrets.token_hex(3)
-        self.raw: dict[str, dict[str, list[float]]] = {"ttft": {}, "latency": {}}  # steady, for the plot
+        self.plan, self.procs, self.t0, self.run_id = plan, procs, time.monotonic(), secrets.token_hex(3)
+        self.raw: dict[str, Any] = {}  # steady's TTFTs and latencies, for the plot
         self.r: dict[str, Any] = {
             "plan": asdict(plan),
             "cpus": os.cpu_count(),
@@ -130,35 +123,31 @@ class Bench:
 
     def settle(self, limit_s: float = 60.0) -> None:
         """Wait until the servers are idle (a setup's leftovers must not bill the next one)."""
-        servers = ("mock", "naive", "gateway", "worker", "redis")
-        deadline = time.monotonic() + limit_s
-        last = sum(self.procs.cpu()[k] for k in servers)
+        deadline, last = time.monotonic() + limit_s, 0.0
         while time.monotonic() < deadline:
-            time.sleep(0.3)
-            now = sum(self.procs.cpu()[k] for k in servers)
-            if (now - last) / 0.3 < 0.06:
+            now = sum(self.procs.cpu()[k] for k in ("mock", "naive", "gateway", "worker", "redis"))
+            if last and (now - last) / 0.3 < 0.06:
                 return
             last = now
+            time.sleep(0.3)
         self.say(f"  (servers still busy after {limit_s:.0f}s; going on)")
 
     def load(
-        self,
-        setup: str,
-        tag: str,
-        load: Load,
-        deadline_s: float = 120,
-        *,
-        tick: Callable[[], None] | None = None,
-        settle: bool = True,
+        self, setup: str, tag: str, load: Load, deadline_s: float = 120, *, settle: bool = True, **kw: Any
     ) -> tuple[dict[str, Any], Records, list[float]]:
         """One workload through ``setup``, once the servers are idle (``settle``): its figures, and the
-        records and per-chunk latencies of its measured streams (see :class:`Load`)."""
+        records and per-chunk latencies of its measured streams (see :class:`Load`). ``kw`` goes to
+        :meth:`LoadClient.call` (a ``tick``)."""
         if settle:
             self.settle()
-        at = {"setup": setup, "port": self.procs.ports[PORTS[setup]], "api_key": Procs.API_KEY}
+        at: dict[str, Any] = {
+            "setup": setup,
+            "port": self.procs.ports[PORTS[setup]],
+            "api_key": Procs.API_KEY,
+        }
         at |= {"tag": f"bench-{self.run_id}-{tag}-{setup}", "load": load, "deadline_s": deadline_s}
         before, t = self.procs.cpu(), time.monotonic()
-        out = self.client.call("streams", deadline_s + 60, tick=tick, **at)
+        out = self.client.run(deadline_s + 60, **kw, **at)
         wall, after = time.monotonic() - t, self.procs.cpu()
         for child in self.procs.children.values():
             child.check()
@@ -166,47 +155,35 @@ class Bench:
         machine = cpu.pop("machine")
         cpu["other"] = max(machine - sum(v for k, v in cpu.items() if k not in ("irq", "steal")), 0.0)
         per_token = {k: v / out["tokens"] * 1e6 if out["tokens"] else math.nan for k, v in cpu.items()}
-        recs = out["streams"]
+        recs, failed = out["streams"], [x["err"] for x in out["streams"] if not x["ok"]]
         measured = [x for x in recs if x["measured"]]
-        failed = [x["err"] for x in recs if not x["ok"]]
-        figures = {
-            "streams": len(recs),
-            "measured": len(measured),
-            "failed": len(failed),
-            "errors": sorted(set(failed))[:3],
-            "tokens": out["tokens"],
-            "wall_s": wall,
-            "tokens_per_s": out["window_tokens"] / min(load.window_s, wall),  # inside the window
-            "ttft": report.summary(_ttfts(measured)),
-            "latency": report.summary(out["latency_ms"]),
-            "max_gap_ms": max((x["max_gap_ms"] for x in recs), default=math.inf),
-            "max_late_ms": max(((x["ttft_ms"] or math.inf) - MOCK_TTFT_MS for x in recs), default=math.inf),
-            "cores_used": {k: v / wall for k, v in cpu.items()},
-            "cpu_us_per_token": per_token,
-            "server_us_per_token": sum(per_token[p] for p in SERVERS[setup]),
-        }
-        return figures, measured, out["latency_ms"]
+        q = {"streams": len(recs), "measured": len(measured), "failed": len(failed), "tokens": out["tokens"]}
+        q |= {"errors": sorted(set(failed))[:3], "wall_s": wall}
+        q["tokens_per_s"] = out["window_tokens"] / min(load.window_s, wall)  # inside the window
+        q |= {"ttft": report.summary(_ttfts(measured)), "latency": report.summary(out["latency_ms"])}
+        q["max_gap_ms"] = max((x["max_gap_ms"] for x in recs), default=math.inf)
+        q["max_late_ms"] = max(((x["ttft_ms"] or math.inf) - MOCK_TTFT_MS for x in recs), default=math.inf)
+        q |= {"cores_used": {k: v / wall for k, v in cpu.items()}, "cpu_us_per_token": per_token}
+        q["server_us_per_token"] = sum(per_token[p] for p in SERVERS[setup])
+        return q, measured, out["latency_ms"]
 
     def c_steps(self, recs: Records) -> dict[str, Any]:
         """(c)'s time to first token in steps, from sending the POST: its answer, the `started` event
         (the worker has claimed the stream), then the first delta (the model's own TTFT inside); and
         enqueue → job start, ``started_at − created_at`` in ms from each stream's meta hash."""
-        with redis.Redis.from_url(self.procs.redis.url, decode_responses=True) as r:
-            pipe = r.pipeline(transaction=False)
+        with redis.Redis.from_url(self.procs.redis.url, decode_responses=True) as r, r.pipeline() as pipe:
             for x in recs:
                 pipe.hmget(keys.meta(x["id"]), ["created_at", "started_at"])
             rows = pipe.execute()
         full = [x for x in recs if x["ok"] and x["posted_ms"] is not None and x["started_ms"] is not None]
+        steps = {"posted": [x["posted_ms"] for x in full], "started": [x["started_ms"] for x in full]}
+        steps["started_to_token"] = [x["ttft_ms"] - x["started_ms"] for x in full]
         return {
             "enqueue_start": report.summary([float(s) - float(c) for c, s in rows if c and s]),
-            "steps_ms": {
-                "posted": report.summary([x["posted_ms"] for x in full]),
-                "started": report.summary([x["started_ms"] for x in full]),
-                "started_to_token": report.summary([x["ttft_ms"] - x["started_ms"] for x in full]),
-            },
+            "steps_ms": {k: report.summary(v) for k, v in steps.items()},
         }
 
-    def gateway_watch(self) -> tuple[Callable[[], None], list[tuple[int, int]]]:
+    def watch_gateway(self) -> tuple[Callable[[], None], list[tuple[int, int]]]:
         """A ``tick`` that samples the main gateway's (Redis, client) connections, and the samples."""
         seen: list[tuple[int, int]] = [(0, 0)]
         return lambda: seen.append(self.procs.connections("gateway")), seen
@@ -216,12 +193,11 @@ class Bench:
     def warm_up(self) -> None:
         warm = Load(50, (16, 16), count=100, ramp_s=0.5, samples=False)
         for s in "abc":
-            q = self.load(s, "warm", warm, 60, settle=False)[0]
-            if q["failed"]:
+            if (q := self.load(s, "warm", warm, 60, settle=False)[0])["failed"]:
                 raise RuntimeError(f"warm-up through ({s}) failed: {q['errors']}")
         self.say("warm-up: 100 streams through each setup, all complete")
 
-    def ttft_one(self) -> None:
+    def ttft1(self) -> None:
         n, one = self.plan.ttft1_samples, Load(1, (64, 64), count=1, loop=False)
         recs: dict[str, Records] = {s: [] for s in "abc"}
         for i in range(n):
@@ -235,54 +211,50 @@ class Bench:
             f"enqueue → start p50 {res['c']['enqueue_start']['p50']:.2f} ms"
         )
 
-    def steady(self) -> None:
-        res = self.r["steady"] = {}
+    def each_setup(self, phase: str, load: Load, deadline_s: float = 120, say: str = "") -> dict[str, Any]:
+        """``load`` through (a), (b) and (c) in turn, a progress line each: their figures (and (c)'s
+        steps), kept as ``phase`` in the results; the raw TTFTs and latencies in ``raw[phase]``."""
+        res: dict[str, Any] = self.r.setdefault(phase, {})
+        raw = self.raw.setdefault(phase, {"ttft": {}, "latency": {}})
         for s in "abc":
-            q, recs, self.raw["latency"][s] = self.load(s, "steady", self.plan.steady, 180)
-            self.raw["ttft"][s] = _ttfts(recs)
-            res[s] = q | (self.c_steps(recs) if s == "c" else {})
-            ttft, latency = q["ttft"], q["latency"]
-            self.say(
-                f"{self.plan.steady.concurrency} streams, ({s}): {q['streams']} streams ({q['measured']} "
-                f"measured, {q['failed']} failed), TTFT p50/p99 {ttft['p50']:.0f}/{ttft['p99']:.0f} ms, "
-                f"chunk latency p99 {latency['p99']:.1f} ms, {q['tokens'] / q['wall_s']:,.0f} tokens/s, "
-                f"{q['server_us_per_token']:.0f} µs CPU/token"
-            )
+            q, recs, raw["latency"][s] = self.load(s, phase, load, deadline_s)
+            raw["ttft"][s] = _ttfts(recs)
+            res[s] = q | (self.c_steps(recs) if s == "c" and recs else {})
+            line = f"{q['streams']} streams ({q['measured']} measured, {q['failed']} failed)"
+            if q["measured"]:
+                line += f", TTFT p50/p99 {_p50_99(q['ttft'])} ms, chunk p99 {q['latency']['p99']:.1f} ms"
+            line += f", {q['tokens_per_s']:,.0f} tokens/s, {q['server_us_per_token']:.0f} µs CPU/token"
+            self.say(f"{say or phase} ({s}): {line}")
+        return res
+
+    def steady(self) -> None:
+        self.each_setup("steady", self.plan.steady, 180, f"{self.plan.steady.concurrency} streams")
 
     def saturation(self) -> None:
         xadd = self.r["xadd_rps"] = redis_benchmark_xadd(self.procs.redis.port, self.plan.xadd_requests)
         self.say(f"redis-benchmark XADD, 50 clients, unpipelined: {xadd:,.0f} requests/s ({XADD})")
-        res = self.r["saturation"] = {}
-        for s in "abc":
-            q = res[s] = self.load(s, "sat", self.plan.sat)[0]
-            self.say(
-                f"saturation ({s}): {q['tokens_per_s']:,.0f} tokens/s delivered "
-                f"({q['tokens_per_s'] / xadd:.2f}× XADD), {q['failed']} of {q['streams']} "
-                f"streams failed, {q['server_us_per_token']:.0f} µs CPU/token"
-            )
+        res = self.each_setup("saturation", self.plan.sat)
+        self.say("saturation: " + ", ".join(f"{s} {res[s]['tokens_per_s'] / xadd:.2f}× XADD" for s in "abc"))
 
     def sustained(self) -> None:
         """Each setup at rising levels, until a level does not hold: every stream whole, no gap between
         chunks over ``STALL_MS``; stricter, ``held_first_token``: nor a first token later than that."""
         runs: dict[str, Records] = {s: [] for s in "abc"}
-        tick, seen = self.gateway_watch()
+        tick, seen = self.watch_gateway()
         for s in "abc":
             for level in self.plan.levels:
                 load = replace(self.plan.level, concurrency=level, count=level)
                 q = self.load(s, f"level{level}", load, tick=tick if s == "c" else None)[0]
-                why = ""
+                why = f"a {q['max_gap_ms']:,.0f} ms gap between chunks" if q["max_gap_ms"] > STALL_MS else ""
                 if q["failed"] or q["streams"] < level:
                     first = q["errors"][0] if q["errors"] else "not started"
                     why = f"{q['failed'] + level - q['streams']} streams incomplete ({first})"
-                elif q["max_gap_ms"] > STALL_MS:
-                    why = f"a {q['max_gap_ms']:,.0f} ms gap between chunks"
                 strict = not why and q["max_late_ms"] <= STALL_MS
                 runs[s].append(q | {"level": level, "held": not why, "held_first_token": strict, "why": why})
+                held = f"did not hold: {why}" if why else "held"
                 self.say(
-                    f"sustained ({s}) {level:>5} streams at 50 tokens/s: "
-                    + (f"did not hold: {why}" if why else "held")
-                    + f" (worst gap {q['max_gap_ms']:,.0f} ms; first token up to "
-                    + f"{q['max_late_ms']:,.0f} ms late)"
+                    f"sustained ({s}) {level:>5} streams at 50 tokens/s: {held} (worst gap "
+                    f"{q['max_gap_ms']:,.0f} ms; first token up to {q['max_late_ms']:,.0f} ms late)"
                 )
                 if why:
                     break
@@ -292,8 +264,7 @@ class Bench:
     def fan_in(self) -> None:
         """Redis connections of the main gateway while it serves ``fan_in`` live SSE clients: slow
         streams (10 tokens 500 ms apart), so the load stays far below what the worker can carry."""
-        n = self.plan.fan_in
-        tick, seen = self.gateway_watch()
+        n, (tick, seen) = self.plan.fan_in, self.watch_gateway()
         slow = Load(n, (10, 10), count=n, loop=False, ramp_s=2.0, delay_ms=500, samples=False)
         q = self.load("c", "fanin", slow, tick=tick)[0]
         most_redis, most_clients = (max(column) for column in zip(*seen, strict=True))
@@ -305,59 +276,102 @@ class Bench:
 
     def idle(self) -> None:
         """A fresh gateway, on a queue no worker serves, holding ``idle_connections`` SSE connections
-        to queued streams: its RSS and Redis connections, and whether all are still held later."""
-        p, n = self.plan, self.plan.idle_connections
+        to queued streams: its RSS and Redis connections, and whether all are still held later. This
+        process opens them itself: holding them costs no CPU worth keeping apart in the load client."""
+        n, queue = self.plan.idle_connections, f"bench:idle:{self.run_id}"
         self.say(f"idle connections: a fresh gateway on a queue no worker serves; creating {n:,} streams")
-        g = self.procs.start_gateway("gateway-idle", TAILGATE_QUEUE_NAME=f"bench:idle:{self.run_id}")
-        gateway = psutil.Process(g.pid)
-        at: dict[str, Any] = {"port": self.procs.ports["gateway-idle"], "api_key": Procs.IDLE_KEY}
-        made = self.client.call("create", 660, count=n, tag=f"bench-{self.run_id}", **at)
-        if made["created"] != n:
-            raise RuntimeError(f"created {made['created']} of {n} streams: {made['failures']}")
-        time.sleep(1.0)
-        rss0, first = gateway.memory_info().rss, min(1000, n)
-        h1 = self.client.call("hold", 360, start=0, count=first, **at)
-        time.sleep(0.5)
-        conns_1000 = self.procs.connections("gateway-idle")[0]
-        self.say(
-            f"idle connections: {n:,} streams created in {made['wall_s']:.1f}s; "
-            f"{h1['held']:,} SSE connections held, gateway has {conns_1000} Redis connections"
+        gateway = psutil.Process(self.procs.start_gateway("gateway-idle", TAILGATE_QUEUE_NAME=queue).pid)
+        try:
+            asyncio.run(self.hold_idle(n, gateway, f"http://127.0.0.1:{self.procs.ports['gateway-idle']}"))
+        finally:
+            self.procs.stop("gateway-idle")
+
+    async def hold_idle(self, n: int, gateway: psutil.Process, base: str) -> None:
+        headers, tag, first, hold_s = (
+            {"Authorization": f"Bearer {Procs.IDLE_KEY}"},
+            self.run_id,
+            min(1000, n),
+            self.plan.idle_hold_s,
         )
-        h2 = self.client.call("hold", 360, start=first, count=n - first, **at)
-        time.sleep(2.0)
-        rss1, conns_all = gateway.memory_info().rss, self.procs.connections("gateway-idle")[0]
-        self.say(
-            f"idle connections: {h2['held']:,} held; gateway RSS {rss0 / 2**20:.1f} → {rss1 / 2**20:.1f} "
-            f"MiB ({(rss1 - rss0) / max(h2['held'], 1) / 1024:.1f} KiB each), {conns_all} Redis "
-            f"connections; holding {p.idle_hold_s:.0f}s"
-        )
-        time.sleep(p.idle_hold_s)
-        held_after = self.client.call("release")["held"]
-        self.procs.stop("gateway-idle")
-        self.r["idle"] = {
-            "connections": n,
-            "create_s": made["wall_s"],
-            "open_failures": h1["failures"] + h2["failures"],
-            "held": h2["held"],
-            "held_after": held_after,
-            "rss_before": rss0,
-            "rss_after": rss1,
-            "kib_per_connection": (rss1 - rss0) / n / 1024,
-        }
+        ids: list[str] = []
+        held: list[aiohttp.ClientResponse] = []
+
+        async def create(i: int) -> None:
+            async with http.post(
+                f"{base}/v1/streams", json={"prompt": f"bench-{tag} idle {i}"}, headers=headers
+            ) as r:
+                ids.append(json.loads(await body(r, 202))["id"])
+
+        async def hold(stream_id: str) -> None:
+            held.append(r := await http.get(f"{base}/v1/streams/{stream_id}/events", headers=headers))
+            if not (seen := await r.content.readuntil(b"event: queued")).endswith(b"event: queued"):
+                raise ValueError(f"{r.status}, closed before a queued event: {seen[:120]!r}")
+
+        def still_open() -> int:
+            return sum(1 for r in held if r.connection is not None and not r.connection.closed)
+
+        async with session() as http:
+            t, failures = time.monotonic(), await _each(32, list(range(n)), create)
+            if len(ids) != n:
+                raise RuntimeError(f"created {len(ids)} of {n} streams: {failures}")
+            create_s = time.monotonic() - t
+            await asyncio.sleep(1.0)
+            rss0, failures = gateway.memory_info().rss, await _each(256, ids[:first], hold)
+            await asyncio.sleep(0.5)
+            conns_1000 = self.procs.connections("gateway-idle")[0]
+            self.say(
+                f"idle connections: {n:,} streams created in {create_s:.1f}s; {still_open():,} SSE "
+                f"connections held, gateway has {conns_1000} Redis connections"
+            )
+            failures += await _each(256, ids[first:], hold)
+            await asyncio.sleep(2.0)
+            rss1, opened = gateway.memory_info().rss, still_open()
+            conns_all = self.procs.connections("gateway-idle")[0]
+            self.say(
+                f"idle connections: {opened:,} held; gateway RSS {rss0 / 2**20:.1f} → {rss1 / 2**20:.1f} "
+                f"MiB ({(rss1 - rss0) / max(opened, 1) / 1024:.1f} KiB each), {conns_all} Redis "
+                f"connections; holding {hold_s:.0f}s"
+            )
+            await asyncio.sleep(hold_s)
+            held_after = still_open()
+            for r in held:
+                r.close()
+        idle = {"connections": n, "create_s": create_s, "open_failures": failures, "held": opened}
+        idle |= {"held_after": held_after, "rss_before": rss0, "rss_after": rss1}
+        self.r["idle"] = idle | {"kib_per_connection": (rss1 - rss0) / n / 1024}
         self.r["redis_connections"] |= {"idle_1000": conns_1000, "idle_all": conns_all}
-        self.say(f"idle connections: {held_after:,} of {n:,} still held after {p.idle_hold_s:.0f}s; released")
+        self.say(f"idle connections: {held_after:,} of {n:,} still held after {hold_s:.0f}s; released")
 
     def run(self) -> None:
         self.start()
-        phases = (self.warm_up, self.ttft_one, self.steady, self.saturation, self.sustained)
-        for phase in (*phases, self.fan_in, self.idle):
+        for phase in (self.warm_up, self.ttft1, self.steady, self.saturation, self.sustained, self.fan_in):
             phase()
+        self.idle()
         self.r["wall_s"] = time.monotonic() - self.t0
 
 
 def _ttfts(recs: Records) -> list[float]:
     """Time to first token of each stream delivered whole (ms from sending the request)."""
     return [x["ttft_ms"] for x in recs if x["ok"]]
+
+
+def _p50_99(t: dict[str, Any]) -> str:
+    return f"{t['p50']:.0f}/{t['p99']:.0f}"
+
+
+async def _each(n: int, items: list[Any], one: Callable[[Any], Awaitable[None]]) -> list[str]:
+    """``one(item)`` for every item, ``n`` at a time; the first failures, as text."""
+    gate, failures = asyncio.Semaphore(n), []
+
+    async def gated(item: Any) -> None:
+        async with gate:
+            try:
+                await one(item)
+            except (OSError, aiohttp.ClientError, ValueError, KeyError) as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+
+    await asyncio.gather(*(gated(item) for item in items))
+    return failures[:5]
 
 
 def _run(*argv: str, timeout: float = 10) -> str:
@@ -377,8 +391,7 @@ def redis_benchmark_xadd(port: int, requests: int) -> float:
     """XADD requests/s, 50 clients, unpipelined."""
     args = ["-h", "127.0.0.1", "-p", str(port), "-c", "50", "-n", str(requests), "-q", *XADD.split()]
     out = _run("redis-benchmark", *args, timeout=300)
-    found = re.findall(r"([\d.]+) requests per second", out.replace("\r", "\n"))
-    if not found:
+    if not (found := re.findall(r"([\d.]+) requests per second", out.replace("\r", "\n"))):
         raise RuntimeError(f"redis-benchmark printed no requests per second: {out[-500:]!r}")
     return float(found[-1])
 
@@ -387,12 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run in about 2 minutes")
     plan = QUICK if parser.parse_args(argv).quick else FULL
-
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: stop every process in order
     if (fds := raise_fd_limit()) < plan.idle_connections + 1000:
         sys.exit(f"bench: open-file limit is {fds}; the idle phase needs {plan.idle_connections + 1000}")
-    procs = Procs(report.RESULTS / "logs")
-    bench = Bench(plan, procs)
+    bench = Bench(plan, procs := Procs(report.RESULTS / "logs"))
     bench.say(f"tailgate bench, {plan.name} run, {os.cpu_count()} CPUs, logs in {procs.log_dir}")
     try:
         bench.run()
@@ -400,8 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.say("interrupted: stopping every process")
         return 130
     except Exception as exc:
-        bench.say(f"failed: {type(exc).__name__}: {exc}")
-        bench.say(f"process logs: {procs.log_dir}")
+        bench.say(f"failed: {type(exc).__name__}: {exc}; process logs: {procs.log_dir}")
         return 1
     finally:
         procs.close()
