@@ -1,25 +1,29 @@
-"""``python -m bench [--quick]``: three setups side by side, on loopback, against the mock upstream:
-(a) clients straight to the mock, the baseline every figure is compared with; (b) the original
-tutorial's naive proxy (``bench/naive_proxy.py``); (c) tailgate, one gateway and one worker process.
+"""``python -m bench [--quick] [--only PHASE,...] [--profile]``: three setups side by side, on
+loopback, against the mock upstream: (a) clients straight to the mock, the baseline every figure is
+compared with; (b) the original tutorial's naive proxy (``bench/naive_proxy.py``); (c) tailgate, one
+gateway and one worker process.
 
-Phases, each printing a line per step: warm-up (a few streams through each setup); TTFT at 1 stream
-(one at a time, the setups interleaved); steady load (N concurrent streams, closed loop, 64–256
-tokens 20 ms apart: TTFT, per-chunk latency, CPU per token, enqueue → start); saturation
-(``redis-benchmark`` XADD, then streams with 1 ms pacing: tokens/s); sustained (rising levels at 50
-tokens/s until one does not hold); live fan-in (the gateway's Redis connections under many slow
-streams); idle connections (10,000 SSE connections to queued streams on a fresh gateway: RSS, Redis
-connections).
+``PHASES``, each printing a line per step, after a warm-up (a few streams through each setup):
+peer (issue #11's shape: 64-token streams, TTFT 200 ms, 20 ms apart, staggered over 1 s, at 1 / 50 /
+200 / 400 concurrent streams, the setups interleaved; and 512-token streams at 200); steady (N
+concurrent streams, closed loop, 64–256 tokens: TTFT, per-chunk latency, CPU per token, enqueue →
+start); saturation (``redis-benchmark`` XADD, then streams with 1 ms pacing: tokens/s); sustained
+(rising levels at 50 tokens/s until one does not hold); fanin (the gateway's Redis connections under
+many slow streams); idle (10,000 SSE connections to queued streams on a fresh gateway: RSS, Redis
+connections). ``--profile`` records the gateway and the worker with ``py-spy`` under the peer
+phase's 200 and 400 streams: flame graphs in ``bench/results/<stamp>-<process>-<level>.svg``.
 
-Every workload goes through :meth:`Bench.load`, which gives the same figures for each (the JSON keeps
-them all); ``bench/report.py`` makes the table, the notes and the plot. Results go to
-``bench/results/`` (gitignored), the processes' logs to ``bench/results/logs/``. Every process
-started here is stopped at the end, on error and on Ctrl-C too.
+Every workload goes through :meth:`Bench.run` and :meth:`Bench.figures`, which give the same figures
+for each (the JSON keeps them all); ``bench/report.py`` makes the table, the goals, the notes and the
+plot. Results go to ``bench/results/`` (gitignored), the processes' logs to
+``bench/results/logs/``. Every process started here is stopped at the end, on error and on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -29,7 +33,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -41,6 +45,7 @@ from bench import report
 from bench.client import Load, body, session
 from bench.procs import Procs, raise_fd_limit
 from tailgate import keys
+from tailgate.dev.procs import Child
 from tailgate.settings import Settings
 
 STALL_MS = 200.0  # 10 × the 20 ms pacing
@@ -51,6 +56,10 @@ PORTS = {"a": "mock", "b": "naive", "c": "gateway"}
 # figure is shown for reference (it is the same in every setup).
 SERVERS = {"a": ("mock",), "b": ("naive",), "c": ("gateway", "worker")}
 Records = list[dict[str, Any]]
+PHASES = ("peer", "steady", "saturation", "sustained", "fanin", "idle")
+PEER = Load(0, (64, 64), loop=False, ramp_s=1.0)  # issue #11: a level's streams start over 1 s
+PROFILED = (200, 400)  # the peer levels ``--profile`` records
+PY_SPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,7 @@ class Plan:
     """The sizes of a run: ``FULL``, or ``QUICK`` for a smoke run."""
 
     name: str
-    ttft1_samples: int  # per setup
+    peer: tuple[tuple[int, int], ...]  # (concurrent streams, rounds per setup); 1 runs one at a time
     steady: Load
     sat: Load
     levels: tuple[int, ...]
@@ -67,12 +76,13 @@ class Plan:
     idle_connections: int
     idle_hold_s: float
     xadd_requests: int
+    peer_long: Load  # issue #11's second CPU goal: 512-token streams at 200
 
 
 SAT = Load(0, (0, 0), delay_ms=1, ttft_ms=0, ramp_s=0.5, samples=False)
 FULL = Plan(
     name="full",
-    ttft1_samples=20,
+    peer=((1, 100), (50, 3), (200, 3), (400, 3)),
     steady=Load(500, (64, 256), ramp_s=3.5, warmup_s=5.0, window_s=8.0),
     sat=replace(SAT, concurrency=100, tokens=(200, 200), warmup_s=2.0, window_s=6.0),
     levels=(50, 100, 150, 200, 300, 400, 500, 750, 1000, 1500, 2000),
@@ -81,10 +91,11 @@ FULL = Plan(
     idle_connections=10_000,
     idle_hold_s=20.0,
     xadd_requests=100_000,
+    peer_long=replace(PEER, concurrency=200, count=200, tokens=(512, 512)),
 )
 QUICK = Plan(
     name="quick",
-    ttft1_samples=3,
+    peer=((1, 10), (50, 1), (200, 1), (400, 1)),
     steady=Load(100, (64, 128), ramp_s=1.5, warmup_s=2.0, window_s=2.0),
     sat=replace(SAT, concurrency=40, tokens=(100, 100), warmup_s=1.0, window_s=2.0),
     levels=(50, 100, 200),
@@ -93,12 +104,14 @@ QUICK = Plan(
     idle_connections=1_000,
     idle_hold_s=2.0,
     xadd_requests=20_000,
+    peer_long=FULL.peer_long,
 )
 
 
 class Bench:
-    def __init__(self, plan: Plan, procs: Procs) -> None:
+    def __init__(self, plan: Plan, procs: Procs, stamp: str, profile: bool = False) -> None:
         self.plan, self.procs, self.t0, self.run_id = plan, procs, time.monotonic(), secrets.token_hex(3)
+        self.stamp, self.profile = stamp, profile
         self.raw: dict[str, Any] = {}  # steady's TTFTs and latencies, for the plot
         self.r: dict[str, Any] = {
             "plan": asdict(plan),
@@ -132,40 +145,57 @@ class Bench:
             time.sleep(0.3)
         self.say(f"  (servers still busy after {limit_s:.0f}s; going on)")
 
-    def load(
+    def run(
         self, setup: str, tag: str, load: Load, deadline_s: float = 120, *, settle: bool = True, **kw: Any
-    ) -> tuple[dict[str, Any], Records, list[float]]:
-        """One workload through ``setup``, once the servers are idle (``settle``): its figures, and the
-        records and per-chunk latencies of its measured streams (see :class:`Load`). ``kw`` goes to
-        :meth:`LoadClient.call` (a ``tick``)."""
+    ) -> dict[str, Any]:
+        """One workload through ``setup``, once the servers are idle (``settle``): what the load client
+        measured (see :func:`bench.client.streams`) and ``cpu_s``, each process's CPU seconds meanwhile.
+        ``kw`` goes to :meth:`LoadClient.run` (a ``tick``)."""
         if settle:
             self.settle()
-        at: dict[str, Any] = {
-            "setup": setup,
-            "port": self.procs.ports[PORTS[setup]],
+        at: dict[str, Any] = {"setup": setup, "port": self.procs.ports[PORTS[setup]], "load": load}
+        at |= {
+            "tag": f"bench-{self.run_id}-{tag}-{setup}",
             "api_key": Procs.API_KEY,
+            "deadline_s": deadline_s,
         }
-        at |= {"tag": f"bench-{self.run_id}-{tag}-{setup}", "load": load, "deadline_s": deadline_s}
-        before, t = self.procs.cpu(), time.monotonic()
+        before = self.procs.cpu()
         out = self.client.run(deadline_s + 60, **kw, **at)
-        wall, after = time.monotonic() - t, self.procs.cpu()
+        after = self.procs.cpu()
         for child in self.procs.children.values():
             child.check()
         cpu = {k: after[k] - before[k] for k in before}
         machine = cpu.pop("machine")
         cpu["other"] = max(machine - sum(v for k, v in cpu.items() if k not in ("irq", "steal")), 0.0)
-        per_token = {k: v / out["tokens"] * 1e6 if out["tokens"] else math.nan for k, v in cpu.items()}
-        recs, failed = out["streams"], [x["err"] for x in out["streams"] if not x["ok"]]
-        measured = [x for x in recs if x["measured"]]
-        q = {"streams": len(recs), "measured": len(measured), "failed": len(failed), "tokens": out["tokens"]}
+        return out | {"cpu_s": cpu}
+
+    def figures(
+        self, setup: str, load: Load, runs: list[dict[str, Any]]
+    ) -> tuple[dict[str, Any], Records, list[float]]:
+        """The figures of ``runs`` of ``load`` through ``setup`` taken together, and the records and
+        per-chunk latencies of their measured streams."""
+        recs = [x for run in runs for x in run["streams"]]
+        tokens, wall = sum(run["tokens"] for run in runs), sum(run["wall_s"] for run in runs)
+        cpu = {k: sum(run["cpu_s"][k] for run in runs) for k in runs[0]["cpu_s"]}
+        per_token = {k: v / tokens * 1e6 if tokens else math.nan for k, v in cpu.items()}
+        latencies = [x for run in runs for x in run["latency_ms"]]
+        failed, measured = [x["err"] for x in recs if not x["ok"]], [x for x in recs if x["measured"]]
+        q = {"streams": len(recs), "measured": len(measured), "failed": len(failed), "tokens": tokens}
         q |= {"errors": sorted(set(failed))[:3], "wall_s": wall}
-        q["tokens_per_s"] = out["window_tokens"] / min(load.window_s, wall)  # inside the window
-        q |= {"ttft": report.summary(_ttfts(measured)), "latency": report.summary(out["latency_ms"])}
+        inside = sum(min(load.window_s, run["wall_s"]) for run in runs)
+        q["tokens_per_s"] = sum(run["window_tokens"] for run in runs) / inside  # inside the window
+        q |= {"ttft": report.summary(_ttfts(measured)), "latency": report.summary(latencies)}
         q["max_gap_ms"] = max((x["max_gap_ms"] for x in recs), default=math.inf)
         q["max_late_ms"] = max(((x["ttft_ms"] or math.inf) - MOCK_TTFT_MS for x in recs), default=math.inf)
         q |= {"cores_used": {k: v / wall for k, v in cpu.items()}, "cpu_us_per_token": per_token}
         q["server_us_per_token"] = sum(per_token[p] for p in SERVERS[setup])
-        return q, measured, out["latency_ms"]
+        if setup == "c" and measured:
+            q |= self.c_steps(measured)
+        return q, measured, latencies
+
+    def load(self, setup: str, tag: str, load: Load, deadline_s: float = 120, **kw: Any) -> dict[str, Any]:
+        """The figures of one workload through ``setup`` (see :meth:`run`)."""
+        return self.figures(setup, load, [self.run(setup, tag, load, deadline_s, **kw)])[0]
 
     def c_steps(self, recs: Records) -> dict[str, Any]:
         """(c)'s time to first token in steps, from sending the POST: its answer, the `started` event
@@ -193,47 +223,68 @@ class Bench:
     def warm_up(self) -> None:
         warm = Load(50, (16, 16), count=100, ramp_s=0.5, samples=False)
         for s in "abc":
-            if (q := self.load(s, "warm", warm, 60, settle=False)[0])["failed"]:
+            if (q := self.load(s, "warm", warm, 60, settle=False))["failed"]:
                 raise RuntimeError(f"warm-up through ({s}) failed: {q['errors']}")
         self.say("warm-up: 100 streams through each setup, all complete")
 
-    def ttft1(self) -> None:
-        n, one = self.plan.ttft1_samples, Load(1, (64, 64), count=1, loop=False)
-        recs: dict[str, Records] = {s: [] for s in "abc"}
-        for i in range(n):
-            for s in "abc":
-                recs[s] += self.load(s, f"ttft1-{i}", one, 30, settle=False)[1]
-        res = self.r["ttft1"] = {s: {"ttft": report.summary(_ttfts(recs[s]))} for s in "abc"}
-        res["c"] |= self.c_steps(recs["c"])
-        t = {s: res[s]["ttft"]["p50"] for s in "abc"}
-        self.say(
-            f"TTFT at 1 stream, {n} each: p50 a {t['a']:.1f} / b {t['b']:.1f} / c {t['c']:.1f} ms; "
-            f"enqueue → start p50 {res['c']['enqueue_start']['p50']:.2f} ms"
-        )
-
-    def each_setup(self, phase: str, load: Load, deadline_s: float = 120, say: str = "") -> dict[str, Any]:
-        """``load`` through (a), (b) and (c) in turn, a progress line each: their figures (and (c)'s
-        steps), kept as ``phase`` in the results; the raw TTFTs and latencies in ``raw[phase]``."""
-        res: dict[str, Any] = self.r.setdefault(phase, {})
-        raw = self.raw.setdefault(phase, {"ttft": {}, "latency": {}})
+    def rounds(self, tag: str, load: Load, rounds: int = 1, *, settle: bool = True) -> dict[str, Any]:
+        """``load`` through (a), (b) and (c) in turn, ``rounds`` times, a progress line each setup: the
+        setups' figures (and (c)'s steps), each over all its rounds; the raw TTFTs and latencies of
+        each setup in ``raw[tag]``."""
+        runs: dict[str, list[dict[str, Any]]] = {s: [] for s in "abc"}
+        for i, s in ((i, s) for i in range(rounds) for s in "abc"):
+            runs[s].append(self.run(s, f"{tag}-{i}", load, settle=settle))
+        res, raw = {}, self.raw.setdefault(tag, {"ttft": {}, "latency": {}})
         for s in "abc":
-            q, recs, raw["latency"][s] = self.load(s, phase, load, deadline_s)
-            raw["ttft"][s] = _ttfts(recs)
-            res[s] = q | (self.c_steps(recs) if s == "c" and recs else {})
+            res[s], recs, raw["latency"][s] = self.figures(s, load, runs[s])
+            raw["ttft"][s], q = _ttfts(recs), res[s]
             line = f"{q['streams']} streams ({q['measured']} measured, {q['failed']} failed)"
             if q["measured"]:
                 line += f", TTFT p50/p99 {_p50_99(q['ttft'])} ms, chunk p99 {q['latency']['p99']:.1f} ms"
             line += f", {q['tokens_per_s']:,.0f} tokens/s, {q['server_us_per_token']:.0f} µs CPU/token"
-            self.say(f"{say or phase} ({s}): {line}")
+            self.say(f"{tag} ({s}): {line}")
         return res
 
+    def peer(self) -> None:
+        """Issue #11's shape at each level of the plan, the setups interleaved round by round: one
+        stream at a time at level 1 (no settling between them, as from one client), the level's
+        streams staggered over 1 s above it; then 512-token streams at 200."""
+        self.settle()
+        res = self.r["peer"] = {}
+        for level, rounds in self.plan.peer:
+            with self.profiling(level):
+                load = replace(PEER, concurrency=level, count=level)
+                res[str(level)] = self.rounds(f"peer{level}", load, rounds, settle=level > 1)
+        res["long"] = self.rounds("peer-long", self.plan.peer_long)
+
+    @contextlib.contextmanager
+    def profiling(self, level: int) -> Iterator[None]:
+        """With ``--profile``, at the levels in ``PROFILED``: ``py-spy record`` of the gateway and of the
+        worker meanwhile (not pausing them), a flame graph each in ``bench/results/``."""
+        spies = {}
+        for name in ("gateway", "worker") if self.profile and level in PROFILED else ():
+            svg, pid = report.RESULTS / f"{self.stamp}-{name}-{level}.svg", self.procs.children[name].pid
+            argv = [PY_SPY, "record", "--nonblocking", "-f", "flamegraph", "-o", str(svg), "-p", str(pid)]
+            spies[svg] = Child(svg.stem, argv, None, self.procs.log_dir, own_session=True)
+        try:
+            yield
+        finally:
+            for svg, spy in spies.items():
+                spy.signal(signal.SIGINT)  # py-spy writes its flame graph, then exits
+                spy.wait_exit(60)
+                spy.stop()
+                path = str(svg.relative_to(report.ROOT))
+                if svg.exists():
+                    self.r.setdefault("profiles", []).append(path)
+                self.say(f"py-spy: {path}" if svg.exists() else f"py-spy wrote no {path}: {spy.tail(300)}")
+
     def steady(self) -> None:
-        self.each_setup("steady", self.plan.steady, 180, f"{self.plan.steady.concurrency} streams")
+        self.r["steady"] = self.rounds("steady", self.plan.steady)
 
     def saturation(self) -> None:
         xadd = self.r["xadd_rps"] = redis_benchmark_xadd(self.procs.redis.port, self.plan.xadd_requests)
         self.say(f"redis-benchmark XADD, 50 clients, unpipelined: {xadd:,.0f} requests/s ({XADD})")
-        res = self.each_setup("saturation", self.plan.sat)
+        res = self.r["saturation"] = self.rounds("saturation", self.plan.sat)
         self.say("saturation: " + ", ".join(f"{s} {res[s]['tokens_per_s'] / xadd:.2f}× XADD" for s in "abc"))
 
     def sustained(self) -> None:
@@ -244,7 +295,7 @@ class Bench:
         for s in "abc":
             for level in self.plan.levels:
                 load = replace(self.plan.level, concurrency=level, count=level)
-                q = self.load(s, f"level{level}", load, tick=tick if s == "c" else None)[0]
+                q = self.load(s, f"level{level}", load, tick=tick if s == "c" else None)
                 why = f"a {q['max_gap_ms']:,.0f} ms gap between chunks" if q["max_gap_ms"] > STALL_MS else ""
                 if q["failed"] or q["streams"] < level:
                     first = q["errors"][0] if q["errors"] else "not started"
@@ -259,16 +310,18 @@ class Bench:
                 if why:
                     break
         self.r["sustained"] = {"levels": list(self.plan.levels), "runs": runs}
-        self.r["redis_connections"] = {"live_max": max(seen)[0]}
+        self.r.setdefault("redis_connections", {})["live_max"] = max(seen)[0]
 
-    def fan_in(self) -> None:
+    def fanin(self) -> None:
         """Redis connections of the main gateway while it serves ``fan_in`` live SSE clients: slow
         streams (10 tokens 500 ms apart), so the load stays far below what the worker can carry."""
         n, (tick, seen) = self.plan.fan_in, self.watch_gateway()
         slow = Load(n, (10, 10), count=n, loop=False, ramp_s=2.0, delay_ms=500, samples=False)
-        q = self.load("c", "fanin", slow, tick=tick)[0]
+        q = self.load("c", "fanin", slow, tick=tick)
         most_redis, most_clients = (max(column) for column in zip(*seen, strict=True))
-        self.r["redis_connections"] |= {"fan_in_clients": most_clients, "fan_in_max": most_redis}
+        self.r.setdefault("redis_connections", {}).update(
+            {"fan_in_clients": most_clients, "fan_in_max": most_redis}
+        )
         self.say(
             f"live fan-in: {n:,} slow streams on the main gateway ({q['failed']} failed), at most "
             f"{most_clients:,} client connections at once; gateway held {most_redis} Redis connections"
@@ -339,14 +392,14 @@ class Bench:
         idle = {"connections": n, "create_s": create_s, "open_failures": failures, "held": opened}
         idle |= {"held_after": held_after, "rss_before": rss0, "rss_after": rss1}
         self.r["idle"] = idle | {"kib_per_connection": (rss1 - rss0) / n / 1024}
-        self.r["redis_connections"] |= {"idle_1000": conns_1000, "idle_all": conns_all}
+        self.r.setdefault("redis_connections", {}).update({"idle_1000": conns_1000, "idle_all": conns_all})
         self.say(f"idle connections: {held_after:,} of {n:,} still held after {hold_s:.0f}s; released")
 
-    def run(self) -> None:
+    def phases(self, names: list[str]) -> None:
         self.start()
-        for phase in (self.warm_up, self.ttft1, self.steady, self.saturation, self.sustained, self.fan_in):
-            phase()
-        self.idle()
+        self.warm_up()
+        for name in names:
+            getattr(self, name)()
         self.r["wall_s"] = time.monotonic() - self.t0
 
 
@@ -398,15 +451,25 @@ def redis_benchmark_xadd(port: int, requests: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run in about 2 minutes")
-    plan = QUICK if parser.parse_args(argv).quick else FULL
+    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run in about 4 minutes")
+    parser.add_argument("--only", help=f"run only these phases, comma-separated: {','.join(PHASES)}")
+    parser.add_argument("--profile", action="store_true", help="py-spy flame graphs of the peer phase")
+    args = parser.parse_args(argv)
+    plan, names = QUICK if args.quick else FULL, args.only.split(",") if args.only else list(PHASES)
+    if unknown := set(names) - set(PHASES):
+        parser.error(f"no phase {', '.join(sorted(unknown))}; phases: {', '.join(PHASES)}")
+    if args.profile and not os.path.exists(PY_SPY):
+        parser.error(f"--profile needs py-spy ({PY_SPY}): the bench extra installs it")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: stop every process in order
-    if (fds := raise_fd_limit()) < plan.idle_connections + 1000:
+    if (fds := raise_fd_limit()) < plan.idle_connections + 1000 and "idle" in names:
         sys.exit(f"bench: open-file limit is {fds}; the idle phase needs {plan.idle_connections + 1000}")
-    bench = Bench(plan, procs := Procs(report.RESULTS / "logs"))
-    bench.say(f"tailgate bench, {plan.name} run, {os.cpu_count()} CPUs, logs in {procs.log_dir}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    bench = Bench(plan, procs := Procs(report.RESULTS / "logs"), stamp, args.profile)
+    bench.say(
+        f"tailgate bench, {plan.name} run: {', '.join(names)}; {os.cpu_count()} CPUs, logs in {procs.log_dir}"
+    )
     try:
-        bench.run()
+        bench.phases(names)
     except KeyboardInterrupt:
         bench.say("interrupted: stopping every process")
         return 130
@@ -415,7 +478,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         procs.close()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     print("\n" + report.write(bench.r, bench.raw, report.RESULTS / f"{stamp}-{plan.name}"))
     return 0
 

@@ -227,6 +227,7 @@ async def streams(http: aiohttp.ClientSession, spec: dict[str, Any]) -> dict[str
     for task in done:
         task.result()  # a bug in the client: raise it
     return {
+        "wall_s": (time.time_ns() - t0) / 1e9,
         "streams": [s.record() for s in started],
         "tokens": totals.tokens,
         "window_tokens": totals.window_tokens,

@@ -2,7 +2,8 @@
 
 Every latency figure of (b) and (c) is shown as a difference against (a), the clients straight to
 the mock upstream, measured in the same run; throughput as a ratio to (a) and to ``redis-benchmark``.
-The table is a list of row functions (``ROWS``), each reading the run's results. The soak
+The table is a list of row functions (``ROWS``), each with the phases it reads (a run with ``--only``
+shows the rows of its phases); under it, issue #11's ``GOALS``, each met or missed. The soak
 (``bench/soak.py``) shares the percentiles, the markdown and the figure.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ def _p50_99(t: R, digits: int = 1) -> str:
     return f"{_ms(t['p50'], digits)} / {_ms(t['p99'], digits)} ms"
 
 
-def _added(res: R, figure: str, q: str = "p99") -> dict[str, float]:
+def added(res: R, figure: str, q: str = "p99") -> dict[str, float]:
     """Each setup's ``figure`` (a summary) at percentile ``q``, minus (a)'s."""
     return {s: res[s][figure][q] - res["a"][figure][q] for s in "abc"}
 
@@ -79,17 +80,23 @@ def _n(r: R) -> int:
     return int(r["plan"]["steady"]["concurrency"])
 
 
-def _ttft(r: R) -> Rows:
-    at = {"1 stream, p50 / p99 (client: request sent → first token)": r["ttft1"]}
-    for label, res in (at | {f"{_n(r)} concurrent streams, p50 / p99": r["steady"]}).items():
-        p50, p99 = _added(res, "ttft", "p50"), _added(res, "ttft")
-        b, c = (f"{_p50_99(res[s]['ttft'])} (**{_signed(p50[s])} / {_signed(p99[s])}**)" for s in "bc")
-        ok = _verdict(p50["c"] <= 5 and p99["c"] <= 15)
-        yield f"time to first token at {label}", "added ≤ 5 / ≤ 15 ms", _p50_99(res["a"]["ttft"]), b, c, ok
+def _ttft(label: str, res: R) -> Rows:
+    p50, p99 = added(res, "ttft", "p50"), added(res, "ttft")
+    b, c = (f"{_p50_99(res[s]['ttft'])} (**{_signed(p50[s])} / {_signed(p99[s])}**)" for s in "bc")
+    ok = _verdict(p50["c"] <= 5 and p99["c"] <= 15)
+    yield f"time to first token at {label}", "added ≤ 5 / ≤ 15 ms", _p50_99(res["a"]["ttft"]), b, c, ok
+
+
+def _ttft_1(r: R) -> Rows:
+    return _ttft("1 stream, p50 / p99 (client: request sent → first token)", r["peer"]["1"])
+
+
+def _ttft_n(r: R) -> Rows:
+    return _ttft(f"{_n(r)} concurrent streams, p50 / p99", r["steady"])
 
 
 def _enqueue(r: R) -> Rows:
-    n, e1, en = _n(r), r["ttft1"]["c"]["enqueue_start"], r["steady"]["c"]["enqueue_start"]
+    n, e1, en = _n(r), r["peer"]["1"]["c"]["enqueue_start"], r["steady"]["c"]["enqueue_start"]
     ok1, okn = (_verdict(e["p50"] <= 3 and e["p99"] <= 10) for e in (e1, en))
     label = f"enqueue → job start (meta `started_at − created_at`), p50 / p99, at 1 / at {n} streams"
     yield label, "≤ 3 / ≤ 10 ms", "—", "—", f"{_p50_99(e1, 2)}; {_p50_99(en, 2)}", f"{ok1} at 1, {okn} at {n}"
@@ -97,7 +104,7 @@ def _enqueue(r: R) -> Rows:
 
 def _latency(r: R) -> Rows:
     steady, most = r["steady"], r["coalesce_ms"] + 10
-    add = _added(steady, "latency")
+    add = added(steady, "latency")
     b, c = (f"{_p50_99(steady[s]['latency'], 2)} (**{_signed(add[s])}**)" for s in "bc")
     label = f"per-chunk latency (mock's send stamp → client), p50 / p99, at {_n(r)} streams; added = p99"
     goal = f"added ≤ coalescing {r['coalesce_ms']:g} + 10 = {most:g} ms"
@@ -110,7 +117,7 @@ def _within_capacity(r: R) -> Rows:
     if not (common := min(_top_level(runs[s], "held_first_token") for s in "abc")):
         return
     at = {s: next(x for x in runs[s] if x["level"] == common) for s in "abc"}
-    p50, p99, lat = _added(at, "ttft", "p50"), _added(at, "ttft"), _added(at, "latency")
+    p50, p99, lat = added(at, "ttft", "p50"), added(at, "ttft"), added(at, "latency")
     label = (
         "within capacity: time to first token p50 / p99 and per-chunk latency p99 at "
         f"{common:,} streams, {r['plan']['level']['tokens'][0]} tokens each (the most all three "
@@ -166,18 +173,95 @@ def _idle(r: R) -> Rows:
     c = f"{per:.1f} KiB; {held:,} of {n:,} held"
     ok = _verdict(per <= 40 and held == n)
     yield f"{label} (RSS after − before)", "≤ 40 KiB, all held", "—", "—", c, ok
+    if not {"fan_in_max", "live_max"} <= rc.keys():
+        return  # fanin and sustained did not run
     label = f"Redis connections per gateway process: {rc['fan_in_clients']:,} live SSE clients / idle gateway"
     c = f"{rc['fan_in_max']} / {rc['idle_1000']} / {rc['idle_all']}; {rc['live_max']}"
     ok = _verdict(max(rc["fan_in_max"], rc["idle_1000"], rc["idle_all"], rc["live_max"]) <= 4)
     yield f"{label} with 1,000 / with {n:,}; most seen during the sustained phase", "≤ 4", "—", "—", c, ok
 
 
-ROWS = (_ttft, _enqueue, _latency, _within_capacity, _saturation, _sustained, _cpu, _idle)
+# The figures issue #11's goals hold (c) to, from a peer level's results.
+FIGURES: dict[str, Callable[[R], float]] = {
+    "ttft_p50": lambda q: added(q, "ttft", "p50")["c"],
+    "ttft_p99": lambda q: added(q, "ttft")["c"],
+    "cpu": lambda q: q["c"]["server_us_per_token"],  # gateway + worker
+    "ratio": lambda q: q["c"]["tokens_per_s"] / q["a"]["tokens_per_s"],
+}
+# Issue #11's goals: the peer level each is measured at ("long": 512-token streams at 200), what,
+# the figure, the limit (an upper one, or a lower one with "≥") and its unit.
+GOALS = (
+    ("1", "added time to first token at 1 stream, p50", "ttft_p50", "≤ 3 ms"),
+    ("1", "added time to first token at 1 stream, p99", "ttft_p99", "≤ 6 ms"),
+    ("200", "CPU per delivered token, gateway + worker, 64-token streams at 200", "cpu", "≤ 100 µs"),
+    ("long", "CPU per delivered token, gateway + worker, 512-token streams at 200", "cpu", "≤ 50 µs"),
+    ("400", "delivered tokens/s at 400 concurrent 64-token streams, ratio to (a)", "ratio", "≥ 0.9"),
+    ("400", "added time to first token at 400 concurrent 64-token streams, p99", "ttft_p99", "≤ 200 ms"),
+)
+
+
+def _met(figure: str, limit: str, res: R) -> tuple[float, bool]:
+    """The ``figure`` in a peer level's results, and whether it is within ``limit``."""
+    value, bound = FIGURES[figure](res), float(limit.split()[1])
+    return value, value >= bound if limit.startswith("≥") else value <= bound
+
+
+def _peer(r: R) -> Rows:
+    """Issue #11's shape, a row per level and one for 512-token streams, with the goals measured there."""
+    long = r["plan"]["peer_long"]
+    for key, res in r["peer"].items():
+        at = f"{key} × 64 tokens" if key != "long" else f"{long['concurrency']} × {long['tokens'][0]} tokens"
+        goals = [(limit, _met(figure, limit, res)[1]) for at, _, figure, limit in GOALS if at == key]
+        p50, p99, cpu = added(res, "ttft", "p50"), added(res, "ttft"), res["c"]["cpu_us_per_token"]
+        tps, us = (
+            {s: res[s]["tokens_per_s"] for s in "abc"},
+            {s: res[s]["server_us_per_token"] for s in "abc"},
+        )
+        cells = [f"{_p50_99(res['a']['ttft'])}; {tps['a']:,.0f}/s; mock {us['a']:.0f} µs"]
+        for s in "bc":
+            cells.append(
+                f"**{_signed(p50[s])} / {_signed(p99[s])}** ms; {tps[s] / tps['a']:.2f}×; {us[s]:.0f} µs"
+            )
+        cells[-1] += f" ({cpu['gateway']:.0f} + {cpu['worker']:.0f})"
+        goal, verdict = (
+            "; ".join(g for g, _ in goals) or "—",
+            "; ".join(_verdict(ok) for _, ok in goals) or "—",
+        )
+        yield f"peer shape (#11), {at}: TTFT; tokens/s; CPU µs per token", goal, *cells, verdict
+
+
+def goals(r: R) -> str:
+    """Issue #11's goals, each with its limit, the figure measured and met or missed."""
+    rows = []
+    for key, what, figure, limit in GOALS:
+        if key not in r["peer"]:
+            rows.append((what, limit, "not measured in this run", "—"))
+            continue
+        value, ok = _met(figure, limit, r["peer"][key])
+        rows.append((what, limit, f"{value:,.2f} {' '.join(limit.split()[2:])}".strip(), _verdict(ok)))
+    return markdown(["goal (issue #11)", "limit", "(c) tailgate, measured", "verdict"], rows)
+
+
+# Each row function with the phases it reads, in the table's order.
+ROWS = (
+    (("peer",), _peer),
+    (("peer",), _ttft_1),
+    (("steady",), _ttft_n),
+    (("peer", "steady"), _enqueue),
+    (("steady",), _latency),
+    (("sustained",), _within_capacity),
+    (("saturation", "xadd_rps"), _saturation),
+    (("sustained",), _sustained),
+    (("steady", "saturation"), _cpu),
+    (("idle", "redis_connections"), _idle),
+)
 
 
 def table(r: R) -> str:
-    """The markdown table of the issue's figures and goals: the rows of every function in ``ROWS``."""
-    return markdown(["figure", "goal", *SETUPS.values(), "verdict"], [row for f in ROWS for row in f(r)])
+    """The markdown table of the figures and goals of the phases that ran, then issue #11's goals."""
+    rows = [row for needs, f in ROWS if all(k in r for k in needs) for row in f(r)]
+    out = markdown(["figure", "goal", *SETUPS.values(), "verdict"], rows)
+    return out + ("\n\n" + goals(r) if "peer" in r else "")
 
 
 def markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -194,21 +278,35 @@ def notes(r: R) -> list[str]:
         f"every process on 127.0.0.1; mock TTFT 200 ms, deltas 20 ms apart.",
         f"code measured: commit {code['commit']}{dirty}.",
     ]
-    for label, c in (("1 stream", r["ttft1"]["c"]), (f"{_n(r)} streams", r["steady"]["c"])):
-        steps = c["steps_ms"]
+    steps = {"1 stream": r.get("peer", {}).get("1"), f"{_n(r)} streams": r.get("steady")}
+    for label, c in ((label, res["c"]) for label, res in steps.items() if res and "steps_ms" in res["c"]):
+        step = c["steps_ms"]
         out.append(
-            f"(c) at {label}, p50 from sending the POST: its answer {steps['posted']['p50']:.1f} ms, the "
-            f"`started` event {steps['started']['p50']:.1f} ms (enqueue → job start "
-            f"{c['enqueue_start']['p50']:.1f} ms), the first token {steps['started_to_token']['p50']:.1f} ms "
+            f"(c) at {label}, p50 from sending the POST: its answer {step['posted']['p50']:.1f} ms, the "
+            f"`started` event {step['started']['p50']:.1f} ms (enqueue → job start "
+            f"{c['enqueue_start']['p50']:.1f} ms), the first token {step['started_to_token']['p50']:.1f} ms "
             "after that (the mock's TTFT is 200 ms)."
         )
-    for phase in ("steady", "saturation"):
+    if "peer" in r:
+        rounds = ", ".join(f"{n:,} × {k}" for n, k in r["plan"]["peer"])
+        out.append(
+            "peer shape rows: (a) TTFT p50 / p99, delivered tokens/s, the mock's CPU per token; (b), (c): "
+            "TTFT added to (a)'s, tokens/s as a ratio to (a)'s, CPU µs per delivered token of the "
+            f"setup's servers ((c): gateway + worker). Streams per level × rounds per setup: {rounds}."
+        )
+    for phase in (p for p in ("steady", "saturation") if p in r):
         ranked = {s: sorted(r[phase][s]["cores_used"].items(), key=lambda kv: -kv[1]) for s in "abc"}
         busy = [
             f"{s}: " + ", ".join(f"{_LABELS.get(k, k)} {v:.2f}" for k, v in ranked[s] if v >= 0.05)
             for s in "abc"
         ]
         out.append(f"cores busy during {phase} ({'; '.join(busy)})")
+    if r.get("profiles"):
+        out.append(
+            "py-spy recorded the peer levels "
+            + ", ".join(r["profiles"])
+            + " (their figures include its cost)."
+        )
     out.append(
         "\"other processes\" is the machine's busy time minus the bench's processes (another tenant, "
         'noise); "irq" is interrupt time, mostly the loopback traffic itself.'
@@ -243,46 +341,80 @@ def figure(path: Path, rows: int, cols: int, size: tuple[float, float]) -> Itera
         plt.close(fig)
 
 
+COLORS = {"a": "#4c72b0", "b": "#dd8452", "c": "#55a868"}
+Panel = Callable[[Any, R, R], None]
 _SUSTAINED_LINES = (
     ("max_gap_ms", "o-", "worst gap between chunks"),
     ("max_late_ms", "x:", "first token, most late"),
 )
 
 
-def plot(r: R, raw: R, path: Path) -> None:
-    colors = {"a": "#4c72b0", "b": "#dd8452", "c": "#55a868"}
-    n, sat = _n(r), r["plan"]["sat"]["concurrency"]
-    with figure(path, 2, 2, (13, 9)) as (fig, axes):
-        fig.suptitle(f"tailgate bench ({r['plan']['name']} run, {r['cpus']} CPUs, loopback, mock upstream)")
-        for ax, key, title in (
-            (axes[0][0], "ttft", f"time to first token at {n} concurrent streams"),
-            (axes[0][1], "latency", f"per-chunk latency (send stamp → client) at {n} streams"),
-        ):
-            for s in "abc":
-                values = sorted(raw["steady"][key][s])
-                ys = [i / max(len(values) - 1, 1) for i in range(len(values))]
-                ax.plot([max(v, 0.01) for v in values], ys, color=colors[s], label=SETUPS[s])
-            ax.set(xscale="log", xlabel="ms (log)", ylabel="fraction ≤ x", title=title)
-            ax.axhline(0.99, color="grey", lw=0.5, ls=":")
-
-        ax = axes[1][0]
-        tps = [r["saturation"][s]["tokens_per_s"] for s in "abc"]
-        bars = ax.bar(list(SETUPS.values()), tps, color=list(colors.values()))
-        ax.bar_label(bars, [f"{v:,.0f}" for v in tps])
-        goal = 0.3 * r["xadd_rps"]
-        ax.axhline(goal, color="red", ls="--", lw=1, label=f"0.3 × redis-benchmark XADD = {goal:,.0f}/s")
-        ax.set(ylabel="delivered tokens/s", title=f"throughput at saturation ({sat} streams, 1 ms pacing)")
-
-        ax = axes[1][1]
+def _cdf(key: str, what: str) -> Panel:
+    def panel(ax: Any, r: R, raw: R) -> None:
         for s in "abc":
-            runs = r["sustained"]["runs"][s]
-            for key, style, what in _SUSTAINED_LINES:
-                ys = [max(x[key], 0.1) for x in runs]
-                ax.plot([x["level"] for x in runs], ys, style, color=colors[s], label=f"{SETUPS[s]}: {what}")
-        ax.axhline(200, color="red", ls="--", lw=1, label="stall: 10 × pacing = 200 ms")
-        ax.set(yscale="log", ylabel="ms (log)", title="streams sustained")
-        ax.set(xlabel="concurrent streams at 50 tokens/s (each level until one fails)")
-        for ax, where in zip(axes.flat, ("lower right",) * 2 + ("upper right", "lower right"), strict=True):
-            ax.legend(loc=where, fontsize="small" if ax is axes[1][1] else None)
-            if ax is not axes[1][0]:
-                ax.grid(True, which="both", alpha=0.3)
+            values = sorted(raw["steady"][key][s])
+            ys = [i / max(len(values) - 1, 1) for i in range(len(values))]
+            ax.plot([max(v, 0.01) for v in values], ys, color=COLORS[s], label=SETUPS[s])
+        ax.set(xscale="log", xlabel="ms (log)", ylabel="fraction ≤ x", title=f"{what} at {_n(r)} streams")
+        ax.axhline(0.99, color="grey", lw=0.5, ls=":")
+        ax.legend(loc="lower right")
+
+    return panel
+
+
+def _saturation_bars(ax: Any, r: R, raw: R) -> None:
+    tps = [r["saturation"][s]["tokens_per_s"] for s in "abc"]
+    ax.bar_label(ax.bar(list(SETUPS.values()), tps, color=list(COLORS.values())), [f"{v:,.0f}" for v in tps])
+    goal, n = 0.3 * r["xadd_rps"], r["plan"]["sat"]["concurrency"]
+    ax.axhline(goal, color="red", ls="--", lw=1, label=f"0.3 × redis-benchmark XADD = {goal:,.0f}/s")
+    ax.set(ylabel="delivered tokens/s", title=f"throughput at saturation ({n} streams, 1 ms pacing)")
+    ax.legend(loc="upper right")
+
+
+def _sustained_levels(ax: Any, r: R, raw: R) -> None:
+    for s in "abc":
+        runs = r["sustained"]["runs"][s]
+        for key, style, what in _SUSTAINED_LINES:
+            ys = [max(x[key], 0.1) for x in runs]
+            ax.plot([x["level"] for x in runs], ys, style, color=COLORS[s], label=f"{SETUPS[s]}: {what}")
+    ax.axhline(200, color="red", ls="--", lw=1, label="stall: 10 × pacing = 200 ms")
+    ax.set(yscale="log", ylabel="ms (log)", title="streams sustained")
+    ax.set(xlabel="concurrent streams at 50 tokens/s (each level until one fails)")
+    ax.legend(loc="lower right", fontsize="small")
+
+
+def _peer_levels(title: str, unit: str, figure: Callable[[R], float], setups: str) -> Panel:
+    """A figure of issue #11's shape by level, for each of ``setups``."""
+
+    def panel(ax: Any, r: R, raw: R) -> None:
+        levels = [k for k in r["peer"] if k != "long"]
+        for s in setups:
+            ys = [figure(r["peer"][k][s]) for k in levels]
+            ax.plot([int(k) for k in levels], ys, "o-", color=COLORS[s], label=SETUPS[s])
+        ax.set(xscale="log", yscale="log", xlabel="concurrent 64-token streams", ylabel=f"{unit} (log)")
+        ax.set(title=f"peer shape: {title}")
+        ax.legend(loc="upper left")
+
+    return panel
+
+
+# The plot's panels, row by row, each with the phase it draws (left blank when that phase did not run).
+PANELS = (
+    ("steady", _cdf("ttft", "time to first token")),
+    ("steady", _cdf("latency", "per-chunk latency (send stamp → client)")),
+    ("peer", _peer_levels("time to first token, p99", "ms", lambda q: q["ttft"]["p99"], "abc")),
+    ("saturation", _saturation_bars),
+    ("sustained", _sustained_levels),
+    ("peer", _peer_levels("server CPU per delivered token", "µs", lambda q: q["server_us_per_token"], "bc")),
+)
+
+
+def plot(r: R, raw: R, path: Path) -> None:
+    with figure(path, 2, 3, (19, 9)) as (fig, axes):
+        fig.suptitle(f"tailgate bench ({r['plan']['name']} run, {r['cpus']} CPUs, loopback, mock upstream)")
+        for ax, (phase, panel) in zip(axes.flat, PANELS, strict=True):
+            if phase in r:
+                panel(ax, r, raw)
+                ax.grid(True, which="both", alpha=0.3, axis="both" if panel is not _saturation_bars else "y")
+            else:
+                ax.axis("off")
