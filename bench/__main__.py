@@ -1,17 +1,8 @@
-"""``python -m bench [--quick] [--only PHASE,...] [--profile]``: three setups side by side, on
-loopback, against the mock upstream: (a) clients straight to the mock, the baseline every figure is
-compared with; (b) the original tutorial's naive proxy (``bench/naive_proxy.py``); (c) tailgate, one
-gateway and one worker process.
-
-``PHASES``, each printing a line per step, after a warm-up (a few streams through each setup):
-peer (issue #11's shape: 64-token streams, TTFT 200 ms, 20 ms apart, staggered over 1 s, at 1 / 50 /
-200 / 400 concurrent streams, the setups interleaved; and 512-token streams at 200); steady (N
-concurrent streams, closed loop, 64–256 tokens: TTFT, per-chunk latency, CPU per token, enqueue →
-start); saturation (``redis-benchmark`` XADD, then streams with 1 ms pacing: tokens/s); sustained
-(rising levels at 50 tokens/s until one does not hold); fanin (the gateway's Redis connections under
-many slow streams); idle (10,000 SSE connections to queued streams on a fresh gateway: RSS, Redis
-connections). ``--profile`` records the gateway and the worker with ``py-spy`` under the peer
-phase's 200 and 400 streams: flame graphs in ``bench/results/<stamp>-<process>-<level>.svg``.
+"""``python -m bench [--quick] [--only PHASE,...] [--profile]``: (a) clients straight to the mock
+upstream, the baseline every figure is compared with, (b) the original tutorial's naive proxy
+(``bench/naive_proxy.py``) and (c) tailgate (one gateway, one worker), side by side on loopback.
+The phases (``PHASES``, each printing a line per step after a warm-up) and what they measure are in
+the README's Performance section.
 
 Every workload goes through :meth:`Bench.run` and :meth:`Bench.figures`, which give the same figures
 for each (the JSON keeps them all); ``bench/report.py`` makes the table, the goals, the notes and the
@@ -450,9 +441,13 @@ def redis_benchmark_xadd(port: int, requests: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run in about 4 minutes")
-    parser.add_argument("--only", help=f"run only these phases, comma-separated: {','.join(PHASES)}")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description="tailgate's benchmark (bench/__main__.py)"
+    )
+    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run in about 5 minutes")
+    parser.add_argument(
+        "--only", metavar="PHASE[,PHASE]", help=f"run only these phases of {', '.join(PHASES)}"
+    )
     parser.add_argument("--profile", action="store_true", help="py-spy flame graphs of the peer phase")
     args = parser.parse_args(argv)
     plan, names = QUICK if args.quick else FULL, args.only.split(",") if args.only else list(PHASES)

@@ -294,8 +294,13 @@ def notes(r: R) -> list[str]:
             "TTFT added to (a)'s, tokens/s as a ratio to (a)'s, CPU µs per delivered token of the "
             f"setup's servers ((c): gateway + worker). Streams per level × rounds per setup: {rounds}."
         )
-    for phase in (p for p in ("steady", "saturation") if p in r):
-        ranked = {s: sorted(r[phase][s]["cores_used"].items(), key=lambda kv: -kv[1]) for s in "abc"}
+    phases = {
+        "peer at 400": r.get("peer", {}).get("400"),
+        "steady": r.get("steady"),
+        "saturation": r.get("saturation"),
+    }
+    for phase, res in ((phase, res) for phase, res in phases.items() if res):
+        ranked = {s: sorted(res[s]["cores_used"].items(), key=lambda kv: -kv[1]) for s in "abc"}
         busy = [
             f"{s}: " + ", ".join(f"{_LABELS.get(k, k)} {v:.2f}" for k, v in ranked[s] if v >= 0.05)
             for s in "abc"
