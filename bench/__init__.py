@@ -1,4 +1,1 @@
-"""The benchmark: tailgate against clients straight to the mock upstream and against the naive proxy.
-
-Run it with ``./scripts/bench`` (``--quick`` for a smoke run); see ``bench/__main__.py``.
-"""
+"""The benchmark (``./scripts/bench``, see ``bench/__main__.py``) and the chaos soak (``bench/soak.py``)."""

@@ -1,31 +1,21 @@
-"""``python -m bench [--quick]``: three setups side by side, on loopback, against the mock upstream.
+"""``python -m bench [--quick] [--only PHASE,...] [--profile]``: (a) clients straight to the mock
+upstream, the baseline every figure is compared with, (b) the original tutorial's naive proxy
+(``bench/naive_proxy.py``) and (c) tailgate (one gateway, one worker), side by side on loopback.
+The phases (``PHASES``, each printing a line per step after a warm-up) and what they measure are in
+the README's Performance section.
 
-    (a) clients straight to the mock upstream: the baseline every figure is compared with
-    (b) the naive direct proxy of the original tutorial (``bench/naive_proxy.py``, under uvicorn)
-    (c) tailgate: one gateway and one worker process, one Redis
-
-Phases, each printing a line per step:
-
- 1. warm-up            a few streams through each setup (imports, pools, scripts loaded)
- 2. TTFT at 1 stream   one stream at a time, the setups interleaved; enqueue → start from the meta
- 3. steady load        N concurrent streams (closed loop, 64–256 tokens 20 ms apart) per setup:
-                       time to first token, per-chunk latency, CPU per token, enqueue → start
- 4. saturation         ``redis-benchmark`` XADD, then many streams with 1 ms pacing: tokens/s
- 5. sustained          rising levels of concurrent streams at 50 tokens/s until one does not hold
- 6. live fan-in        many slow streams on the main gateway: its Redis connections
- 7. idle connections   10,000 SSE connections to queued streams on a fresh gateway: RSS and
-                       Redis connections
-
-Every workload goes through :meth:`Bench.load`, which gives the same figures for each (the JSON keeps
-them all); ``bench/report.py`` turns them into the table, the notes and the plot. Results go to
-``bench/results/`` (gitignored): ``<stamp>.json``, ``<stamp>.png``, ``<stamp>.md``, and the
-processes' logs in ``logs/``. Every process started here is stopped at the end, on error and on
-Ctrl-C too.
+Every workload goes through :meth:`Bench.run` and :meth:`Bench.figures`, which give the same figures
+for each (the JSON keeps them all); ``bench/report.py`` makes the table, the goals, the notes and the
+plot. Results go to ``bench/results/`` (gitignored), the processes' logs to
+``bench/results/logs/``. Every process started here is stopped at the end, on error and on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
 import math
 import os
 import re
@@ -34,17 +24,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import aiohttp
 import psutil  # type: ignore[import-untyped]
 import redis
 
 from bench import report
-from bench.client import Load
+from bench.client import Load, body, session
 from bench.procs import Procs, raise_fd_limit
 from tailgate import keys
+from tailgate.dev.procs import Child
 from tailgate.settings import Settings
 
 STALL_MS = 200.0  # 10 × the 20 ms pacing
@@ -55,6 +47,10 @@ PORTS = {"a": "mock", "b": "naive", "c": "gateway"}
 # figure is shown for reference (it is the same in every setup).
 SERVERS = {"a": ("mock",), "b": ("naive",), "c": ("gateway", "worker")}
 Records = list[dict[str, Any]]
+PHASES = ("peer", "steady", "saturation", "sustained", "fanin", "idle")
+PEER = Load(0, (64, 64), loop=False, ramp_s=1.0)  # issue #11: a level's streams start over 1 s
+PROFILED = (200, 400)  # the peer levels ``--profile`` records
+PY_SPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
 
 
 @dataclass(frozen=True)
@@ -62,7 +58,7 @@ class Plan:
     """The sizes of a run: ``FULL``, or ``QUICK`` for a smoke run."""
 
     name: str
-    ttft1_samples: int  # per setup
+    peer: tuple[tuple[int, int], ...]  # (concurrent streams, rounds per setup); 1 runs one at a time
     steady: Load
     sat: Load
     levels: tuple[int, ...]
@@ -71,12 +67,13 @@ class Plan:
     idle_connections: int
     idle_hold_s: float
     xadd_requests: int
+    peer_long: Load  # issue #11's second CPU goal: 512-token streams at 200
 
 
-SAT = Load(0, (0, 0), delay_ms=1, ttft_ms=0, ramp_s=0.5, fill=False, samples=False)
+SAT = Load(0, (0, 0), delay_ms=1, ttft_ms=0, ramp_s=0.5, samples=False)
 FULL = Plan(
     name="full",
-    ttft1_samples=20,
+    peer=((1, 100), (50, 3), (200, 3), (400, 3)),
     steady=Load(500, (64, 256), ramp_s=3.5, warmup_s=5.0, window_s=8.0),
     sat=replace(SAT, concurrency=100, tokens=(200, 200), warmup_s=2.0, window_s=6.0),
     levels=(50, 100, 150, 200, 300, 400, 500, 750, 1000, 1500, 2000),
@@ -85,10 +82,11 @@ FULL = Plan(
     idle_connections=10_000,
     idle_hold_s=20.0,
     xadd_requests=100_000,
+    peer_long=replace(PEER, concurrency=200, count=200, tokens=(512, 512)),
 )
 QUICK = Plan(
     name="quick",
-    ttft1_samples=3,
+    peer=((1, 10), (50, 1), (200, 1), (400, 1)),
     steady=Load(100, (64, 128), ramp_s=1.5, warmup_s=2.0, window_s=2.0),
     sat=replace(SAT, concurrency=40, tokens=(100, 100), warmup_s=1.0, window_s=2.0),
     levels=(50, 100, 200),
@@ -97,16 +95,15 @@ QUICK = Plan(
     idle_connections=1_000,
     idle_hold_s=2.0,
     xadd_requests=20_000,
+    peer_long=FULL.peer_long,
 )
 
 
 class Bench:
-    def __init__(self, plan: Plan, procs: Procs) -> None:
-        self.plan = plan
-        self.procs = procs
-        self.t0 = time.monotonic()
-        self.run_id = secrets.token_hex(3)
-        self.raw: dict[str, dict[str, list[float]]] = {"ttft": {}, "latency": {}}  # steady, for the plot
+    def __init__(self, plan: Plan, procs: Procs, stamp: str, profile: bool = False) -> None:
+        self.plan, self.procs, self.t0, self.run_id = plan, procs, time.monotonic(), secrets.token_hex(3)
+        self.stamp, self.profile = stamp, profile
+        self.raw: dict[str, Any] = {}  # steady's TTFTs and latencies, for the plot
         self.r: dict[str, Any] = {
             "plan": asdict(plan),
             "cpus": os.cpu_count(),
@@ -130,83 +127,84 @@ class Bench:
 
     def settle(self, limit_s: float = 60.0) -> None:
         """Wait until the servers are idle (a setup's leftovers must not bill the next one)."""
-        servers = ("mock", "naive", "gateway", "worker", "redis")
-        deadline = time.monotonic() + limit_s
-        last = sum(self.procs.cpu()[k] for k in servers)
+        deadline, last = time.monotonic() + limit_s, 0.0
         while time.monotonic() < deadline:
-            time.sleep(0.3)
-            now = sum(self.procs.cpu()[k] for k in servers)
-            if (now - last) / 0.3 < 0.06:
+            now = sum(self.procs.cpu()[k] for k in ("mock", "naive", "gateway", "worker", "redis"))
+            if last and (now - last) / 0.3 < 0.06:
                 return
             last = now
+            time.sleep(0.3)
         self.say(f"  (servers still busy after {limit_s:.0f}s; going on)")
 
-    def load(
-        self,
-        setup: str,
-        tag: str,
-        load: Load,
-        deadline_s: float = 120,
-        *,
-        tick: Callable[[], None] | None = None,
-        settle: bool = True,
-    ) -> tuple[dict[str, Any], Records, list[float]]:
-        """One workload through ``setup``, once the servers are idle (``settle``): its figures, and the
-        records and per-chunk latencies of its measured streams (see :class:`Load`)."""
+    def run(
+        self, setup: str, tag: str, load: Load, deadline_s: float = 120, *, settle: bool = True, **kw: Any
+    ) -> dict[str, Any]:
+        """One workload through ``setup``, once the servers are idle (``settle``): what the load client
+        measured (see :func:`bench.client.streams`) and ``cpu_s``, each process's CPU seconds meanwhile.
+        ``kw`` goes to :meth:`LoadClient.run` (a ``tick``)."""
         if settle:
             self.settle()
-        at = {"setup": setup, "port": self.procs.ports[PORTS[setup]], "api_key": Procs.API_KEY}
-        at |= {"tag": f"bench-{self.run_id}-{tag}-{setup}", "load": load, "deadline_s": deadline_s}
-        before, t = self.procs.cpu(), time.monotonic()
-        out = self.client.call("streams", deadline_s + 60, tick=tick, **at)
-        wall, after = time.monotonic() - t, self.procs.cpu()
+        at: dict[str, Any] = {"setup": setup, "port": self.procs.ports[PORTS[setup]], "load": load}
+        at |= {
+            "tag": f"bench-{self.run_id}-{tag}-{setup}",
+            "api_key": Procs.API_KEY,
+            "deadline_s": deadline_s,
+        }
+        before = self.procs.cpu()
+        out = self.client.run(deadline_s + 60, **kw, **at)
+        after = self.procs.cpu()
         for child in self.procs.children.values():
             child.check()
         cpu = {k: after[k] - before[k] for k in before}
         machine = cpu.pop("machine")
         cpu["other"] = max(machine - sum(v for k, v in cpu.items() if k not in ("irq", "steal")), 0.0)
-        per_token = {k: v / out["tokens"] * 1e6 if out["tokens"] else math.nan for k, v in cpu.items()}
-        recs = out["streams"]
-        measured = [x for x in recs if x["measured"]]
-        failed = [x["err"] for x in recs if not x["ok"]]
-        figures = {
-            "streams": len(recs),
-            "measured": len(measured),
-            "failed": len(failed),
-            "errors": sorted(set(failed))[:3],
-            "tokens": out["tokens"],
-            "wall_s": wall,
-            "tokens_per_s": out["window_tokens"] / min(load.window_s, wall),  # inside the window
-            "ttft": report.summary(_ttfts(measured)),
-            "latency": report.summary(out["latency_ms"]),
-            "max_gap_ms": max((x["max_gap_ms"] for x in recs), default=math.inf),
-            "max_late_ms": max(((x["ttft_ms"] or math.inf) - MOCK_TTFT_MS for x in recs), default=math.inf),
-            "cores_used": {k: v / wall for k, v in cpu.items()},
-            "cpu_us_per_token": per_token,
-            "server_us_per_token": sum(per_token[p] for p in SERVERS[setup]),
-        }
-        return figures, measured, out["latency_ms"]
+        return out | {"cpu_s": cpu}
+
+    def figures(
+        self, setup: str, load: Load, runs: list[dict[str, Any]]
+    ) -> tuple[dict[str, Any], Records, list[float]]:
+        """The figures of ``runs`` of ``load`` through ``setup`` taken together, and the records and
+        per-chunk latencies of their measured streams."""
+        recs = [x for run in runs for x in run["streams"]]
+        tokens, wall = sum(run["tokens"] for run in runs), sum(run["wall_s"] for run in runs)
+        cpu = {k: sum(run["cpu_s"][k] for run in runs) for k in runs[0]["cpu_s"]}
+        per_token = {k: v / tokens * 1e6 if tokens else math.nan for k, v in cpu.items()}
+        latencies = [x for run in runs for x in run["latency_ms"]]
+        failed, measured = [x["err"] for x in recs if not x["ok"]], [x for x in recs if x["measured"]]
+        q = {"streams": len(recs), "measured": len(measured), "failed": len(failed), "tokens": tokens}
+        q |= {"errors": sorted(set(failed))[:3], "wall_s": wall}
+        inside = sum(min(load.window_s, run["wall_s"]) for run in runs)
+        q["tokens_per_s"] = sum(run["window_tokens"] for run in runs) / inside  # inside the window
+        q |= {"ttft": report.summary(_ttfts(measured)), "latency": report.summary(latencies)}
+        q["max_gap_ms"] = max((x["max_gap_ms"] for x in recs), default=math.inf)
+        q["max_late_ms"] = max(((x["ttft_ms"] or math.inf) - MOCK_TTFT_MS for x in recs), default=math.inf)
+        q |= {"cores_used": {k: v / wall for k, v in cpu.items()}, "cpu_us_per_token": per_token}
+        q["server_us_per_token"] = sum(per_token[p] for p in SERVERS[setup])
+        if setup == "c" and measured:
+            q |= self.c_steps(measured)
+        return q, measured, latencies
+
+    def load(self, setup: str, tag: str, load: Load, deadline_s: float = 120, **kw: Any) -> dict[str, Any]:
+        """The figures of one workload through ``setup`` (see :meth:`run`)."""
+        return self.figures(setup, load, [self.run(setup, tag, load, deadline_s, **kw)])[0]
 
     def c_steps(self, recs: Records) -> dict[str, Any]:
         """(c)'s time to first token in steps, from sending the POST: its answer, the `started` event
         (the worker has claimed the stream), then the first delta (the model's own TTFT inside); and
         enqueue → job start, ``started_at − created_at`` in ms from each stream's meta hash."""
-        with redis.Redis.from_url(self.procs.redis.url, decode_responses=True) as r:
-            pipe = r.pipeline(transaction=False)
+        with redis.Redis.from_url(self.procs.redis.url, decode_responses=True) as r, r.pipeline() as pipe:
             for x in recs:
                 pipe.hmget(keys.meta(x["id"]), ["created_at", "started_at"])
             rows = pipe.execute()
         full = [x for x in recs if x["ok"] and x["posted_ms"] is not None and x["started_ms"] is not None]
+        steps = {"posted": [x["posted_ms"] for x in full], "started": [x["started_ms"] for x in full]}
+        steps["started_to_token"] = [x["ttft_ms"] - x["started_ms"] for x in full]
         return {
             "enqueue_start": report.summary([float(s) - float(c) for c, s in rows if c and s]),
-            "steps_ms": {
-                "posted": report.summary([x["posted_ms"] for x in full]),
-                "started": report.summary([x["started_ms"] for x in full]),
-                "started_to_token": report.summary([x["ttft_ms"] - x["started_ms"] for x in full]),
-            },
+            "steps_ms": {k: report.summary(v) for k, v in steps.items()},
         }
 
-    def gateway_watch(self) -> tuple[Callable[[], None], list[tuple[int, int]]]:
+    def watch_gateway(self) -> tuple[Callable[[], None], list[tuple[int, int]]]:
         """A ``tick`` that samples the main gateway's (Redis, client) connections, and the samples."""
         seen: list[tuple[int, int]] = [(0, 0)]
         return lambda: seen.append(self.procs.connections("gateway")), seen
@@ -216,88 +214,105 @@ class Bench:
     def warm_up(self) -> None:
         warm = Load(50, (16, 16), count=100, ramp_s=0.5, samples=False)
         for s in "abc":
-            q = self.load(s, "warm", warm, 60, settle=False)[0]
-            if q["failed"]:
+            if (q := self.load(s, "warm", warm, 60, settle=False))["failed"]:
                 raise RuntimeError(f"warm-up through ({s}) failed: {q['errors']}")
         self.say("warm-up: 100 streams through each setup, all complete")
 
-    def ttft_one(self) -> None:
-        n, one = self.plan.ttft1_samples, Load(1, (64, 64), count=1, loop=False)
-        recs: dict[str, Records] = {s: [] for s in "abc"}
-        for i in range(n):
-            for s in "abc":
-                recs[s] += self.load(s, f"ttft1-{i}", one, 30, settle=False)[1]
-        res = self.r["ttft1"] = {s: {"ttft": report.summary(_ttfts(recs[s]))} for s in "abc"}
-        res["c"] |= self.c_steps(recs["c"])
-        t = {s: res[s]["ttft"]["p50"] for s in "abc"}
-        self.say(
-            f"TTFT at 1 stream, {n} each: p50 a {t['a']:.1f} / b {t['b']:.1f} / c {t['c']:.1f} ms; "
-            f"enqueue → start p50 {res['c']['enqueue_start']['p50']:.2f} ms"
-        )
+    def rounds(self, tag: str, load: Load, rounds: int = 1, *, settle: bool = True) -> dict[str, Any]:
+        """``load`` through (a), (b) and (c) in turn, ``rounds`` times, a progress line each setup: the
+        setups' figures (and (c)'s steps), each over all its rounds; the raw TTFTs and latencies of
+        each setup in ``raw[tag]``."""
+        runs: dict[str, list[dict[str, Any]]] = {s: [] for s in "abc"}
+        for i, s in ((i, s) for i in range(rounds) for s in "abc"):
+            runs[s].append(self.run(s, f"{tag}-{i}", load, settle=settle))
+        res, raw = {}, self.raw.setdefault(tag, {"ttft": {}, "latency": {}})
+        for s in "abc":
+            res[s], recs, raw["latency"][s] = self.figures(s, load, runs[s])
+            raw["ttft"][s], q = _ttfts(recs), res[s]
+            line = f"{q['streams']} streams ({q['measured']} measured, {q['failed']} failed)"
+            if q["measured"]:
+                line += f", TTFT p50/p99 {_p50_99(q['ttft'])} ms, chunk p99 {q['latency']['p99']:.1f} ms"
+            line += f", {q['tokens_per_s']:,.0f} tokens/s, {q['server_us_per_token']:.0f} µs CPU/token"
+            self.say(f"{tag} ({s}): {line}")
+        return res
+
+    def peer(self) -> None:
+        """Issue #11's shape at each level of the plan, the setups interleaved round by round: one
+        stream at a time at level 1 (no settling between them, as from one client), the level's
+        streams staggered over 1 s above it; then 512-token streams at 200."""
+        self.settle()
+        res = self.r["peer"] = {}
+        for level, rounds in self.plan.peer:
+            with self.profiling(level):
+                load = replace(PEER, concurrency=level, count=level)
+                res[str(level)] = self.rounds(f"peer{level}", load, rounds, settle=level > 1)
+        res["long"] = self.rounds("peer-long", self.plan.peer_long)
+
+    @contextlib.contextmanager
+    def profiling(self, level: int) -> Iterator[None]:
+        """With ``--profile``, at the levels in ``PROFILED``: ``py-spy record`` of the gateway and of the
+        worker meanwhile (not pausing them), a flame graph each in ``bench/results/``."""
+        spies = {}
+        for name in ("gateway", "worker") if self.profile and level in PROFILED else ():
+            svg, pid = report.RESULTS / f"{self.stamp}-{name}-{level}.svg", self.procs.children[name].pid
+            argv = [PY_SPY, "record", "--nonblocking", "-f", "flamegraph", "-o", str(svg), "-p", str(pid)]
+            spies[svg] = Child(svg.stem, argv, None, self.procs.log_dir, own_session=True)
+        try:
+            yield
+        finally:
+            for svg, spy in spies.items():
+                spy.signal(signal.SIGINT)  # py-spy writes its flame graph, then exits
+                spy.wait_exit(60)
+                spy.stop()
+                path = str(svg.relative_to(report.ROOT))
+                if svg.exists():
+                    self.r.setdefault("profiles", []).append(path)
+                self.say(f"py-spy: {path}" if svg.exists() else f"py-spy wrote no {path}: {spy.tail(300)}")
 
     def steady(self) -> None:
-        res = self.r["steady"] = {}
-        for s in "abc":
-            q, recs, self.raw["latency"][s] = self.load(s, "steady", self.plan.steady, 180)
-            self.raw["ttft"][s] = _ttfts(recs)
-            res[s] = q | (self.c_steps(recs) if s == "c" else {})
-            ttft, latency = q["ttft"], q["latency"]
-            self.say(
-                f"{self.plan.steady.concurrency} streams, ({s}): {q['streams']} streams ({q['measured']} "
-                f"measured, {q['failed']} failed), TTFT p50/p99 {ttft['p50']:.0f}/{ttft['p99']:.0f} ms, "
-                f"chunk latency p99 {latency['p99']:.1f} ms, {q['tokens'] / q['wall_s']:,.0f} tokens/s, "
-                f"{q['server_us_per_token']:.0f} µs CPU/token"
-            )
+        self.r["steady"] = self.rounds("steady", self.plan.steady)
 
     def saturation(self) -> None:
         xadd = self.r["xadd_rps"] = redis_benchmark_xadd(self.procs.redis.port, self.plan.xadd_requests)
         self.say(f"redis-benchmark XADD, 50 clients, unpipelined: {xadd:,.0f} requests/s ({XADD})")
-        res = self.r["saturation"] = {}
-        for s in "abc":
-            q = res[s] = self.load(s, "sat", self.plan.sat)[0]
-            self.say(
-                f"saturation ({s}): {q['tokens_per_s']:,.0f} tokens/s delivered "
-                f"({q['tokens_per_s'] / xadd:.2f}× XADD), {q['failed']} of {q['streams']} "
-                f"streams failed, {q['server_us_per_token']:.0f} µs CPU/token"
-            )
+        res = self.r["saturation"] = self.rounds("saturation", self.plan.sat)
+        self.say("saturation: " + ", ".join(f"{s} {res[s]['tokens_per_s'] / xadd:.2f}× XADD" for s in "abc"))
 
     def sustained(self) -> None:
         """Each setup at rising levels, until a level does not hold: every stream whole, no gap between
         chunks over ``STALL_MS``; stricter, ``held_first_token``: nor a first token later than that."""
         runs: dict[str, Records] = {s: [] for s in "abc"}
-        tick, seen = self.gateway_watch()
+        tick, seen = self.watch_gateway()
         for s in "abc":
             for level in self.plan.levels:
                 load = replace(self.plan.level, concurrency=level, count=level)
-                q = self.load(s, f"level{level}", load, tick=tick if s == "c" else None)[0]
-                why = ""
+                q = self.load(s, f"level{level}", load, tick=tick if s == "c" else None)
+                why = f"a {q['max_gap_ms']:,.0f} ms gap between chunks" if q["max_gap_ms"] > STALL_MS else ""
                 if q["failed"] or q["streams"] < level:
                     first = q["errors"][0] if q["errors"] else "not started"
                     why = f"{q['failed'] + level - q['streams']} streams incomplete ({first})"
-                elif q["max_gap_ms"] > STALL_MS:
-                    why = f"a {q['max_gap_ms']:,.0f} ms gap between chunks"
                 strict = not why and q["max_late_ms"] <= STALL_MS
                 runs[s].append(q | {"level": level, "held": not why, "held_first_token": strict, "why": why})
+                held = f"did not hold: {why}" if why else "held"
                 self.say(
-                    f"sustained ({s}) {level:>5} streams at 50 tokens/s: "
-                    + (f"did not hold: {why}" if why else "held")
-                    + f" (worst gap {q['max_gap_ms']:,.0f} ms; first token up to "
-                    + f"{q['max_late_ms']:,.0f} ms late)"
+                    f"sustained ({s}) {level:>5} streams at 50 tokens/s: {held} (worst gap "
+                    f"{q['max_gap_ms']:,.0f} ms; first token up to {q['max_late_ms']:,.0f} ms late)"
                 )
                 if why:
                     break
         self.r["sustained"] = {"levels": list(self.plan.levels), "runs": runs}
-        self.r["redis_connections"] = {"live_max": max(seen)[0]}
+        self.r.setdefault("redis_connections", {})["live_max"] = max(seen)[0]
 
-    def fan_in(self) -> None:
+    def fanin(self) -> None:
         """Redis connections of the main gateway while it serves ``fan_in`` live SSE clients: slow
         streams (10 tokens 500 ms apart), so the load stays far below what the worker can carry."""
-        n = self.plan.fan_in
-        tick, seen = self.gateway_watch()
+        n, (tick, seen) = self.plan.fan_in, self.watch_gateway()
         slow = Load(n, (10, 10), count=n, loop=False, ramp_s=2.0, delay_ms=500, samples=False)
-        q = self.load("c", "fanin", slow, tick=tick)[0]
+        q = self.load("c", "fanin", slow, tick=tick)
         most_redis, most_clients = (max(column) for column in zip(*seen, strict=True))
-        self.r["redis_connections"] |= {"fan_in_clients": most_clients, "fan_in_max": most_redis}
+        self.r.setdefault("redis_connections", {}).update(
+            {"fan_in_clients": most_clients, "fan_in_max": most_redis}
+        )
         self.say(
             f"live fan-in: {n:,} slow streams on the main gateway ({q['failed']} failed), at most "
             f"{most_clients:,} client connections at once; gateway held {most_redis} Redis connections"
@@ -305,59 +320,102 @@ class Bench:
 
     def idle(self) -> None:
         """A fresh gateway, on a queue no worker serves, holding ``idle_connections`` SSE connections
-        to queued streams: its RSS and Redis connections, and whether all are still held later."""
-        p, n = self.plan, self.plan.idle_connections
+        to queued streams: its RSS and Redis connections, and whether all are still held later. This
+        process opens them itself: holding them costs no CPU worth keeping apart in the load client."""
+        n, queue = self.plan.idle_connections, f"bench:idle:{self.run_id}"
         self.say(f"idle connections: a fresh gateway on a queue no worker serves; creating {n:,} streams")
-        g = self.procs.start_gateway("gateway-idle", TAILGATE_QUEUE_NAME=f"bench:idle:{self.run_id}")
-        gateway = psutil.Process(g.pid)
-        at: dict[str, Any] = {"port": self.procs.ports["gateway-idle"], "api_key": Procs.IDLE_KEY}
-        made = self.client.call("create", 660, count=n, tag=f"bench-{self.run_id}", **at)
-        if made["created"] != n:
-            raise RuntimeError(f"created {made['created']} of {n} streams: {made['failures']}")
-        time.sleep(1.0)
-        rss0, first = gateway.memory_info().rss, min(1000, n)
-        h1 = self.client.call("hold", 360, start=0, count=first, **at)
-        time.sleep(0.5)
-        conns_1000 = self.procs.connections("gateway-idle")[0]
-        self.say(
-            f"idle connections: {n:,} streams created in {made['wall_s']:.1f}s; "
-            f"{h1['held']:,} SSE connections held, gateway has {conns_1000} Redis connections"
-        )
-        h2 = self.client.call("hold", 360, start=first, count=n - first, **at)
-        time.sleep(2.0)
-        rss1, conns_all = gateway.memory_info().rss, self.procs.connections("gateway-idle")[0]
-        self.say(
-            f"idle connections: {h2['held']:,} held; gateway RSS {rss0 / 2**20:.1f} → {rss1 / 2**20:.1f} "
-            f"MiB ({(rss1 - rss0) / max(h2['held'], 1) / 1024:.1f} KiB each), {conns_all} Redis "
-            f"connections; holding {p.idle_hold_s:.0f}s"
-        )
-        time.sleep(p.idle_hold_s)
-        held_after = self.client.call("release")["held"]
-        self.procs.stop("gateway-idle")
-        self.r["idle"] = {
-            "connections": n,
-            "create_s": made["wall_s"],
-            "open_failures": h1["failures"] + h2["failures"],
-            "held": h2["held"],
-            "held_after": held_after,
-            "rss_before": rss0,
-            "rss_after": rss1,
-            "kib_per_connection": (rss1 - rss0) / n / 1024,
-        }
-        self.r["redis_connections"] |= {"idle_1000": conns_1000, "idle_all": conns_all}
-        self.say(f"idle connections: {held_after:,} of {n:,} still held after {p.idle_hold_s:.0f}s; released")
+        gateway = psutil.Process(self.procs.start_gateway("gateway-idle", TAILGATE_QUEUE_NAME=queue).pid)
+        try:
+            asyncio.run(self.hold_idle(n, gateway, f"http://127.0.0.1:{self.procs.ports['gateway-idle']}"))
+        finally:
+            self.procs.stop("gateway-idle")
 
-    def run(self) -> None:
+    async def hold_idle(self, n: int, gateway: psutil.Process, base: str) -> None:
+        headers, tag, first, hold_s = (
+            {"Authorization": f"Bearer {Procs.IDLE_KEY}"},
+            self.run_id,
+            min(1000, n),
+            self.plan.idle_hold_s,
+        )
+        ids: list[str] = []
+        held: list[aiohttp.ClientResponse] = []
+
+        async def create(i: int) -> None:
+            async with http.post(
+                f"{base}/v1/streams", json={"prompt": f"bench-{tag} idle {i}"}, headers=headers
+            ) as r:
+                ids.append(json.loads(await body(r, 202))["id"])
+
+        async def hold(stream_id: str) -> None:
+            held.append(r := await http.get(f"{base}/v1/streams/{stream_id}/events", headers=headers))
+            if not (seen := await r.content.readuntil(b"event: queued")).endswith(b"event: queued"):
+                raise ValueError(f"{r.status}, closed before a queued event: {seen[:120]!r}")
+
+        def still_open() -> int:
+            return sum(1 for r in held if r.connection is not None and not r.connection.closed)
+
+        async with session() as http:
+            t, failures = time.monotonic(), await _each(32, list(range(n)), create)
+            if len(ids) != n:
+                raise RuntimeError(f"created {len(ids)} of {n} streams: {failures}")
+            create_s = time.monotonic() - t
+            await asyncio.sleep(1.0)
+            rss0, failures = gateway.memory_info().rss, await _each(256, ids[:first], hold)
+            await asyncio.sleep(0.5)
+            conns_1000 = self.procs.connections("gateway-idle")[0]
+            self.say(
+                f"idle connections: {n:,} streams created in {create_s:.1f}s; {still_open():,} SSE "
+                f"connections held, gateway has {conns_1000} Redis connections"
+            )
+            failures += await _each(256, ids[first:], hold)
+            await asyncio.sleep(2.0)
+            rss1, opened = gateway.memory_info().rss, still_open()
+            conns_all = self.procs.connections("gateway-idle")[0]
+            self.say(
+                f"idle connections: {opened:,} held; gateway RSS {rss0 / 2**20:.1f} → {rss1 / 2**20:.1f} "
+                f"MiB ({(rss1 - rss0) / max(opened, 1) / 1024:.1f} KiB each), {conns_all} Redis "
+                f"connections; holding {hold_s:.0f}s"
+            )
+            await asyncio.sleep(hold_s)
+            held_after = still_open()
+            for r in held:
+                r.close()
+        idle = {"connections": n, "create_s": create_s, "open_failures": failures, "held": opened}
+        idle |= {"held_after": held_after, "rss_before": rss0, "rss_after": rss1}
+        self.r["idle"] = idle | {"kib_per_connection": (rss1 - rss0) / n / 1024}
+        self.r.setdefault("redis_connections", {}).update({"idle_1000": conns_1000, "idle_all": conns_all})
+        self.say(f"idle connections: {held_after:,} of {n:,} still held after {hold_s:.0f}s; released")
+
+    def phases(self, names: list[str]) -> None:
         self.start()
-        phases = (self.warm_up, self.ttft_one, self.steady, self.saturation, self.sustained)
-        for phase in (*phases, self.fan_in, self.idle):
-            phase()
+        self.warm_up()
+        for name in names:
+            getattr(self, name)()
         self.r["wall_s"] = time.monotonic() - self.t0
 
 
 def _ttfts(recs: Records) -> list[float]:
     """Time to first token of each stream delivered whole (ms from sending the request)."""
     return [x["ttft_ms"] for x in recs if x["ok"]]
+
+
+def _p50_99(t: dict[str, Any]) -> str:
+    return f"{t['p50']:.0f}/{t['p99']:.0f}"
+
+
+async def _each(n: int, items: list[Any], one: Callable[[Any], Awaitable[None]]) -> list[str]:
+    """``one(item)`` for every item, ``n`` at a time; the first failures, as text."""
+    gate, failures = asyncio.Semaphore(n), []
+
+    async def gated(item: Any) -> None:
+        async with gate:
+            try:
+                await one(item)
+            except (OSError, aiohttp.ClientError, ValueError, KeyError) as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+
+    await asyncio.gather(*(gated(item) for item in items))
+    return failures[:5]
 
 
 def _run(*argv: str, timeout: float = 10) -> str:
@@ -377,35 +435,44 @@ def redis_benchmark_xadd(port: int, requests: int) -> float:
     """XADD requests/s, 50 clients, unpipelined."""
     args = ["-h", "127.0.0.1", "-p", str(port), "-c", "50", "-n", str(requests), "-q", *XADD.split()]
     out = _run("redis-benchmark", *args, timeout=300)
-    found = re.findall(r"([\d.]+) requests per second", out.replace("\r", "\n"))
-    if not found:
+    if not (found := re.findall(r"([\d.]+) requests per second", out.replace("\r", "\n"))):
         raise RuntimeError(f"redis-benchmark printed no requests per second: {out[-500:]!r}")
     return float(found[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run in about 2 minutes")
-    plan = QUICK if parser.parse_args(argv).quick else FULL
-
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description="tailgate's benchmark (bench/__main__.py)"
+    )
+    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run in about 5 minutes")
+    parser.add_argument(
+        "--only", metavar="PHASE[,PHASE]", help=f"run only these phases of {', '.join(PHASES)}"
+    )
+    parser.add_argument("--profile", action="store_true", help="py-spy flame graphs of the peer phase")
+    args = parser.parse_args(argv)
+    plan, names = QUICK if args.quick else FULL, args.only.split(",") if args.only else list(PHASES)
+    if unknown := set(names) - set(PHASES):
+        parser.error(f"no phase {', '.join(sorted(unknown))}; phases: {', '.join(PHASES)}")
+    if args.profile and not os.path.exists(PY_SPY):
+        parser.error(f"--profile needs py-spy ({PY_SPY}): the bench extra installs it")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: stop every process in order
-    if (fds := raise_fd_limit()) < plan.idle_connections + 1000:
+    if (fds := raise_fd_limit()) < plan.idle_connections + 1000 and "idle" in names:
         sys.exit(f"bench: open-file limit is {fds}; the idle phase needs {plan.idle_connections + 1000}")
-    procs = Procs(report.RESULTS / "logs")
-    bench = Bench(plan, procs)
-    bench.say(f"tailgate bench, {plan.name} run, {os.cpu_count()} CPUs, logs in {procs.log_dir}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    bench = Bench(plan, procs := Procs(report.RESULTS / "logs"), stamp, args.profile)
+    bench.say(
+        f"tailgate bench, {plan.name} run: {', '.join(names)}; {os.cpu_count()} CPUs, logs in {procs.log_dir}"
+    )
     try:
-        bench.run()
+        bench.phases(names)
     except KeyboardInterrupt:
         bench.say("interrupted: stopping every process")
         return 130
     except Exception as exc:
-        bench.say(f"failed: {type(exc).__name__}: {exc}")
-        bench.say(f"process logs: {procs.log_dir}")
+        bench.say(f"failed: {type(exc).__name__}: {exc}; process logs: {procs.log_dir}")
         return 1
     finally:
         procs.close()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     print("\n" + report.write(bench.r, bench.raw, report.RESULTS / f"{stamp}-{plan.name}"))
     return 0
 

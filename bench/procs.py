@@ -23,13 +23,12 @@ from tailgate.dev.procs import worker_registered as registered
 
 
 def raise_fd_limit() -> int:
-    """Raise this process's open-file limit (children inherit it): 10,000 idle connections need it."""
+    """Raise this process's open-file limit to its hard limit (children inherit it): 10,000 idle
+    connections need it. The limit now."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    for want in (65536, hard):
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), max(want, hard)))
-            return max(want, soft)
-    return soft
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 1 << 20)), hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class Procs:
@@ -40,10 +39,9 @@ class Procs:
 
     def __init__(self, log_dir: Path, redis: RedisServer | None = None, **env: str) -> None:
         """``env`` overrides the servers' environment (:meth:`env`) for every server started."""
-        self.log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir, self.overrides = log_dir, env
         self.redis = redis or RedisServer(extra=["--maxclients", "20000"])
-        self.overrides = env
         self.children: dict[str, Child] = {}
         self.ports: dict[str, int] = {}
 
@@ -66,33 +64,33 @@ class Procs:
         }
         return child_env(**(env | self.overrides | overrides))
 
-    def _start(self, name: str, argv: list[str], env: dict[str, str], ready: str = "", **kw: Any) -> Child:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str], ready: str = "", **kw: Any) -> Child:
+        """Child ``name``; with ``ready``, once that path of its port answers 200."""
         child = self.children[name] = Child(name, argv, env, self.log_dir, own_session=True, **kw)
         if ready:
             child.wait_http(f"http://127.0.0.1:{self.ports[name]}{ready}")
         return child
 
+    def port(self, name: str) -> str:
+        """The port of ``name``: a free one, the same again if ``name`` is started again."""
+        return str(self.ports.setdefault(name, free_port()))
+
     def start_mock(self) -> Child:
         """The mock upstream, TTFT 200 ms and tokens 20 ms apart by default (a prompt can say otherwise)."""
-        port = self.ports["mock"] = free_port()
-        return self._start(
-            "mock", tailgate_command("mock-upstream", "--port", str(port)), child_env(), "/v1/models"
-        )
+        argv = tailgate_command("mock-upstream", "--port", self.port("mock"))
+        return self.spawn("mock", argv, child_env(), "/v1/models")
 
     def start_naive(self) -> Child:
-        port = self.ports["naive"] = free_port()
-        args = [sys.executable, "-m", "uvicorn", "bench.naive_proxy:app", "--app-dir", str(ROOT)]
-        args += ["--port", str(port), "--log-level", "warning", "--no-access-log", "--backlog", "4096"]
-        return self._start("naive", args, self.env(), "/openapi.json")
+        args = [sys.executable, "-m", "uvicorn", "bench.naive_proxy:app", "--app-dir", str(ROOT), "--port"]
+        args += [self.port("naive"), "--log-level", "warning", "--no-access-log", "--backlog", "4096"]
+        return self.spawn("naive", args, self.env(), "/openapi.json")
 
     def start_gateway(self, name: str = "gateway", **env: str) -> Child:
-        """A gateway; started again under the same name, on the same port."""
-        port = self.ports.setdefault(name, free_port())
-        argv = tailgate_command("gateway", "--host", "127.0.0.1", "--port", str(port))
-        return self._start(name, argv, self.env(**env), "/readyz")
+        argv = tailgate_command("gateway", "--host", "127.0.0.1", "--port", self.port(name))
+        return self.spawn(name, argv, self.env(**env), "/readyz")
 
     def start_worker(self, name: str = "worker") -> Child:
-        child = self._start(name, tailgate_command("worker"), self.env())
+        child = self.spawn(name, tailgate_command("worker"), self.env())
         wait_until(lambda: registered(self.redis.url, child.pid), f"{name}: registered", 60, child)
         return child
 
@@ -100,7 +98,7 @@ class Procs:
         """The load client (``bench/client.py``), which the bench talks to over a socket pair."""
         ours, theirs = socket.socketpair()
         argv = [sys.executable, "-m", "bench.client", str(theirs.fileno())]
-        child = self._start("client", argv, child_env(), pass_fds=(theirs.fileno(),))
+        child = self.spawn("client", argv, child_env(), pass_fds=(theirs.fileno(),))
         theirs.close()
         return LoadClient(Connection(ours.detach()), child)
 
@@ -109,12 +107,10 @@ class Procs:
         time in tasks (``machine``), in interrupts (``irq``, mostly loopback networking) and taken by
         the hypervisor (``steal``). ``machine`` minus ours is what other processes took."""
         pids = {name: child.pid for name, child in self.children.items()} | {"bench": os.getpid()}
-        if self.redis.pid is not None:
-            pids["redis"] = self.redis.pid
+        pids |= {"redis": self.redis.pid} if self.redis.pid is not None else {}
         out = {name: float(sum(psutil.Process(pid).cpu_times()[:2])) for name, pid in pids.items()}
         m = psutil.cpu_times()
-        out |= {"machine": m.user + m.nice + m.system, "irq": m.irq + m.softirq}
-        return out | {"steal": getattr(m, "steal", 0.0)}
+        return out | {"machine": m.user + m.nice + m.system, "irq": m.irq + m.softirq, "steal": m.steal}
 
     def connections(self, name: str) -> tuple[int, int]:
         """Established TCP connections of child ``name``: to Redis (its pools and the hub's pub/sub

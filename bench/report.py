@@ -2,7 +2,9 @@
 
 Every latency figure of (b) and (c) is shown as a difference against (a), the clients straight to
 the mock upstream, measured in the same run; throughput as a ratio to (a) and to ``redis-benchmark``.
-The soak (``bench/soak.py``) shares the percentiles, the markdown and the figure.
+The table is a list of row functions (``ROWS``), each with the phases it reads (a run with ``--only``
+shows the rows of its phases); under it, issue #11's ``GOALS``, each met or missed. The soak
+(``bench/soak.py``) shares the percentiles, the markdown and the figure.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-_LABELS = {"other": "other processes", "irq": "irq", "steal": "steal", "bench": "bench parent"}
+R = dict[str, Any]
+Rows = Iterator[tuple[str, ...]]
 SETUPS = {"a": "(a) direct to mock", "b": "(b) naive proxy", "c": "(c) tailgate"}
+_LABELS = {"other": "other processes", "irq": "irq", "steal": "steal", "bench": "bench parent"}
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
@@ -53,16 +57,16 @@ def _verdict(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
 
 
-def _p50_99(t: dict[str, Any], digits: int = 1) -> str:
+def _p50_99(t: R, digits: int = 1) -> str:
     return f"{_ms(t['p50'], digits)} / {_ms(t['p99'], digits)} ms"
 
 
-def _added(res: dict[str, Any], figure: str, q: str = "p99") -> dict[str, float]:
+def added(res: R, figure: str, q: str = "p99") -> dict[str, float]:
     """Each setup's ``figure`` (a summary) at percentile ``q``, minus (a)'s."""
     return {s: res[s][figure][q] - res["a"][figure][q] for s in "abc"}
 
 
-def _top_level(runs: list[dict[str, Any]], flag: str) -> int:
+def _top_level(runs: list[R], flag: str) -> int:
     """The highest level of the sustained phase such that it and every level below it held."""
     top = 0
     for run in runs:
@@ -72,111 +76,192 @@ def _top_level(runs: list[dict[str, Any]], flag: str) -> int:
     return top
 
 
-def table(r: dict[str, Any]) -> str:
-    """The markdown table of the issue's figures and goals.
+def _n(r: R) -> int:
+    return int(r["plan"]["steady"]["concurrency"])
 
-    Long on purpose: one short block per row, in the table's order, sharing the run's figures; split
-    into a function per row, each would take and unpack the same half-dozen of them again."""
-    plan, n = r["plan"], r["plan"]["steady"]["concurrency"]
-    one, steady, sat, runs = r["ttft1"], r["steady"], r["saturation"], r["sustained"]["runs"]
-    coalesce, xadd, rc, idle = r["coalesce_ms"], r["xadd_rps"], r["redis_connections"], r["idle"]
-    rows: list[tuple[str, ...]] = []
 
-    def ttft(label: str, res: dict[str, Any]) -> None:
-        p50, p99 = _added(res, "ttft", "p50"), _added(res, "ttft")
-        b, c = (f"{_p50_99(res[s]['ttft'])} (**{_signed(p50[s])} / {_signed(p99[s])}**)" for s in "bc")
-        ok = p50["c"] <= 5 and p99["c"] <= 15
-        rows.append((label, "added ≤ 5 / ≤ 15 ms", _p50_99(res["a"]["ttft"]), b, c, _verdict(ok)))
+def _ttft(label: str, res: R) -> Rows:
+    p50, p99 = added(res, "ttft", "p50"), added(res, "ttft")
+    b, c = (f"{_p50_99(res[s]['ttft'])} (**{_signed(p50[s])} / {_signed(p99[s])}**)" for s in "bc")
+    ok = _verdict(p50["c"] <= 5 and p99["c"] <= 15)
+    yield f"time to first token at {label}", "added ≤ 5 / ≤ 15 ms", _p50_99(res["a"]["ttft"]), b, c, ok
 
-    ttft("time to first token at 1 stream, p50 / p99 (client: request sent → first token)", one)
-    ttft(f"time to first token at {n} concurrent streams, p50 / p99", steady)
 
-    e1, en = one["c"]["enqueue_start"], steady["c"]["enqueue_start"]
-    label = f"enqueue → job start (meta `started_at − created_at`), p50 / p99, at 1 / at {n} streams"
+def _ttft_1(r: R) -> Rows:
+    return _ttft("1 stream, p50 / p99 (client: request sent → first token)", r["peer"]["1"])
+
+
+def _ttft_n(r: R) -> Rows:
+    return _ttft(f"{_n(r)} concurrent streams, p50 / p99", r["steady"])
+
+
+def _enqueue(r: R) -> Rows:
+    n, e1, en = _n(r), r["peer"]["1"]["c"]["enqueue_start"], r["steady"]["c"]["enqueue_start"]
     ok1, okn = (_verdict(e["p50"] <= 3 and e["p99"] <= 10) for e in (e1, en))
-    rows.append(
-        (label, "≤ 3 / ≤ 10 ms", "—", "—", f"{_p50_99(e1, 2)}; {_p50_99(en, 2)}", f"{ok1} at 1, {okn} at {n}")
-    )
+    label = f"enqueue → job start (meta `started_at − created_at`), p50 / p99, at 1 / at {n} streams"
+    yield label, "≤ 3 / ≤ 10 ms", "—", "—", f"{_p50_99(e1, 2)}; {_p50_99(en, 2)}", f"{ok1} at 1, {okn} at {n}"
 
-    add = _added(steady, "latency")
-    label = (
-        f"per-chunk latency (mock's send stamp → client), p50 / p99, at {n} streams; added = p99 difference"
-    )
-    goal = f"added ≤ coalescing {coalesce:g} + 10 = {coalesce + 10:g} ms"
+
+def _latency(r: R) -> Rows:
+    steady, most = r["steady"], r["coalesce_ms"] + 10
+    add = added(steady, "latency")
     b, c = (f"{_p50_99(steady[s]['latency'], 2)} (**{_signed(add[s])}**)" for s in "bc")
-    rows.append((label, goal, _p50_99(steady["a"]["latency"], 2), b, c, _verdict(add["c"] <= coalesce + 10)))
+    label = f"per-chunk latency (mock's send stamp → client), p50 / p99, at {_n(r)} streams; added = p99"
+    goal = f"added ≤ coalescing {r['coalesce_ms']:g} + 10 = {most:g} ms"
+    yield f"{label} difference", goal, _p50_99(steady["a"]["latency"], 2), b, c, _verdict(add["c"] <= most)
 
-    held = {s: _top_level(runs[s], "held") for s in "abc"}
-    strict = {s: _top_level(runs[s], "held_first_token") for s in "abc"}
-    # Latency where every setup still keeps up: the highest level all three held, first tokens included.
-    if common := min(strict.values()):
-        at = {s: next(x for x in runs[s] if x["level"] == common) for s in "abc"}
-        p50, p99, lat = _added(at, "ttft", "p50"), _added(at, "ttft"), _added(at, "latency")
-        label = (
-            "within capacity: time to first token p50 / p99 and per-chunk latency p99 at "
-            f"{common:,} streams, {plan['level']['tokens'][0]} tokens each (the most all three "
-            "sustained with first tokens ≤ 200 ms late)"
-        )
-        a = f"{_p50_99(at['a']['ttft'])}; {_ms(at['a']['latency']['p99'], 2)} ms"
-        b, c = (f"**{_signed(p50[s])} / {_signed(p99[s])}**; **{_signed(lat[s])}** ms" for s in "bc")
-        ok = p50["c"] <= 5 and p99["c"] <= 15 and lat["c"] <= coalesce + 10
-        rows.append((label, f"added ≤ 5 / ≤ 15 ms; ≤ {coalesce + 10:g} ms", a, b, c, _verdict(ok)))
 
-    tps = {s: sat[s]["tokens_per_s"] for s in "abc"}
+def _within_capacity(r: R) -> Rows:
+    """Latency where every setup still keeps up: the highest level all three held, first tokens too."""
+    runs, most = r["sustained"]["runs"], r["coalesce_ms"] + 10
+    if not (common := min(_top_level(runs[s], "held_first_token") for s in "abc")):
+        return
+    at = {s: next(x for x in runs[s] if x["level"] == common) for s in "abc"}
+    p50, p99, lat = added(at, "ttft", "p50"), added(at, "ttft"), added(at, "latency")
     label = (
-        f"delivered tokens/s at saturation ({plan['sat']['concurrency']} streams, 1 ms pacing); "
+        "within capacity: time to first token p50 / p99 and per-chunk latency p99 at "
+        f"{common:,} streams, {r['plan']['level']['tokens'][0]} tokens each (the most all three "
+        "sustained with first tokens ≤ 200 ms late)"
+    )
+    a = f"{_p50_99(at['a']['ttft'])}; {_ms(at['a']['latency']['p99'], 2)} ms"
+    b, c = (f"**{_signed(p50[s])} / {_signed(p99[s])}**; **{_signed(lat[s])}** ms" for s in "bc")
+    ok = _verdict(p50["c"] <= 5 and p99["c"] <= 15 and lat["c"] <= most)
+    yield label, f"added ≤ 5 / ≤ 15 ms; ≤ {most:g} ms", a, b, c, ok
+
+
+def _saturation(r: R) -> Rows:
+    xadd, tps = r["xadd_rps"], {s: r["saturation"][s]["tokens_per_s"] for s in "abc"}
+    label = (
+        f"delivered tokens/s at saturation ({r['plan']['sat']['concurrency']} streams, 1 ms pacing); "
         f"ratio to (a) and to `redis-benchmark` XADD ({xadd:,.0f}/s, 50 clients)"
     )
     b, c = (f"{tps[s]:,.0f} ({tps[s] / tps['a']:.2f}× a, **{tps[s] / xadd:.2f}× XADD**)" for s in "bc")
     a = f"{tps['a']:,.0f} ({tps['a'] / xadd:.2f}× XADD)"
-    rows.append((label, "(c) ≥ 0.3 × XADD", a, b, c, _verdict(tps["c"] / xadd >= 0.3)))
+    yield label, "(c) ≥ 0.3 × XADD", a, b, c, _verdict(tps["c"] / xadd >= 0.3)
 
-    def level(s: str) -> str:
-        fail = next((x for x in runs[s] if not x["held"]), None)
+
+def _sustained(r: R) -> Rows:
+    runs, held, cells = r["sustained"]["runs"], {}, []
+    for s in "abc":
+        held[s], fail = _top_level(runs[s], "held"), next((x for x in runs[s] if not x["held"]), None)
         text = f"**{held[s]:,}**" if held[s] else "**none**"
         if fail is not None:
             text += f" (at {fail['level']:,}: {fail['why']})"
         elif held[s] == max(r["sustained"]["levels"]):
             text += " (highest level tried)"
-        return text + f"; {strict[s]:,} with the first token ≤ 200 ms late too"
+        strict = _top_level(runs[s], "held_first_token")
+        cells.append(f"{text}; {strict:,} with the first token ≤ 200 ms late too")
+    label = "concurrent streams sustained at 50 tokens/s (every token once and in order, no gap between"
+    ok = _verdict(held["c"] >= 1000 and held["c"] >= held["b"])
+    yield f"{label} chunks > 10 × pacing = 200 ms)", "(c) ≥ 1,000 and ≥ (b)", *cells, ok
 
-    label = (
-        "concurrent streams sustained at 50 tokens/s (every token once and in order, "
-        "no gap between chunks > 10 × pacing = 200 ms)"
-    )
-    ok = held["c"] >= 1000 and held["c"] >= held["b"]
-    rows.append((label, "(c) ≥ 1,000 and ≥ (b)", level("a"), level("b"), level("c"), _verdict(ok)))
 
-    cpu = {s: (steady[s]["server_us_per_token"], sat[s]["server_us_per_token"]) for s in "abc"}
-    label = (
-        "CPU µs per delivered token, server processes ((b) proxy; (c) gateway + worker), "
-        f"at {n} streams / at saturation"
-    )
+def _cpu(r: R) -> Rows:
+    n, cpu = _n(r), {s: [r[p][s]["server_us_per_token"] for p in ("steady", "saturation")] for s in "abc"}
+    label = "CPU µs per delivered token, server processes ((b) proxy; (c) gateway + worker), at"
     b, c = (f"{cpu[s][0]:.0f} / {cpu[s][1]:.0f}" for s in "bc")
-    ok = (
-        f"{_verdict(cpu['c'][0] <= cpu['b'][0])} at {n}, {_verdict(cpu['c'][1] <= cpu['b'][1])} at saturation"
-    )
-    rows.append((label, "(c) ≤ (b)", f"mock alone: {cpu['a'][0]:.0f} / {cpu['a'][1]:.0f}", b, c, ok))
+    met = [_verdict(cpu["c"][i] <= cpu["b"][i]) for i in (0, 1)]
+    a = f"mock alone: {cpu['a'][0]:.0f} / {cpu['a'][1]:.0f}"
+    label, ok = f"{label} {n} streams / at saturation", f"{met[0]} at {n}, {met[1]} at saturation"
+    yield label, "(c) ≤ (b)", a, b, c, ok
 
-    per, total = idle["kib_per_connection"], idle["connections"]
-    label = (
-        f"memory per idle SSE connection, {total:,} idle resumable connections "
-        "on one gateway process (RSS after − before)"
-    )
-    c = f"{per:.1f} KiB; {idle['held_after']:,} of {total:,} held"
-    rows.append(
-        (label, "≤ 40 KiB, all held", "—", "—", c, _verdict(per <= 40 and idle["held_after"] == total))
-    )
 
-    label = (
-        f"Redis connections per gateway process: {rc['fan_in_clients']:,} live SSE clients / idle "
-        f"gateway with 1,000 / with {total:,}; most seen during the sustained phase"
-    )
+def _idle(r: R) -> Rows:
+    idle, rc = r["idle"], r["redis_connections"]
+    per, n, held = idle["kib_per_connection"], idle["connections"], idle["held_after"]
+    label = f"memory per idle SSE connection, {n:,} idle resumable connections on one gateway process"
+    c = f"{per:.1f} KiB; {held:,} of {n:,} held"
+    ok = _verdict(per <= 40 and held == n)
+    yield f"{label} (RSS after − before)", "≤ 40 KiB, all held", "—", "—", c, ok
+    if not {"fan_in_max", "live_max"} <= rc.keys():
+        return  # fanin and sustained did not run
+    label = f"Redis connections per gateway process: {rc['fan_in_clients']:,} live SSE clients / idle gateway"
     c = f"{rc['fan_in_max']} / {rc['idle_1000']} / {rc['idle_all']}; {rc['live_max']}"
-    worst = max(rc["fan_in_max"], rc["idle_1000"], rc["idle_all"], rc["live_max"])
-    rows.append((label, "≤ 4", "—", "—", c, _verdict(worst <= 4)))
+    ok = _verdict(max(rc["fan_in_max"], rc["idle_1000"], rc["idle_all"], rc["live_max"]) <= 4)
+    yield f"{label} with 1,000 / with {n:,}; most seen during the sustained phase", "≤ 4", "—", "—", c, ok
 
-    return markdown(["figure", "goal", *SETUPS.values(), "verdict"], rows)
+
+# The figures issue #11's goals hold (c) to, from a peer level's results.
+FIGURES: dict[str, Callable[[R], float]] = {
+    "ttft_p50": lambda q: added(q, "ttft", "p50")["c"],
+    "ttft_p99": lambda q: added(q, "ttft")["c"],
+    "cpu": lambda q: q["c"]["server_us_per_token"],  # gateway + worker
+    "ratio": lambda q: q["c"]["tokens_per_s"] / q["a"]["tokens_per_s"],
+}
+# Issue #11's goals: the peer level each is measured at ("long": 512-token streams at 200), what,
+# the figure, the limit (an upper one, or a lower one with "≥") and its unit.
+GOALS = (
+    ("1", "added time to first token at 1 stream, p50", "ttft_p50", "≤ 3 ms"),
+    ("1", "added time to first token at 1 stream, p99", "ttft_p99", "≤ 6 ms"),
+    ("200", "CPU per delivered token, gateway + worker, 64-token streams at 200", "cpu", "≤ 100 µs"),
+    ("long", "CPU per delivered token, gateway + worker, 512-token streams at 200", "cpu", "≤ 50 µs"),
+    ("400", "delivered tokens/s at 400 concurrent 64-token streams, ratio to (a)", "ratio", "≥ 0.9"),
+    ("400", "added time to first token at 400 concurrent 64-token streams, p99", "ttft_p99", "≤ 200 ms"),
+)
+
+
+def _met(figure: str, limit: str, res: R) -> tuple[float, bool]:
+    """The ``figure`` in a peer level's results, and whether it is within ``limit``."""
+    value, bound = FIGURES[figure](res), float(limit.split()[1])
+    return value, value >= bound if limit.startswith("≥") else value <= bound
+
+
+def _peer(r: R) -> Rows:
+    """Issue #11's shape, a row per level and one for 512-token streams, with the goals measured there."""
+    long = r["plan"]["peer_long"]
+    for key, res in r["peer"].items():
+        at = f"{key} × 64 tokens" if key != "long" else f"{long['concurrency']} × {long['tokens'][0]} tokens"
+        goals = [(limit, _met(figure, limit, res)[1]) for at, _, figure, limit in GOALS if at == key]
+        p50, p99, cpu = added(res, "ttft", "p50"), added(res, "ttft"), res["c"]["cpu_us_per_token"]
+        tps, us = (
+            {s: res[s]["tokens_per_s"] for s in "abc"},
+            {s: res[s]["server_us_per_token"] for s in "abc"},
+        )
+        cells = [f"{_p50_99(res['a']['ttft'])}; {tps['a']:,.0f}/s; mock {us['a']:.0f} µs"]
+        for s in "bc":
+            cells.append(
+                f"**{_signed(p50[s])} / {_signed(p99[s])}** ms; {tps[s] / tps['a']:.2f}×; {us[s]:.0f} µs"
+            )
+        cells[-1] += f" ({cpu['gateway']:.0f} + {cpu['worker']:.0f})"
+        goal, verdict = (
+            "; ".join(g for g, _ in goals) or "—",
+            "; ".join(_verdict(ok) for _, ok in goals) or "—",
+        )
+        yield f"peer shape (#11), {at}: TTFT; tokens/s; CPU µs per token", goal, *cells, verdict
+
+
+def goals(r: R) -> str:
+    """Issue #11's goals, each with its limit, the figure measured and met or missed."""
+    rows = []
+    for key, what, figure, limit in GOALS:
+        if key not in r["peer"]:
+            rows.append((what, limit, "not measured in this run", "—"))
+            continue
+        value, ok = _met(figure, limit, r["peer"][key])
+        rows.append((what, limit, f"{value:,.2f} {' '.join(limit.split()[2:])}".strip(), _verdict(ok)))
+    return markdown(["goal (issue #11)", "limit", "(c) tailgate, measured", "verdict"], rows)
+
+
+# Each row function with the phases it reads, in the table's order.
+ROWS = (
+    (("peer",), _peer),
+    (("peer",), _ttft_1),
+    (("steady",), _ttft_n),
+    (("peer", "steady"), _enqueue),
+    (("steady",), _latency),
+    (("sustained",), _within_capacity),
+    (("saturation", "xadd_rps"), _saturation),
+    (("sustained",), _sustained),
+    (("steady", "saturation"), _cpu),
+    (("idle", "redis_connections"), _idle),
+)
+
+
+def table(r: R) -> str:
+    """The markdown table of the figures and goals of the phases that ran, then issue #11's goals."""
+    rows = [row for needs, f in ROWS if all(k in r for k in needs) for row in f(r)]
+    out = markdown(["figure", "goal", *SETUPS.values(), "verdict"], rows)
+    return out + ("\n\n" + goals(r) if "peer" in r else "")
 
 
 def markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -184,29 +269,49 @@ def markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([lines[0], "|" + "---|" * len(head), *lines[1:]])
 
 
-def notes(r: dict[str, Any]) -> list[str]:
+def notes(r: R) -> list[str]:
     """Context printed under the table: what bounded the figures on this machine."""
-    code, n = r["code"], r["plan"]["steady"]["concurrency"]
+    code = r["code"]
     dirty = f", with uncommitted changes to {len(code['changed'])} product files" if code["changed"] else ""
     out = [
         f"{r['plan']['name']} run, {r['cpus']} CPUs, wall {r['wall_s']:.0f} s, "
         f"every process on 127.0.0.1; mock TTFT 200 ms, deltas 20 ms apart.",
         f"code measured: commit {code['commit']}{dirty}.",
     ]
-    for label, c in (("1 stream", r["ttft1"]["c"]), (f"{n} streams", r["steady"]["c"])):
-        steps = c["steps_ms"]
+    steps = {"1 stream": r.get("peer", {}).get("1"), f"{_n(r)} streams": r.get("steady")}
+    for label, c in ((label, res["c"]) for label, res in steps.items() if res and "steps_ms" in res["c"]):
+        step = c["steps_ms"]
         out.append(
-            f"(c) at {label}, p50 from sending the POST: its answer {steps['posted']['p50']:.1f} ms, the "
-            f"`started` event {steps['started']['p50']:.1f} ms (enqueue → job start "
-            f"{c['enqueue_start']['p50']:.1f} ms), the first token {steps['started_to_token']['p50']:.1f} ms "
+            f"(c) at {label}, p50 from sending the POST: its answer {step['posted']['p50']:.1f} ms, the "
+            f"`started` event {step['started']['p50']:.1f} ms (enqueue → job start "
+            f"{c['enqueue_start']['p50']:.1f} ms), the first token {step['started_to_token']['p50']:.1f} ms "
             "after that (the mock's TTFT is 200 ms)."
         )
-    for phase in ("steady", "saturation"):
-        parts = []
-        for s in "abc":
-            ranked = sorted(r[phase][s]["cores_used"].items(), key=lambda kv: -kv[1])
-            parts.append(f"{s}: " + ", ".join(f"{_LABELS.get(k, k)} {v:.2f}" for k, v in ranked if v >= 0.05))
-        out.append(f"cores busy during {phase} ({'; '.join(parts)})")
+    if "peer" in r:
+        rounds = ", ".join(f"{n:,} × {k}" for n, k in r["plan"]["peer"])
+        out.append(
+            "peer shape rows: (a) TTFT p50 / p99, delivered tokens/s, the mock's CPU per token; (b), (c): "
+            "TTFT added to (a)'s, tokens/s as a ratio to (a)'s, CPU µs per delivered token of the "
+            f"setup's servers ((c): gateway + worker). Streams per level × rounds per setup: {rounds}."
+        )
+    phases = {
+        "peer at 400": r.get("peer", {}).get("400"),
+        "steady": r.get("steady"),
+        "saturation": r.get("saturation"),
+    }
+    for phase, res in ((phase, res) for phase, res in phases.items() if res):
+        ranked = {s: sorted(res[s]["cores_used"].items(), key=lambda kv: -kv[1]) for s in "abc"}
+        busy = [
+            f"{s}: " + ", ".join(f"{_LABELS.get(k, k)} {v:.2f}" for k, v in ranked[s] if v >= 0.05)
+            for s in "abc"
+        ]
+        out.append(f"cores busy during {phase} ({'; '.join(busy)})")
+    if r.get("profiles"):
+        out.append(
+            "py-spy recorded the peer levels "
+            + ", ".join(r["profiles"])
+            + " (their figures include its cost)."
+        )
     out.append(
         "\"other processes\" is the machine's busy time minus the bench's processes (another tenant, "
         'noise); "irq" is interrupt time, mostly the loopback traffic itself.'
@@ -214,7 +319,7 @@ def notes(r: dict[str, Any]) -> list[str]:
     return out
 
 
-def write(r: dict[str, Any], raw: dict[str, Any], base: Path) -> str:
+def write(r: R, raw: R, base: Path) -> str:
     """``base``.json, .md and .png; returns what to print: the table, the notes and where they went."""
     text = table(r) + "\n\n" + "\n".join(f"- {n}" for n in notes(r)) + "\n"
     base.with_suffix(".json").write_text(json.dumps(r, indent=1, default=float))
@@ -241,49 +346,80 @@ def figure(path: Path, rows: int, cols: int, size: tuple[float, float]) -> Itera
         plt.close(fig)
 
 
-def plot(r: dict[str, Any], raw: dict[str, Any], path: Path) -> None:
-    colors = {"a": "#4c72b0", "b": "#dd8452", "c": "#55a868"}
-    n, sat = r["plan"]["steady"]["concurrency"], r["plan"]["sat"]["concurrency"]
-    with figure(path, 2, 2, (13, 9)) as (fig, axes):
-        fig.suptitle(f"tailgate bench ({r['plan']['name']} run, {r['cpus']} CPUs, loopback, mock upstream)")
-        for ax, key, title in (
-            (axes[0][0], "ttft", f"time to first token at {n} concurrent streams"),
-            (axes[0][1], "latency", f"per-chunk latency (send stamp → client) at {n} streams"),
-        ):
-            for s in "abc":
-                values = sorted(raw[key][s])
-                ys = [i / max(len(values) - 1, 1) for i in range(len(values))]
-                ax.plot([max(v, 0.01) for v in values], ys, color=colors[s], label=SETUPS[s])
-            ax.set(xscale="log", xlabel="ms (log)", ylabel="fraction ≤ x", title=title)
-            ax.axhline(0.99, color="grey", lw=0.5, ls=":")
-            ax.legend(loc="lower right")
-            ax.grid(True, which="both", alpha=0.3)
+COLORS = {"a": "#4c72b0", "b": "#dd8452", "c": "#55a868"}
+Panel = Callable[[Any, R, R], None]
+_SUSTAINED_LINES = (
+    ("max_gap_ms", "o-", "worst gap between chunks"),
+    ("max_late_ms", "x:", "first token, most late"),
+)
 
-        ax = axes[1][0]
-        tps = [r["saturation"][s]["tokens_per_s"] for s in "abc"]
-        bars = ax.bar(list(SETUPS.values()), tps, color=list(colors.values()))
-        ax.bar_label(bars, [f"{v:,.0f}" for v in tps])
-        goal = 0.3 * r["xadd_rps"]
-        ax.axhline(goal, color="red", ls="--", lw=1, label=f"0.3 × redis-benchmark XADD = {goal:,.0f}/s")
-        ax.set(ylabel="delivered tokens/s", title=f"throughput at saturation ({sat} streams, 1 ms pacing)")
-        ax.legend(loc="upper right")
 
-        ax = axes[1][1]
+def _cdf(key: str, what: str) -> Panel:
+    def panel(ax: Any, r: R, raw: R) -> None:
         for s in "abc":
-            runs = r["sustained"]["runs"][s]
-            levels = [x["level"] for x in runs]
-            gaps, late = [max(x["max_gap_ms"], 0.1) for x in runs], [max(x["max_late_ms"], 0.1) for x in runs]
-            ax.plot(levels, gaps, marker="o", color=colors[s], label=f"{SETUPS[s]}: worst gap between chunks")
-            ax.plot(
-                levels,
-                late,
-                marker="x",
-                ls=":",
-                color=colors[s],
-                label=f"{SETUPS[s]}: first token, most late",
-            )
-        ax.axhline(200, color="red", ls="--", lw=1, label="stall: 10 × pacing = 200 ms")
-        ax.set(yscale="log", ylabel="ms (log)", title="streams sustained")
-        ax.set(xlabel="concurrent streams at 50 tokens/s (each level until one fails)")
-        ax.legend(loc="lower right", fontsize="small", framealpha=0.8)
-        ax.grid(True, which="both", alpha=0.3)
+            values = sorted(raw["steady"][key][s])
+            ys = [i / max(len(values) - 1, 1) for i in range(len(values))]
+            ax.plot([max(v, 0.01) for v in values], ys, color=COLORS[s], label=SETUPS[s])
+        ax.set(xscale="log", xlabel="ms (log)", ylabel="fraction ≤ x", title=f"{what} at {_n(r)} streams")
+        ax.axhline(0.99, color="grey", lw=0.5, ls=":")
+        ax.legend(loc="lower right")
+
+    return panel
+
+
+def _saturation_bars(ax: Any, r: R, raw: R) -> None:
+    tps = [r["saturation"][s]["tokens_per_s"] for s in "abc"]
+    ax.bar_label(ax.bar(list(SETUPS.values()), tps, color=list(COLORS.values())), [f"{v:,.0f}" for v in tps])
+    goal, n = 0.3 * r["xadd_rps"], r["plan"]["sat"]["concurrency"]
+    ax.axhline(goal, color="red", ls="--", lw=1, label=f"0.3 × redis-benchmark XADD = {goal:,.0f}/s")
+    ax.set(ylabel="delivered tokens/s", title=f"throughput at saturation ({n} streams, 1 ms pacing)")
+    ax.legend(loc="upper right")
+
+
+def _sustained_levels(ax: Any, r: R, raw: R) -> None:
+    for s in "abc":
+        runs = r["sustained"]["runs"][s]
+        for key, style, what in _SUSTAINED_LINES:
+            ys = [max(x[key], 0.1) for x in runs]
+            ax.plot([x["level"] for x in runs], ys, style, color=COLORS[s], label=f"{SETUPS[s]}: {what}")
+    ax.axhline(200, color="red", ls="--", lw=1, label="stall: 10 × pacing = 200 ms")
+    ax.set(yscale="log", ylabel="ms (log)", title="streams sustained")
+    ax.set(xlabel="concurrent streams at 50 tokens/s (each level until one fails)")
+    ax.legend(loc="lower right", fontsize="small")
+
+
+def _peer_levels(title: str, unit: str, figure: Callable[[R], float], setups: str) -> Panel:
+    """A figure of issue #11's shape by level, for each of ``setups``."""
+
+    def panel(ax: Any, r: R, raw: R) -> None:
+        levels = [k for k in r["peer"] if k != "long"]
+        for s in setups:
+            ys = [figure(r["peer"][k][s]) for k in levels]
+            ax.plot([int(k) for k in levels], ys, "o-", color=COLORS[s], label=SETUPS[s])
+        ax.set(xscale="log", yscale="log", xlabel="concurrent 64-token streams", ylabel=f"{unit} (log)")
+        ax.set(title=f"peer shape: {title}")
+        ax.legend(loc="upper left")
+
+    return panel
+
+
+# The plot's panels, row by row, each with the phase it draws (left blank when that phase did not run).
+PANELS = (
+    ("steady", _cdf("ttft", "time to first token")),
+    ("steady", _cdf("latency", "per-chunk latency (send stamp → client)")),
+    ("peer", _peer_levels("time to first token, p99", "ms", lambda q: q["ttft"]["p99"], "abc")),
+    ("saturation", _saturation_bars),
+    ("sustained", _sustained_levels),
+    ("peer", _peer_levels("server CPU per delivered token", "µs", lambda q: q["server_us_per_token"], "bc")),
+)
+
+
+def plot(r: R, raw: R, path: Path) -> None:
+    with figure(path, 2, 3, (19, 9)) as (fig, axes):
+        fig.suptitle(f"tailgate bench ({r['plan']['name']} run, {r['cpus']} CPUs, loopback, mock upstream)")
+        for ax, (phase, panel) in zip(axes.flat, PANELS, strict=True):
+            if phase in r:
+                panel(ax, r, raw)
+                ax.grid(True, which="both", alpha=0.3, axis="both" if panel is not _saturation_bars else "y")
+            else:
+                ax.axis("off")

@@ -2,18 +2,16 @@
 
 N concurrent clients run streams for M minutes through two gateways and two workers, all on one
 Redis (AOF, ``appendfsync always``) reached through a TCP fault proxy, while a chaos loop, every few
-seconds, does one of: SIGKILL a worker, SIGTERM a worker, SIGKILL a gateway, SIGTERM a gateway,
-SIGKILL and restart Redis, or reset every Redis connection. Whatever it stops comes back a moment
-later. Clients behave like ``EventSource`` (``tailgate.dev.sse.read_resuming``): on a dropped
-connection or an error status they reconnect to a random gateway with their ``Last-Event-ID``.
+seconds, does one of ``ACTIONS`` (SIGKILL or SIGTERM a worker or a gateway, SIGKILL and restart
+Redis, reset every Redis connection) and brings back what it stopped a moment later. Clients behave
+like ``EventSource`` (``tailgate.dev.sse.read_resuming``): on a dropped connection or an error status
+they reconnect to a random gateway with their ``Last-Event-ID``.
 
-Each stream is checked the way a client can check it: every ``seq`` from 1 to the last, once
-(a missing one is a lost event, a repeated one a duplicate), exactly one terminal event, and the text
-after the last ``reset`` equal to the mock's answer for the same request. The worst takeover is the
-longest silence a client saw before a ``reset`` (kill → new attempt).
-
-Progress prints every 5 s; at the end a table, JSON and a PNG go to ``bench/results/``. Every process
-started is stopped at the end, on error and on Ctrl-C too.
+Each stream is checked the way a client can check it: every ``seq`` from 1 to the last, once (a
+missing one is a lost event, a repeated one a duplicate), exactly one terminal event, and the text
+after the last ``reset`` equal to the mock's answer for the same request. A takeover is the silence a
+client saw before a `worker_lost` reset. Progress prints every 5 s; at the end a table, JSON and a
+PNG go to ``bench/results/``. Every process started is stopped at the end, on error and on Ctrl-C too.
 """
 
 from __future__ import annotations
@@ -51,7 +49,7 @@ COUNTS = (
 @dataclass
 class Tally:
     """What the clients saw: the ``COUNTS`` (and ``create_retries``) summed over every stream, the
-    errors by kind, the takeovers (s of silence before a `worker_lost` reset), and when things happened."""
+    errors by kind, the takeovers (s), when streams finished and when chaos struck."""
 
     count: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(COUNTS.split(), 0)))
     errors: Counter[str] = field(default_factory=Counter)
@@ -67,54 +65,47 @@ class Cluster(Procs):
         self.proxy = FaultProxy(0)
         env = {"TAILGATE_LOG_LEVEL": "INFO", "TAILGATE_DRAIN_S": "1", "TAILGATE_SHUTDOWN_GRACE_S": "3"}
         super().__init__(log_dir, RedisServer(appendonly=True), **env)
-
-    @property
-    def urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{self.ports[f'gateway{i}']}" for i in range(2)]
+        self.urls = [f"http://127.0.0.1:{self.port(f'gateway{i}')}" for i in range(2)]
 
     async def start(self) -> None:
         self.proxy.target_port = (await self.redis.astart()).port
         self.overrides["TAILGATE_REDIS_URL"] = (await self.proxy.start()).url
         await asyncio.to_thread(self.start_mock)
+        kinds = {"gateway": self.start_gateway, "worker": self.start_worker}
         await asyncio.gather(
-            *(asyncio.to_thread(self.start_gateway, f"gateway{i}") for i in range(2)),
-            *(asyncio.to_thread(self.start_worker, f"worker{i}") for i in range(2)),
+            *(asyncio.to_thread(start, f"{k}{i}") for k, start in kinds.items() for i in range(2))
         )
 
     async def chaos(self, action: str, rng: random.Random) -> str:
-        i = rng.randrange(2)
-        if action.endswith(("_worker", "_gateway")):
-            kind = action.split("_")[1]
-            await asyncio.to_thread(self.stop, f"{kind}{i}", kill=action.startswith("kill"))
-            await asyncio.sleep(rng.uniform(0.5, 3.0) if kind == "worker" else rng.uniform(0.2, 2.0))
-            start = self.start_worker if kind == "worker" else self.start_gateway
-            await asyncio.to_thread(start, f"{kind}{i}")
-            return f"{action} {i}"
+        if action == "cut_redis":
+            return f"{action} ({self.proxy.cut()} connections)"
         if action == "restart_redis":
             await self.redis.astop(kill=True)
             await asyncio.sleep(rng.uniform(0.5, 2.0))
             await self.redis.astart()
             return action
-        return f"{action} ({self.proxy.cut()} connections)"
-
-    async def aclose(self) -> None:
-        await asyncio.to_thread(self.close)
-        await self.proxy.close()
+        kind, i = action.split("_")[1], rng.randrange(2)
+        await asyncio.to_thread(self.stop, f"{kind}{i}", kill=action.startswith("kill"))
+        await asyncio.sleep(rng.uniform(0.5, 3.0) if kind == "worker" else rng.uniform(0.2, 2.0))
+        await asyncio.to_thread(self.start_worker if kind == "worker" else self.start_gateway, f"{kind}{i}")
+        return f"{action} {i}"
 
 
 async def run_stream(
-    client: httpx.AsyncClient,
+    http: httpx.AsyncClient,
     api: openai.AsyncOpenAI,
     urls: list[str],
     tally: Tally,
     rng: random.Random,
     n: int,
 ) -> None:
-    prompt = f"soak {n} {rng.random()} [mock:tokens={rng.randint(60, 200)}]"
-    headers = {"Authorization": f"Bearer {Procs.API_KEY}"}
+    prompt, headers = (
+        f"soak {n} {rng.random()} [mock:tokens={rng.randint(60, 200)}]",
+        {"Authorization": f"Bearer {Procs.API_KEY}"},
+    )
     while True:
         with contextlib.suppress(httpx.HTTPError):
-            r = await client.post(f"{rng.choice(urls)}/v1/streams", json={"prompt": prompt}, headers=headers)
+            r = await http.post(f"{rng.choice(urls)}/v1/streams", json={"prompt": prompt}, headers=headers)
             if r.status_code == 202:
                 break
         tally.count["create_retries"] += 1
@@ -122,7 +113,7 @@ async def run_stream(
     tally.count["started"] += 1
     try:
         got = await read_resuming(
-            client, urls, r.json()["events_url"], headers, pick=rng.choice, deadline_s=300
+            http, urls, r.json()["events_url"], headers, pick=rng.choice, deadline_s=300
         )
     except (ProtocolError, TimeoutError, httpx.HTTPError) as exc:
         tally.errors[f"not read to its end: {type(exc).__name__}: {str(exc)[:80]}"] += 1
@@ -138,8 +129,7 @@ async def run_stream(
     for before, e in itertools.pairwise(events):
         if e.event == "reset" and e.data.get("reason") == "worker_lost":
             tally.takeovers.append((id_key(e.id)[0] - id_key(before.id)[0]) / 1000)
-    terminals = [e for e in events if e.terminal]
-    if not terminals:
+    if not (terminals := [e for e in events if e.terminal]):
         tally.errors["no terminal event"] += 1
     elif terminals[-1].event == "error":
         tally.count["ended_with_error"] += 1
@@ -155,21 +145,17 @@ async def run_stream(
 
 async def soak(streams: int, minutes: float, seed: int) -> dict[str, Any]:
     raise_fd_limit()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    log_dir = report.RESULTS / "logs" / f"soak-{stamp}"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    rng, tally, cluster = random.Random(seed), Tally(), Cluster(log_dir)
-    t0, numbers = time.monotonic(), itertools.count(1)
+    stamp, t0, numbers = time.strftime("%Y%m%d-%H%M%S"), time.monotonic(), itertools.count(1)
+    rng, tally, cluster = random.Random(seed), Tally(), Cluster(report.RESULTS / "logs" / f"soak-{stamp}")
 
-    async def lane(client: httpx.AsyncClient, api: openai.AsyncOpenAI) -> None:
+    async def lane(http: httpx.AsyncClient, api: openai.AsyncOpenAI) -> None:
         while time.monotonic() < end:
-            await run_stream(client, api, cluster.urls, tally, rng, next(numbers))
+            await run_stream(http, api, cluster.urls, tally, rng, next(numbers))
 
     async def chaos() -> None:
         await asyncio.sleep(3)
         while time.monotonic() < end - 10:
-            done = await cluster.chaos(rng.choice(ACTIONS), rng)
-            tally.chaos.append((time.monotonic() - t0, done))
+            tally.chaos.append((time.monotonic() - t0, await cluster.chaos(rng.choice(ACTIONS), rng)))
             await asyncio.sleep(rng.uniform(3, 8))
 
     async def progress() -> None:
@@ -177,10 +163,9 @@ async def soak(streams: int, minutes: float, seed: int) -> dict[str, Any]:
             await asyncio.sleep(5)
             c, last = tally.count, tally.chaos[-1][1] if tally.chaos else "-"
             print(
-                f"[{time.monotonic() - t0:5.0f}s] done {c['done']} (exact {c['text_exact']}), "
-                f"error {c['ended_with_error']}, lost {c['lost']}, duplicated {c['duplicated']}, "
-                f"resets {c['resets']}, reconnects {c['reconnects']}; "
-                f"chaos {len(tally.chaos)} (last: {last})",
+                f"[{time.monotonic() - t0:5.0f}s] done {c['done']} (exact {c['text_exact']}), error "
+                f"{c['ended_with_error']}, lost {c['lost']}, duplicated {c['duplicated']}, resets "
+                f"{c['resets']}, reconnects {c['reconnects']}; chaos {len(tally.chaos)} (last: {last})",
                 flush=True,
             )
 
@@ -190,24 +175,28 @@ async def soak(streams: int, minutes: float, seed: int) -> dict[str, Any]:
         end = time.monotonic() + minutes * 60
         limits = httpx.Limits(max_connections=4 * streams, max_keepalive_connections=0)
         async with (
-            httpx.AsyncClient(timeout=httpx.Timeout(30.0), limits=limits) as client,
+            httpx.AsyncClient(timeout=httpx.Timeout(30.0), limits=limits) as http,
             openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{cluster.ports['mock']}/v1", api_key="-") as api,
         ):
             reporter = asyncio.create_task(progress())
             try:
-                await asyncio.gather(chaos(), *(lane(client, api) for _ in range(streams)))
+                await asyncio.gather(chaos(), *(lane(http, api) for _ in range(streams)))
             finally:
                 reporter.cancel()
     finally:
         print("soak: stopping every process", flush=True)
-        await cluster.aclose()
+        await asyncio.to_thread(cluster.close)
+        await cluster.proxy.close()
     result = {"streams": streams, "minutes": minutes, "seed": seed, "wall_s": time.monotonic() - t0}
     return result | {"stamp": stamp, "t0": t0} | vars(tally)
 
 
 def table(r: dict[str, Any]) -> str:
-    c, kinds = r["count"], Counter(what.split()[0] for _, what in r["chaos"])
-    takeovers = r["takeovers"] or [0.0]
+    c, kinds, takeovers = (
+        r["count"],
+        Counter(what.split()[0] for _, what in r["chaos"]),
+        r["takeovers"] or [0.0],
+    )
     rows = [
         ("streams completed (`done`)", f"{c['done']} of {c['started']} started"),
         ("text exact after the last `reset`", f"{c['text_exact']} of {c['done']}"),
@@ -253,19 +242,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="20 streams for 1 minute")
     args = parser.parse_args()
-    streams, minutes = (20, 1.0) if args.quick else (args.streams, args.minutes)
     try:
+        streams, minutes = (20, 1.0) if args.quick else (args.streams, args.minutes)
         result = asyncio.run(soak(streams, minutes, args.seed))
     except KeyboardInterrupt:
         sys.exit("soak: interrupted; every process was stopped")
-    base = report.RESULTS / f"soak-{result['stamp']}"
-    text = table(result)
+    base, text = report.RESULTS / f"soak-{result['stamp']}", table(result)
     base.with_suffix(".md").write_text(text)
     base.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(result, base.with_suffix(".png"))
     print(f"\n{text}\ntable, JSON and plot: {base}.{{md,json,png}}")
-    unread = any(k.startswith("not read") for k in result["errors"])
-    c = result["count"]
+    c, unread = result["count"], any(k.startswith("not read") for k in result["errors"])
     sys.exit(1 if c["lost"] or c["duplicated"] or c["text_wrong"] or unread else 0)
 
 
