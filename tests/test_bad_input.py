@@ -70,6 +70,20 @@ async def test_an_empty_idempotency_key_is_a_400(stack: Stack) -> None:
             assert r.json()["error"]["code"] == "bad_idempotency_key"
 
 
+async def test_content_parts_with_any_json_numbers_are_accepted_and_generated(stack: Stack) -> None:
+    # Content parts are the client's JSON: an integer past 64 bits is legal there (and once gave a 500).
+    parts: list[dict[str, object]] = [{"type": "text", "text": "big", "n": 2**70, "x": -3.5e300}]
+    async with httpx.AsyncClient() as client:
+        r = await client.post(
+            f"{stack.url}/v1/streams",
+            json={"messages": [{"role": "user", "content": parts}]},
+            headers=stack.headers,
+        )
+        assert r.status_code == 202, r.text
+        _, events = await read_sse(client, stack.url + r.json()["events_url"], headers=stack.headers)
+    assert [e.event for e in events[:2]] == ["queued", "started"] and events[-1].event == "done"
+
+
 @pytest.mark.parametrize(
     "metadata",
     [{"k": "v" * 513}, {"k" * 65: "v"}, {"": "v"}, {f"k{i}": "v" for i in range(17)}],
