@@ -176,3 +176,30 @@ async def test_fallback_poll_starts_a_job_whose_wake_up_was_lost(
 
     _, got = await read_sse(client, f"{url}/v1/streams/{stream_id}/events", headers=polling.headers)
     assert [e.event for e in got] == ["queued", "started", "delta", "delta", "delta", "done"]
+
+
+async def test_a_job_whose_claim_fails_stays_queued_and_the_others_run(
+    client: httpx.AsyncClient, make_stack: MakeStack, prompt: str
+) -> None:
+    s = make_stack(TAILGATE_POLL_DELAY_S="0.2")
+    url = await s.agateway()  # no worker yet: both jobs wait in the queue
+    ids = []
+    for i in range(2):
+        r = await client.post(
+            f"{url}/v1/streams", json={"prompt": f"{prompt} {i} [mock:tokens=3]"}, headers=s.headers
+        )
+        ids.append(r.json()["id"])
+    broken, fine = ids
+    queue = s.env["TAILGATE_QUEUE_NAME"]
+    async with Redis.from_url(s.redis_url) as r:
+        # The claim script meets a key of the wrong type: it fails with an error, not with a reply.
+        await r.delete(keys.meta(broken))
+        await r.set(keys.meta(broken), "not a hash")
+        await s.aworker()
+        _, got = await read_sse(client, f"{url}/v1/streams/{fine}/events", headers=s.headers)
+        assert got[-1].event == "done"
+        worker = s.procs[-1]
+        await worker.await_log(f"stream {broken}: claim failed")
+        # Not dropped as a job that ran: it stays for the next poll (and the operator's eyes).
+        assert await r.zscore(queue, broken) is not None
+        assert await r.zscore(queue, fine) is None
