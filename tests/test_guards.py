@@ -20,6 +20,7 @@ from collections.abc import AsyncGenerator
 
 import httpx
 import pytest
+from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from sse_starlette.sse import SendTimeoutError
 from starlette.types import Message
@@ -29,9 +30,10 @@ from gateway.hub import Batch, Tailed
 from tailgate import keys
 from tailgate.dev.faultproxy import FaultProxy
 from tailgate.dev.procs import RedisServer, await_until
-from tailgate.dev.sse import assert_exactly_once, events, read_resuming, text_of
+from tailgate.dev.sse import assert_exactly_once, events, read_resuming, read_sse, text_of
 from tailgate.events import Entry
 from tests.harness import MakeStack, Stack, expected_answer
+from worker.job import takeover
 
 TAKEOVER_AFTER_S = 3.0
 # Redis stays down longer than the takeover period, so every heartbeat is stale when it is back.
@@ -139,6 +141,30 @@ async def test_a_worker_started_while_redis_is_down_waits_for_it_and_then_serves
     resumed = await read_resuming(client, [url], f"/v1/streams/{stream_id}/events", s.headers)
     assert_exactly_once(resumed.events)
     assert text_of(resumed.events) == await expected_answer(mock_url, prompt)
+
+
+async def test_a_takeover_job_for_a_stream_this_worker_runs_is_dropped_not_claimed(
+    client: httpx.AsyncClient, make_stack: MakeStack, mock_url: str, prompt: str
+) -> None:
+    # As when this worker's heartbeats failed for a while (Redis unreachable) but its attempt lives:
+    # another worker's scan saw the heartbeat stale and enqueued a takeover that reached this worker.
+    s = make_stack()
+    url = await s.agateway()
+    await s.aworker()
+    prompt += " [mock:tokens=150,delay_ms=20]"
+    stream_id = await create(client, s, url, prompt)
+    async with Redis.from_url(s.redis_url) as r, ArqRedis.from_url(s.redis_url) as queue:
+        async with client.stream("GET", f"{url}/v1/streams/{stream_id}/events", headers=s.headers) as resp:
+            async for event in events(resp):
+                if event.event == "delta":
+                    break
+        await r.hset(keys.meta(stream_id), "heartbeat", 0)  # stale, as the scan saw it
+        await takeover(queue, s.env["TAILGATE_QUEUE_NAME"], stream_id, "stale-0")
+        _, got = await read_sse(client, f"{url}/v1/streams/{stream_id}/events", headers=s.headers)
+    assert [e.event for e in got if e.event in ("reset", "started")] == ["started"]
+    assert got[-1].event == "done" and got[-1].data["usage"]["completion_tokens"] == 150
+    assert_exactly_once(got)
+    assert text_of(got) == await expected_answer(mock_url, prompt)
 
 
 async def test_a_send_blocked_past_the_send_timeout_ends_the_response_and_its_reader() -> None:
