@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from redis.asyncio import Redis
 
 from tailgate import keys, tuning
 from tailgate.connections import REDIS_ERRORS, ride_out
-from tailgate.events import Entry, parse_published
+from tailgate.events import START, Entry, dumps, parse_published
 from tailgate.store import StreamStore
 
 log = logging.getLogger(__name__)
@@ -233,45 +234,70 @@ class Hub:
         and including the terminal event, as a :class:`Batch` of those that are ready together.
         ``IDLE`` means nothing happened for ``idle_check_s``: time for a keep-alive.
 
-        Ends early, without a terminal event, when the process shuts down (``resumable`` readers)."""
+        Ends early, without a terminal event, when the process shuts down (``resumable`` readers).
+
+        After a failover (see :func:`_rewritten`), what it delivered may be written again: by the
+        same attempt, the same events under new ids, which it drops by ``seq``; or by another
+        attempt, which it cannot splice onto what it delivered: it then sends a ``reset`` with
+        ``seq`` 0 (``cursor_out_of_range``, as to a client whose cursor is not in the stream) and
+        the stream from its start."""
         if self.released and resumable:
             return
         sub = await self._subscribe(stream_id, resumable)
+        attempt = 0  # the latest attempt this reader delivered a `started` or `reset` of
         try:
             behind = True  # read the stream itself until a page comes back short
             while True:
+                live = False
                 if behind:
-                    entries, behind = await self._catch_up(stream_id, after)
+                    page, behind = await self._catch_up(stream_id, after)
                 else:
                     item = await sub.next(self._idle_check_s)
                     match item:
                         case Batch():
-                            entries = [e for e in item.entries if e.seq > last_seq]
-                            if entries and entries[0].seq != last_seq + 1:
-                                behind = True  # a gap: the stream has what pub/sub lost
-                                continue
+                            page, live = item.entries, True
                         case Resync():
                             behind = True
                             continue
                         case Idle():
                             # Quiet for a while: look at the stream anyway, in case a message was lost.
-                            entries, behind = await self._catch_up(stream_id, after)
-                            if not entries:
+                            page, behind = await self._catch_up(stream_id, after)
+                            if not page:
                                 yield IDLE
                                 continue
                         case Leave():
                             return
                         case _:
                             assert_never(item)
+                if _rewritten(page, last_seq, attempt):
+                    log.warning(
+                        "stream %s rewritten after seq %d was delivered; restarting", stream_id, last_seq
+                    )
+                    yield Batch((Entry(START, "reset", dumps(_restart(page)), 0),))
+                    after, last_seq, attempt, behind = START, 0, 0, True
+                    continue
+                entries = [e for e in page if e.seq > last_seq]  # what it has, written again: dropped
+                if entries and entries[0].seq != last_seq + 1:
+                    if live:
+                        behind = True  # a gap: the stream has what pub/sub lost
+                        continue
+                    if after != START and not await self._has(stream_id, after):
+                        # A failover lost the cursor's entry and the stream was written again under
+                        # lower ids: find the reader's place by seq, from the start.
+                        after, behind = START, True
+                        continue
+                if not live and page and not entries:
+                    after = page[-1].id  # a page of events it has: read on after them
                 if entries:
                     yield Batch(entries)
                     after, last_seq = entries[-1].id, entries[-1].seq
+                    attempt = max(attempt, *(_attempt_of(e) for e in entries))
                     if entries[-1].terminal:
                         return
         finally:
             self._leave(sub)
 
-    async def _catch_up(self, stream_id: str, after: str) -> tuple[list[Entry], bool]:
+    async def _catch_up(self, stream_id: str, after: str) -> tuple[Sequence[Entry], bool]:
         """One XRANGE page of the entries after ``after``, and whether the stream may hold more (the
         page is full). Rides out a Redis restart or a cut connection for a while."""
         page = await ride_out(
@@ -279,3 +305,33 @@ class Hub:
             patience_s=tuning.OUTAGE_PATIENCE_S,
         )
         return page, len(page) == tuning.CATCHUP_PAGE
+
+    async def _has(self, stream_id: str, cursor: str) -> bool:
+        entry = await ride_out(lambda: self._store.at(stream_id, cursor), patience_s=tuning.OUTAGE_PATIENCE_S)
+        return entry is not None
+
+
+def _attempt_of(e: Entry) -> int:
+    """The attempt a ``started`` or ``reset`` begins; 0 for other events."""
+    return int(json.loads(e.data)["attempt"]) if e.type in ("started", "reset") else 0
+
+
+def _rewritten(entries: Sequence[Entry], last_seq: int, attempt: int) -> bool:
+    """Whether the stream was written again under a reader that delivered up to ``last_seq``, by
+    ``attempt``, so that what it delivered is void.
+
+    A failover can lose the last events a reader delivered (replication is asynchronous; the worker
+    moves on only once replicas have a write, but the gateway sees it first). The attempt that wrote
+    them writes them again, the same, and the reader drops them by ``seq``. If that attempt lost the
+    stream meanwhile, another wrote those ``seq``: its ``reset`` or ``started`` is of a later attempt
+    than the reader's, or the stream ended (a terminal event the reader never delivered: it stops at
+    one). Ordinary duplicates (an append seen both in a page and on pub/sub) are neither."""
+    return any(
+        e.seq <= last_seq and (e.terminal or _attempt_of(e) > attempt)
+        for e in entries
+        if e.type in ("started", "reset") or e.terminal
+    )
+
+
+def _restart(entries: Sequence[Entry]) -> dict[str, int | str]:
+    return {"seq": 0, "attempt": max(map(_attempt_of, entries)), "reason": "cursor_out_of_range"}
