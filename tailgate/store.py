@@ -45,11 +45,14 @@ can run on a cluster, each of these must be split into the stream's own step and
 **Replays.** The worker opens its store without redis-py's command re-send (``retry=False``): the
 worker's loops retry themselves, knowing that they did, which recognising a replay needs. A re-sent
 append is recognised by its ``seq``; a re-sent terminal append finds its stream ended, which the
-writer, knowing it retried, counts as its own. A claim whose reply was lost is not recognised: its
-retry (ARQ runs the job again) finds the claimant's fresh heartbeat and answers ``busy``, and the
-stream waits for the takeover scan (``takeover_after_s``, then one ``reset``). Recognising it would
-need a claim token no later job can carry, and ARQ job ids are reused (a takeover job's id is the
-stream's id and the heartbeat it found stale), so a re-send could not be told from a second claim.
+writer, knowing it retried, counts as its own. A claim is re-sent by the job that made it, with a
+token of that job run's own (random, kept in the meta by the claim), and recognised by it: the same
+attempt, nothing written. ARQ job ids are reused (a takeover job's id is the stream's id and the
+heartbeat it found stale), so the token is not the job id: a later run of the same job, or another
+job, carries another token, and finds the claimant's fresh heartbeat (``busy``). So a claim whose
+reply was lost is recognised while its job retries it; a job that gave up on it (after
+``tuning.CLAIM_PATIENCE_S``) leaves the stream to the takeover scan (``takeover_after_s``, then one
+``reset``).
 """
 
 from __future__ import annotations
@@ -210,13 +213,16 @@ class StreamStore:
         ks = [keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS]
         await self._discard(keys=ks, args=[keys.ACTIVE_PREFIX, keys.RATE_PREFIX])
 
-    async def claim(self, stream_id: str, worker: str, *, stale_after_s: float, max_attempts: int) -> Claimed:
+    async def claim(
+        self, stream_id: str, worker: str, *, stale_after_s: float, max_attempts: int, token: str = ""
+    ) -> Claimed:
         """Start a new attempt: writes ``reset`` (from the second attempt on) and ``started``, and
         indexes the stream as running in the same step, so a worker that dies right after claiming
         is still found by the takeover scan.
 
         A running stream is taken over only if its heartbeat is older than ``stale_after_s``. Past
-        ``max_attempts`` the stream ends with ``error`` (:attr:`Reply.EXHAUSTED`).
+        ``max_attempts`` the stream ends with ``error`` (:attr:`Reply.EXHAUSTED`). The same claim
+        sent again (the same ``token``, which no other claim may carry) answers as the first did.
         """
         now = time.time() * 1000
         r = await self._claim(
@@ -229,6 +235,7 @@ class StreamStore:
                 max_attempts,
                 self._retention,
                 keys.ACTIVE_PREFIX,
+                token,
             ],
         )
         reply = Reply(r[0])

@@ -37,8 +37,11 @@ OUTAGE_PATIENCE_S = 30.0
 # ARQ's own timeout for a `generate` job. The job only claims a stream (a round trip or two); the
 # generation runs under the worker's supervision, bounded by TAILGATE_JOB_TIMEOUT_S.
 ARQ_JOB_TIMEOUT_S = 30
-# A claim that meets an unreachable Redis is retried every second (arq.Retry): 300 tries ride out
-# a five-minute outage.
+# A claim that meets an unreachable Redis (or replicas that do not acknowledge it) is sent again by
+# its job, recognised by its token, for up to 20 s: through a Sentinel failover, say, whose new
+# primary may or may not have it. Then the job is retried every second (arq.Retry), as a new claim:
+# 300 tries ride out a five-minute outage. Below ARQ_JOB_TIMEOUT_S, so ARQ never cancels a claim.
+CLAIM_PATIENCE_S = 20.0
 CLAIM_MAX_TRIES = 300
 # Half-open client connections (the peer vanished without a FIN): TCP keepalive probes after 30 s
 # of silence, every 10 s, 3 unanswered close it; data unacknowledged for 60 s closes it too.
