@@ -3,7 +3,9 @@ store's create and the enqueue.
 
 A surface turns its own body into a :class:`StreamRequest` and calls :func:`start`; what it answers
 is its own business. A stream is queued whole or not at all: if the enqueue fails, the store's
-``discard`` takes back the create, so no stream exists that nobody will ever run.
+``discard`` takes back the create, so no stream exists that nobody will ever run. With
+``TAILGATE_REPLICA_ACKS``, the create and the job are each acknowledged by the replicas before the
+client hears of the stream (``tailgate.replication``); if they are not, the create is taken back too.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import logging
 import secrets
 from typing import Annotated, Any, Literal, assert_never
 
+from arq.constants import expires_extra_ms, job_key_prefix
+from arq.jobs import serialize_job
+from arq.utils import timestamp_ms
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -20,6 +25,7 @@ from gateway.errors import ApiError
 from gateway.services import Services
 from tailgate import keys
 from tailgate.events import dumps
+from tailgate.replication import NotReplicated
 from tailgate.store import CreateReply
 
 log = logging.getLogger(__name__)
@@ -106,9 +112,13 @@ async def start(
     if idempotency_key is not None:
         digest = hashlib.sha256(body.model_dump_json(exclude_none=True).encode()).hexdigest()
         idempotency = (hashlib.sha256(idempotency_key.encode()).hexdigest(), digest)
-    creation = await svc.store.create(
-        stream_id, owner, fields, limits=svc.admission.limits, idempotency=idempotency
-    )
+    try:
+        creation = await svc.store.create(
+            stream_id, owner, fields, limits=svc.admission.limits, idempotency=idempotency
+        )
+    except NotReplicated:
+        await svc.store.discard(stream_id)  # on the primary, not on enough replicas: never acknowledged
+        raise  # 503, as for any outage
     match creation.reply:
         case CreateReply.CREATED | CreateReply.ID_TAKEN:  # ID_TAKEN: this create, re-sent
             pass
@@ -128,13 +138,24 @@ async def start(
 
 
 async def _enqueue(svc: Services, stream_id: str) -> None:
-    """Enqueue the stream's job and wake a worker; if that fails, the store takes the create back
-    (quota and idempotency record included) and the client gets 503."""
+    """Enqueue the stream's job and wake a worker, in one pipeline, with the wait for the replicas
+    when they are expected; if that fails, the store takes the create back (quota and idempotency
+    record included) and the client gets 503.
+
+    The job is written as ARQ's ``enqueue_job`` writes it, without its WATCH transaction: the id is
+    new, so there is nothing to watch, and a WATCH transaction cannot carry the WAIT on its
+    connection. The writes are ``NX``, so redis-py may re-send the pipeline after a broken
+    connection (to the new primary, after a failover): a job that is there already stays as it is."""
+    now = timestamp_ms()
+    job = serialize_job(keys.JOB_GENERATE, (stream_id,), {}, None, now)
+    replicas = svc.settings.replicas
     try:
-        await svc.queue.enqueue_job(
-            keys.JOB_GENERATE, stream_id, _job_id=stream_id, _queue_name=svc.settings.queue_name
-        )
-        await svc.queue.publish(keys.WAKE_CHANNEL, stream_id)  # an idle worker starts it at once
+        async with svc.queue.pipeline(transaction=False) as pipe:
+            pipe.set(job_key_prefix + stream_id, job, px=expires_extra_ms, nx=True)
+            pipe.zadd(svc.settings.queue_name, {stream_id: now}, nx=True)
+            pipe.publish(keys.WAKE_CHANNEL, stream_id)  # an idle worker starts it at once
+            replicas.wait(pipe)
+            replicas.check(await pipe.execute(), f"job of {stream_id}")
     except Exception as exc:
         log.error("enqueue of %s failed: %s", stream_id, exc)
         await svc.store.discard(stream_id)

@@ -200,17 +200,17 @@ Ctrl-C stops everything.
 
 
 async def _top(settings: Settings, once: bool, interval: float) -> None:
-    from redis.asyncio import Redis
+    from tailgate.connections import open_client
 
-    queue = Redis.from_url(settings.queue_url, decode_responses=True)
-    streams = Redis.from_url(settings.streams_url, decode_responses=True)
+    queue = open_client(settings.queue_url, "top")
+    streams = open_client(settings.streams_url, "top")
     try:
         while True:
             depth = await queue.zcard(settings.queue_name)
             now = time.time() * 1000
-            workers = [json.loads(v) for v in (await queue.hgetall(keys.WORKERS)).values()]
+            workers = [json.loads(v) for v in (await queue.hgetall(keys.WORKERS)).values()]  # type: ignore[misc]
             alive = [w for w in workers if now - w["beat_ms"] < settings.heartbeat_s * 3000]
-            stats: dict[str, Any] = await streams.hgetall(keys.STATS)
+            stats: dict[str, Any] = await streams.hgetall(keys.STATS)  # type: ignore[misc]
             running = sum(w["running"] for w in alive)
             print(
                 f"{time.strftime('%H:%M:%S')}  queued {depth:>6}  running {running:>6}  "
@@ -252,9 +252,8 @@ async def _keys(settings: Settings, action: str, value: str | None) -> None:
 async def _revoke(settings: Settings, store: StreamStore, table: KeyTable, value: str | None) -> None:
     """Take a key out of Redis, then cancel its unfinished streams: its read tokens already fail
     (a gateway checks the stream's key on each use)."""
-    from redis.asyncio import Redis
-
     from tailgate.apikeys import legacy_digest
+    from tailgate.connections import open_client
 
     if not value:
         sys.exit("tailgate keys revoke: give the key, or the id `tailgate keys list` shows")
@@ -275,7 +274,7 @@ async def _revoke(settings: Settings, store: StreamStore, table: KeyTable, value
                 "tailgate keys revoke: that legacy key was just used, which moved it to tg:owners: "
                 "revoke it by the key, or by its new id in `tailgate keys list`"
             )
-    queue = Redis.from_url(settings.queue_url)
+    queue = open_client(settings.queue_url, "cli")
     try:
         cancelled = [s for o in sorted(owners) for s in await _cancel_unfinished(store, queue, o)]
     finally:

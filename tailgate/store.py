@@ -53,6 +53,15 @@ job, carries another token, and finds the claimant's fresh heartbeat (``busy``).
 reply was lost is recognised while its job retries it; a job that gave up on it (after
 ``tuning.CLAIM_PATIENCE_S``) leaves the stream to the takeover scan (``takeover_after_s``, then one
 ``reset``).
+
+**Replicas.** With ``TAILGATE_REPLICA_ACKS`` (``tailgate.replication``), ``create``, ``claim``,
+``cancel`` and every ``append_many`` go in one pipeline with a wait for the replicas, and a shortfall
+is a ``ConnectionError`` like any outage. The reasoning above holds as it is: the worker's retry of
+an append the replicas did not acknowledge is a replay (recognised by its ``seq`` on the same
+primary; applied anew on a promoted replica that never got it, as the first send), and so is the
+job's retry of such a claim (recognised by its token). An attempt starts only once the replicas
+have its claim, so no generation runs under a claim that a failover could lose and hand, under the
+same attempt number, to another.
 """
 
 from __future__ import annotations
@@ -64,9 +73,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 
 from tailgate import keys, scripts
 from tailgate.events import FINAL_STATUS, FINISHED, Entry, dumps, entry
+from tailgate.replication import UNREPLICATED, Replicas
 
 
 class Reply(enum.Enum):
@@ -160,8 +171,17 @@ class Claimed:
 class StreamStore:
     """The streams Redis, seen through the seven scripts plus plain reads."""
 
-    def __init__(self, redis: Redis, *, maxlen: int, retention_s: int, live_ttl_s: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        maxlen: int,
+        retention_s: int,
+        live_ttl_s: int,
+        replicas: Replicas = UNREPLICATED,
+    ) -> None:
         self.redis = redis
+        self._replicas = replicas
         self._maxlen = maxlen
         self._retention = retention_s
         self._live_ttl = live_ttl_s
@@ -197,7 +217,8 @@ class StreamStore:
         for k, v in fields.items():
             args += [k, v]
         ks = [keys.events(stream_id), keys.meta(stream_id), keys.active(owner), keys.STATS]
-        r = await self._create(keys=[*ks, keys.rate(owner), idem_key], args=args)
+        ks += [keys.rate(owner), idem_key]
+        r = await self._replicated(self._create, ks, args, f"create of {stream_id}")
         reply = CreateReply(r[0])
         if reply in (CreateReply.CREATED, CreateReply.EXISTING):
             return Creation(reply, stream_id=r[1])
@@ -225,9 +246,10 @@ class StreamStore:
         sent again (the same ``token``, which no other claim may carry) answers as the first did.
         """
         now = time.time() * 1000
-        r = await self._claim(
-            keys=[keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS],
-            args=[
+        r = await self._replicated(
+            self._claim,
+            [keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS],
+            [
                 keys.notify(stream_id),
                 f"{now:.3f}",
                 worker,
@@ -237,6 +259,7 @@ class StreamStore:
                 keys.ACTIVE_PREFIX,
                 token,
             ],
+            f"claim of {stream_id}",
         )
         reply = Reply(r[0])
         if reply is not Reply.OK:
@@ -266,7 +289,8 @@ class StreamStore:
                 ks = [keys.events(a.stream_id), keys.meta(a.stream_id), keys.RUNNING, keys.STATS]
                 ks.append(keys.active(a.owner))
                 await self._append(keys=ks, args=args, client=pipe)
-            replies = await pipe.execute(raise_on_error=False)
+            self._replicas.wait(pipe)
+            replies = self._replicas.check(await pipe.execute(raise_on_error=False), "append")
         return [_written(a, r) for a, r in zip(appends, replies, strict=True)]
 
     async def beat(self, attempts: dict[str, int]) -> dict[str, str]:
@@ -297,12 +321,24 @@ class StreamStore:
     async def cancel(self, stream_id: str) -> str:
         """Returns the status after the request: a queued stream is ended at once (``cancelled``),
         a running one is flagged for its worker (``running``)."""
-        return str(
-            await self._cancel(
-                keys=[keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS],
-                args=[keys.notify(stream_id), stamp(), self._retention, keys.ACTIVE_PREFIX],
-            )
+        status = await self._replicated(
+            self._cancel,
+            [keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS],
+            [keys.notify(stream_id), stamp(), self._retention, keys.ACTIVE_PREFIX],
+            f"cancel of {stream_id}",
         )
+        return str(status)
+
+    async def _replicated(self, script: AsyncScript, ks: list[str], args: list[Any], what: str) -> Any:
+        """``script``'s reply, once the replicas have what it wrote, when replicas are expected
+        (``tailgate.replication``): then it goes in one pipeline with the wait for them."""
+        if not self._replicas.acks:
+            return await script(keys=ks, args=args)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await script(keys=ks, args=args, client=pipe)
+            self._replicas.wait(pipe)
+            [reply] = self._replicas.check(await pipe.execute(), what)
+        return reply
 
     async def meta(self, stream_id: str) -> dict[str, str]:
         return await self.redis.hgetall(keys.meta(stream_id))  # type: ignore[no-any-return,misc]

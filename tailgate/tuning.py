@@ -29,6 +29,9 @@ WORKER_QUEUE_POOL = 8
 # ARQ jobs only claim a stream and hand it to the worker's own supervisor, so few run at once;
 # TAILGATE_CONCURRENCY bounds the streams.
 WORKER_ARQ_JOBS = 64
+# Asking a Sentinel where the primary is: a Sentinel that does not answer within this is skipped for
+# the next one in the URL, so a dead Sentinel costs a connect timeout, not a hang.
+SENTINEL_TIMEOUT_S = 1.0
 # How often a worker looks for streams whose worker stopped heartbeating.
 TAKEOVER_SCAN_S = 1.0
 # How long a gateway's reader rides out a Redis outage before it lets its client go (to reconnect,
