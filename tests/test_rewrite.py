@@ -61,20 +61,25 @@ async def write(
     return written.seq
 
 
-def given(got: list[Event], seq: int) -> bool:
-    return any(e.seq == seq for e in got)
-
-
-async def test_events_lost_and_written_again_the_same_reach_the_reader_once(
+async def abcd_given(
     client: httpx.AsyncClient, staged: tuple[Stack, str, StreamStore]
-) -> None:
+) -> tuple[StreamStore, str, Claimed, int, list[Event], asyncio.Task[None]]:
+    """A stream whose attempt wrote "a", "b", then "c", "d", and a reader that was given all of it:
+    the store, the stream, its claim, its seq, what the reader got (it goes on) and the reader."""
     s, url, store = staged
     stream_id, claim = await begin(client, s, url, store)
     seq = await write(store, stream_id, claim, claim.seq, "a", "b")
     seq = await write(store, stream_id, claim, seq, "c", "d")
     got: list[Event] = []
     reader = asyncio.create_task(follow(client, f"{url}/v1/streams/{stream_id}/events", s.headers, got))
-    await await_until(lambda: given(got, seq), "the reader has every event so far")
+    await await_until(lambda: any(e.seq == seq for e in got), "the reader has every event so far")
+    return store, stream_id, claim, seq, got, reader
+
+
+async def test_events_lost_and_written_again_the_same_reach_the_reader_once(
+    client: httpx.AsyncClient, staged: tuple[Stack, str, StreamStore]
+) -> None:
+    store, stream_id, claim, seq, got, reader = await abcd_given(client, staged)
 
     # The failover: "c" and "d" are lost; the attempt writes them again, the same, under new ids.
     # The gateway's pub/sub connection breaks in the same step, so its reader finds them by reading
@@ -99,13 +104,7 @@ async def test_events_lost_and_written_again_the_same_reach_the_reader_once(
 async def test_events_lost_and_written_over_by_another_attempt_restart_the_reader(
     client: httpx.AsyncClient, staged: tuple[Stack, str, StreamStore]
 ) -> None:
-    s, url, store = staged
-    stream_id, first = await begin(client, s, url, store)
-    seq = await write(store, stream_id, first, first.seq, "a", "b")
-    seq = await write(store, stream_id, first, seq, "c", "d")
-    got: list[Event] = []
-    reader = asyncio.create_task(follow(client, f"{url}/v1/streams/{stream_id}/events", s.headers, got))
-    await await_until(lambda: given(got, seq), "the reader has every event so far")
+    store, stream_id, first, seq, got, reader = await abcd_given(client, staged)
 
     # The failover loses "c" and "d"; before their attempt writes them again, another worker takes
     # the stream over: its `reset` and `started` get the seq of "c" and "d".
@@ -133,13 +132,7 @@ async def test_events_lost_and_written_over_by_another_attempt_restart_the_reade
 async def test_events_written_again_under_lower_ids_are_found_by_seq(
     client: httpx.AsyncClient, staged: tuple[Stack, str, StreamStore]
 ) -> None:
-    s, url, store = staged
-    stream_id, claim = await begin(client, s, url, store)
-    seq = await write(store, stream_id, claim, claim.seq, "a", "b")
-    seq = await write(store, stream_id, claim, seq, "c", "d")
-    got: list[Event] = []
-    reader = asyncio.create_task(follow(client, f"{url}/v1/streams/{stream_id}/events", s.headers, got))
-    await await_until(lambda: given(got, seq), "the reader has every event so far")
+    store, stream_id, claim, seq, got, reader = await abcd_given(client, staged)
 
     # The failover loses "c" and "d", on a primary whose clock is behind the old one's: the attempt
     # writes them again, and "e" after them, under ids below the reader's cursor (the lost "d").

@@ -7,7 +7,9 @@ of the one the Sentinels promoted. What they hold tailgate to is what a client c
 stream whose create was acknowledged (202) ends, every ``seq`` arrives once, the text is the model's,
 and streams created after the failover run as usual. One of them first cuts the replica off, so that
 the primary dies holding writes the replica never got: the window that asynchronous replication
-leaves, made wide enough to hit every time.
+leaves, made wide enough to hit every time. Another makes the failover outlast the takeover period
+(without replica acknowledgements: what it tests is the takeover scan), and no stream may be taken
+from its live worker.
 """
 
 from __future__ import annotations
@@ -196,13 +198,18 @@ async def replication_offset(port: int) -> int:
         return int((await redis.info("replication"))["master_repl_offset"])
 
 
-async def cut_off(replica: RedisServer, primary: RedisServer) -> None:
-    """Disconnect the replica from the primary and keep it away (a wrong password for the primary,
-    which has none, fails its handshake), then wait until the primary has written more than the
-    replica has: writes that, without WAIT, a client would be told are done."""
+async def disconnect(replica: RedisServer) -> None:
+    """Disconnect the replica from its primary and keep it away: a wrong password for the primary
+    (which has none) fails its handshake."""
     async with open_client(f"redis://127.0.0.1:{replica.port}", "test") as redis:
         await redis.config_set("masterauth", "not-the-password")
         await redis.client_kill_filter(_type="master")
+
+
+async def cut_off(replica: RedisServer, primary: RedisServer) -> None:
+    """:func:`disconnect` the replica, then wait until the primary has written more than the
+    replica has: writes that, without WAIT, a client would be told are done."""
+    await disconnect(replica)
     behind = await replication_offset(replica.port)
 
     async def ahead() -> bool:
@@ -315,3 +322,26 @@ async def test_failover_longer_than_the_takeover_period_takes_no_stream_from_a_l
     assert result.events[-1].event == "done"
     expected = "".join(tokens_for(MODEL, [{"role": "user", "content": prompt}], 400))
     assert text_of(result.events) == expected
+
+
+async def test_while_no_replica_acknowledges_a_create_gets_503_and_leaves_nothing(
+    watched: Watched, make_stack: MakeStack, client: httpx.AsyncClient
+) -> None:
+    s = make_stack(redis_url=watched.url(), **REPLICATED)
+    gateway = await s.agateway()
+    await disconnect(watched.replica)
+
+    refused = await client.post(f"{gateway}/v1/streams", json={"prompt": "hi"}, headers=s.headers)
+
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "unavailable"
+    assert refused.headers["retry-after"] == "1"
+    async with open_client(f"redis://127.0.0.1:{watched.primary.port}", "test") as redis:
+        assert [k async for k in redis.scan_iter("tg:{*")] == []  # the create was taken back
+        assert int(await redis.hget(keys.STATS, "created") or 0) == 0  # type: ignore[misc]
+        assert [k async for k in redis.scan_iter(keys.ACTIVE_PREFIX + "*")] == []
+
+    await reconnectable(watched.replica)
+    await await_until(watched.replica.linked, "the replica back", blocking=True)
+    accepted = await client.post(f"{gateway}/v1/streams", json={"prompt": "hi"}, headers=s.headers)
+    assert accepted.status_code == 202, accepted.text
