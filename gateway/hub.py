@@ -15,6 +15,11 @@ Deliberate oddities:
   append landing between the two would be seen by neither.
 - A ``subscribe`` acknowledgement nobody waits for means the connection was re-established (redis-py
   re-subscribes by itself); the readers of that channel then resynchronise with XRANGE.
+- Only the hub's own task connects its pub/sub connection (its client re-sends nothing); a reader
+  subscribes while the connection is up, and otherwise waits until it is. redis-py lets any caller
+  of a subscription reconnect it, and a reader that did so while the task waited for messages would
+  read the handshake's replies beside it (``RuntimeError: read() called while another coroutine is
+  already waiting``), which a Sentinel's lookup of the new primary made likely.
 - On shutdown, ``release`` ends every SSE reader without a terminal event, so clients reconnect
   (elsewhere) and resume; tutorial ``/ask_query`` readers cannot resume, so they are left to finish.
 """
@@ -25,7 +30,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, assert_never
 
@@ -114,7 +119,10 @@ class Hub:
     """The process's one pub/sub connection and the readers it serves, by stream."""
 
     def __init__(self, redis: Redis, store: StreamStore, *, idle_check_s: float) -> None:
+        """``redis``: a client of its own, which it closes (``connections.open_subscriber``)."""
+        self._redis = redis
         self._pubsub = redis.pubsub()
+        self._up = asyncio.Event()  # the connection is up, and only `_run` brings it up again
         self._store = store
         self._idle_check_s = idle_check_s
         self._readers: dict[str, set[Subscription]] = {}
@@ -142,6 +150,7 @@ class Hub:
 
     async def start(self) -> None:
         await self._pubsub.subscribe(keys.HUB_CHANNEL)
+        self._up.set()
         self._task = asyncio.create_task(self._run(), name="hub")
 
     async def close(self) -> None:
@@ -150,12 +159,36 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self._redis.aclose()
 
     async def _run(self) -> None:
         while True:
-            msg = await ride_out(lambda: self._pubsub.get_message(timeout=None))
+            msg = await ride_out(self._next)
             if msg is not None:
                 self._dispatch(msg)
+
+    async def _next(self) -> dict[str, str] | None:
+        """The next message; reconnects (and redis-py re-subscribes) if the connection was lost."""
+        try:
+            msg: dict[str, str] | None = await self._pubsub.get_message(timeout=None)
+        except REDIS_ERRORS:
+            self._up.clear()
+            raise
+        self._up.set()  # what comes first after a reconnect: an acknowledgement of a re-subscription
+        return msg
+
+    async def _send(self, command: Callable[[str], Awaitable[object]], channel: str) -> None:
+        """SUBSCRIBE or UNSUBSCRIBE ``channel`` once the connection is up (see the module docstring)."""
+        while True:
+            await self._up.wait()
+            connection = self._pubsub.connection
+            if connection is not None and connection.is_connected:
+                try:
+                    await command(channel)
+                    return
+                except REDIS_ERRORS:
+                    pass  # lost on the way: `_run` connects again
+            self._up.clear()
 
     def _dispatch(self, msg: dict[str, str]) -> None:
         kind, channel = msg["type"], msg["channel"]
@@ -189,7 +222,7 @@ class Hub:
         if len(readers) == 1 and ack is None:
             ack = self._acks[channel] = asyncio.get_running_loop().create_future()
             try:
-                await self._pubsub.subscribe(channel)
+                await self._send(self._pubsub.subscribe, channel)
             except BaseException:
                 self._acks.pop(channel, None)
                 self._leave(sub)
@@ -221,11 +254,16 @@ class Hub:
     async def _unsubscribe(self, stream_id: str) -> None:
         if stream_id in self._readers:  # a new reader arrived meanwhile
             return
-        try:
-            await self._pubsub.unsubscribe(keys.notify(stream_id))
-        except REDIS_ERRORS as exc:
-            # The connection is down; redis-py forgets the channel, so it is not re-subscribed.
-            log.info("unsubscribe of %s deferred to reconnect: %s", stream_id, exc)
+        connection = self._pubsub.connection
+        if self._up.is_set() and connection is not None and connection.is_connected:
+            try:
+                await self._pubsub.unsubscribe(keys.notify(stream_id))
+                return
+            except REDIS_ERRORS:
+                pass
+        # The connection is down: `_run` connects again, redis-py subscribes the channel again, and
+        # `_dispatch` unsubscribes it, finding no reader.
+        log.info("unsubscribe of %s deferred to reconnect", stream_id)
 
     async def tail(
         self, stream_id: str, after: str, last_seq: int, resumable: bool = True

@@ -97,6 +97,12 @@ def open_client(url: str, role: str, *, pool_size: int = 2, socket_timeout: floa
     return Redis.from_pool(pool)
 
 
+def open_subscriber(url: str, role: str) -> Redis:
+    """A client of one connection (strings), for one pub/sub subscription whose owner connects it
+    again itself: it re-sends nothing, so no caller but the owner reconnects it (``gateway.hub``)."""
+    return Redis.from_pool(_pool(url, role, 1, decode_responses=True))
+
+
 def open_store(settings: Settings, role: str, pool_size: int, *, retry: bool = True) -> StreamStore:
     """The streams Redis (strings, not bytes) behind a :class:`StreamStore`. ``retry``: re-send
     commands whose connection failed (see the module docstring)."""

@@ -19,9 +19,9 @@ COMMAND_RETRY_BASE_S = 0.01
 COMMAND_RETRY_CAP_S = 0.5
 ACTIVE_STALE_S = 3600  # an entry in `active` older than job timeout + this is pruned
 # Redis connections of one gateway process, however many SSE clients it serves: readers share the
-# hub's pub/sub connection (taken from the streams pool) and commands share the rest; at most 4.
-# One queue connection enqueues a few thousand jobs a second (ARQ's enqueue is a WATCH transaction).
-GATEWAY_STREAMS_POOL = 3
+# hub's pub/sub connection (a client of its own) and commands share the streams pool; at most 4.
+# One queue connection enqueues a few thousand jobs a second (one pipeline each).
+GATEWAY_STREAMS_POOL = 2
 GATEWAY_QUEUE_POOL = 1
 # A worker appends for hundreds of streams side by side.
 WORKER_STREAMS_POOL = 64
@@ -40,6 +40,12 @@ OUTAGE_PATIENCE_S = 30.0
 # ARQ's own timeout for a `generate` job. The job only claims a stream (a round trip or two); the
 # generation runs under the worker's supervision, bounded by TAILGATE_JOB_TIMEOUT_S.
 ARQ_JOB_TIMEOUT_S = 30
+# How long a job a worker took is its own (ARQ's in-progress key; ARQ's own is the job timeout plus
+# 10 s). A job only claims its stream, in milliseconds; if its worker loses the queue's Redis while it
+# runs (a failover that lost the job's last writes but kept the key, say), another worker runs it
+# once this has passed. A second run is harmless: its claim finds the stream busy, or claims it if
+# the first never did.
+JOB_IN_PROGRESS_S = 5.0
 # A claim that meets an unreachable Redis (or replicas that do not acknowledge it) is sent again by
 # its job, recognised by its token, for up to 20 s: through a Sentinel failover, say, whose new
 # primary may or may not have it. Then the job is retried every second (arq.Retry), as a new claim:

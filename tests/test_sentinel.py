@@ -193,6 +193,12 @@ async def load_client() -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+async def listening(port: int, subscribers: dict[str, int]) -> bool:
+    """Whether the Redis on ``port`` has these subscribers on these channels."""
+    async with open_client(f"redis://127.0.0.1:{port}", "test") as redis:
+        return dict(await redis.pubsub_numsub(*subscribers)) == subscribers
+
+
 async def replication_offset(port: int) -> int:
     async with open_client(f"redis://127.0.0.1:{port}", "test") as redis:
         return int((await redis.info("replication"))["master_repl_offset"])
@@ -282,6 +288,16 @@ async def test_primary_killed_mid_load_loses_no_acknowledged_stream_or_event(
         result = results[stream_id]
         assert not isinstance(result, BaseException)
         assert "reset" not in [e.event for e in result.events], stream_id
+        # Followed live (~0.6 s of tokens), not found by a reader's idle look (TAILGATE_PING_S).
+        assert load.ended[stream_id] - load.acknowledged[stream_id] < 5, stream_id
+    # Every listener subscribed again on the new primary: the gateway's hub, each worker's wake-up
+    # and cancel channels.
+    await await_until(
+        lambda: listening(
+            w.replica.port, {keys.HUB_CHANNEL: 1, keys.WAKE_CHANNEL: 2, keys.CANCEL_CHANNEL: 2}
+        ),
+        "listeners on the new primary",
+    )
     if cut:
         # Creates were refused (503) while the replica was cut off, not acknowledged and lost.
         assert 503 in load.refused, load.refused

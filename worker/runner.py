@@ -88,7 +88,7 @@ class TailgateWorker(Worker):
         if room <= 0 or not job_ids:
             return
         ids = [j.decode() for j in job_ids[:room]]
-        ttl_ms = int(self.in_progress_timeout_s * 1000)
+        ttl_ms = int(tuning.JOB_IN_PROGRESS_S * 1000)
         claimed = await self._claim_jobs(
             keys=[self.queue_name], args=[in_progress_key_prefix, ttl_ms, timestamp_ms(), *ids]
         )
