@@ -179,7 +179,7 @@ def _idle(r: R) -> Rows:
         return  # fanin and sustained did not run
     label = f"Redis connections per gateway process: {rc['fan_in_clients']:,} live SSE clients / idle gateway"
     c = f"{rc['fan_in_max']} / {rc['idle_1000']} / {rc['idle_all']}; {rc['live_max']}"
-    most = tuning.GATEWAY_STREAMS_POOL + tuning.GATEWAY_QUEUE_POOL  # the pools' bound, whatever the clients
+    most = tuning.GATEWAY_STREAMS_POOL + tuning.GATEWAY_QUEUE_POOL + 1  # the pools and the hub's subscriber
     ok = _verdict(max(rc["fan_in_max"], rc["idle_1000"], rc["idle_all"], rc["live_max"]) <= most)
     label += f" with 1,000 / with {n:,}; most seen during the sustained phase"
     yield label, f"≤ {most}", "—", "—", c, ok

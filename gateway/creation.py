@@ -5,8 +5,10 @@ A surface turns its own body into a :class:`StreamRequest` and calls :func:`star
 is its own business. A stream is queued whole or not at all. When the queue shares the streams'
 Redis (the default), the store's create script enqueues the job and wakes a worker in the same
 atomic step: one round trip. Otherwise the queue's depth is checked first and the job goes in one
-transaction after the create; if that fails, the store's ``discard`` takes back the create, so no
-stream exists that nobody will ever run.
+pipeline after the create; if that fails, the store's ``discard`` takes back the create, so no
+stream exists that nobody will ever run. With ``TAILGATE_REPLICA_ACKS``, the create and the job are
+acknowledged by the replicas before the client hears of the stream (``tailgate.replication``); if
+they are not, the create is taken back too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from gateway.errors import ApiError
 from gateway.services import Services
 from tailgate import keys
 from tailgate.events import dumps
+from tailgate.replication import NotReplicated
 from tailgate.store import CreateReply, Job
 
 log = logging.getLogger(__name__)
@@ -115,9 +118,13 @@ async def start(
         digest = hashlib.sha256(body.model_dump_json(exclude_none=True).encode()).hexdigest()
         idempotency = (hashlib.sha256(idempotency_key.encode()).hexdigest(), digest)
     job = _job(svc, stream_id) if one_redis else None
-    creation = await svc.store.create(
-        stream_id, owner, fields, limits=svc.admission.limits, idempotency=idempotency, job=job
-    )
+    try:
+        creation = await svc.store.create(
+            stream_id, owner, fields, limits=svc.admission.limits, idempotency=idempotency, job=job
+        )
+    except NotReplicated:
+        await svc.store.discard(stream_id)  # on the primary, not on enough replicas: never acknowledged
+        raise  # 503, as for any outage
     match creation.reply:
         case CreateReply.CREATED | CreateReply.ID_TAKEN:  # ID_TAKEN: this create, re-sent
             pass
@@ -155,17 +162,24 @@ def _job(svc: Services, stream_id: str) -> Job:
 
 
 async def _enqueue(svc: Services, stream_id: str) -> None:
-    """Enqueue the stream's job and wake a worker, in one transaction on the queue's Redis; if that
-    fails, the store takes the create back (quota and idempotency record included) and the client
-    gets 503. (ARQ's own ``enqueue_job`` first checks that the job id is new, two more round trips:
-    a stream id is, as its create just proved.)"""
+    """Enqueue the stream's job and wake a worker, in one pipeline on the queue's Redis, with the wait
+    for the replicas when they are expected; if that fails, the store takes the create back (quota
+    and idempotency record included) and the client gets 503.
+
+    The job is written as ARQ's ``enqueue_job`` writes it, without its WATCH transaction: the id is
+    new, as its create just proved, so there is nothing to watch, and a WATCH transaction cannot
+    carry the WAIT on its connection. The writes are ``NX``, so redis-py may re-send the pipeline
+    after a broken connection (to the new primary, after a failover): a job that is there already
+    stays as it is."""
     job = _job(svc, stream_id)
+    replicas = svc.settings.replicas
     try:
-        async with svc.queue.pipeline(transaction=True) as pipe:
-            pipe.psetex(job.key, job.expires_ms, job.payload)
-            pipe.zadd(job.queue, {stream_id: timestamp_ms()})
+        async with svc.queue.pipeline(transaction=False) as pipe:
+            pipe.set(job.key, job.payload, px=job.expires_ms, nx=True)
+            pipe.zadd(job.queue, {stream_id: timestamp_ms()}, nx=True)
             pipe.publish(job.wake, stream_id)  # an idle worker starts it at once
-            await pipe.execute()
+            replicas.wait(pipe)
+            replicas.check(await pipe.execute(), f"job of {stream_id}")
     except Exception as exc:
         log.error("enqueue of %s failed: %s", stream_id, exc)
         await svc.store.discard(stream_id)

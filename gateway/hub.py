@@ -15,6 +15,11 @@ Deliberate oddities:
   append landing between the two would be seen by neither.
 - A ``subscribe`` acknowledgement nobody waits for means the connection was re-established (redis-py
   re-subscribes by itself); the readers of that channel then resynchronise with XRANGE.
+- Only the hub's own task connects its pub/sub connection (its client re-sends nothing); a reader
+  subscribes while the connection is up, and otherwise waits until it is. redis-py lets any caller
+  of a subscription reconnect it, and a reader that did so while the task waited for messages would
+  read the handshake's replies beside it (``RuntimeError: read() called while another coroutine is
+  already waiting``), which a Sentinel's lookup of the new primary made likely.
 - On shutdown, ``release`` ends every SSE reader without a terminal event, so clients reconnect
   (elsewhere) and resume; tutorial ``/ask_query`` readers cannot resume, so they are left to finish.
 """
@@ -23,8 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, assert_never
 
@@ -32,7 +38,7 @@ from redis.asyncio import Redis
 
 from tailgate import keys, tuning
 from tailgate.connections import REDIS_ERRORS, ride_out
-from tailgate.events import Entry, parse_published
+from tailgate.events import START, Entry, dumps, parse_published
 from tailgate.store import StreamStore
 
 log = logging.getLogger(__name__)
@@ -113,7 +119,10 @@ class Hub:
     """The process's one pub/sub connection and the readers it serves, by stream."""
 
     def __init__(self, redis: Redis, store: StreamStore, *, idle_check_s: float) -> None:
+        """``redis``: a client of its own, which it closes (``connections.open_subscriber``)."""
+        self._redis = redis
         self._pubsub = redis.pubsub()
+        self._up = asyncio.Event()  # the connection is up, and only `_run` brings it up again
         self._store = store
         self._idle_check_s = idle_check_s
         self._readers: dict[str, set[Subscription]] = {}
@@ -141,6 +150,7 @@ class Hub:
 
     async def start(self) -> None:
         await self._pubsub.subscribe(keys.HUB_CHANNEL)
+        self._up.set()
         self._task = asyncio.create_task(self._run(), name="hub")
 
     async def close(self) -> None:
@@ -149,12 +159,36 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self._redis.aclose()
 
     async def _run(self) -> None:
         while True:
-            msg = await ride_out(lambda: self._pubsub.get_message(timeout=None))
+            msg = await ride_out(self._next)
             if msg is not None:
                 self._dispatch(msg)
+
+    async def _next(self) -> dict[str, str] | None:
+        """The next message; reconnects (and redis-py re-subscribes) if the connection was lost."""
+        try:
+            msg: dict[str, str] | None = await self._pubsub.get_message(timeout=None)
+        except REDIS_ERRORS:
+            self._up.clear()
+            raise
+        self._up.set()  # what comes first after a reconnect: an acknowledgement of a re-subscription
+        return msg
+
+    async def _send(self, command: Callable[[str], Awaitable[object]], channel: str) -> None:
+        """SUBSCRIBE or UNSUBSCRIBE ``channel`` once the connection is up (see the module docstring)."""
+        while True:
+            await self._up.wait()
+            connection = self._pubsub.connection
+            if connection is not None and connection.is_connected:
+                try:
+                    await command(channel)
+                    return
+                except REDIS_ERRORS:
+                    pass  # lost on the way: `_run` connects again
+            self._up.clear()
 
     def _dispatch(self, msg: dict[str, str]) -> None:
         kind, channel = msg["type"], msg["channel"]
@@ -188,7 +222,7 @@ class Hub:
         if len(readers) == 1 and ack is None:
             ack = self._acks[channel] = asyncio.get_running_loop().create_future()
             try:
-                await self._pubsub.subscribe(channel)
+                await self._send(self._pubsub.subscribe, channel)
             except BaseException:
                 self._acks.pop(channel, None)
                 self._leave(sub)
@@ -220,11 +254,16 @@ class Hub:
     async def _unsubscribe(self, stream_id: str) -> None:
         if stream_id in self._readers:  # a new reader arrived meanwhile
             return
-        try:
-            await self._pubsub.unsubscribe(keys.notify(stream_id))
-        except REDIS_ERRORS as exc:
-            # The connection is down; redis-py forgets the channel, so it is not re-subscribed.
-            log.info("unsubscribe of %s deferred to reconnect: %s", stream_id, exc)
+        connection = self._pubsub.connection
+        if self._up.is_set() and connection is not None and connection.is_connected:
+            try:
+                await self._pubsub.unsubscribe(keys.notify(stream_id))
+                return
+            except REDIS_ERRORS:
+                pass
+        # The connection is down: `_run` connects again, redis-py subscribes the channel again, and
+        # `_dispatch` unsubscribes it, finding no reader.
+        log.info("unsubscribe of %s deferred to reconnect", stream_id)
 
     async def tail(
         self, stream_id: str, after: str, last_seq: int, resumable: bool = True
@@ -233,45 +272,70 @@ class Hub:
         and including the terminal event, as a :class:`Batch` of those that are ready together.
         ``IDLE`` means nothing happened for ``idle_check_s``: time for a keep-alive.
 
-        Ends early, without a terminal event, when the process shuts down (``resumable`` readers)."""
+        Ends early, without a terminal event, when the process shuts down (``resumable`` readers).
+
+        After a failover (see :func:`_rewritten`), what it delivered may be written again: by the
+        same attempt, the same events under new ids, which it drops by ``seq``; or by another
+        attempt, which it cannot splice onto what it delivered: it then sends a ``reset`` with
+        ``seq`` 0 (``cursor_out_of_range``, as to a client whose cursor is not in the stream) and
+        the stream from its start."""
         if self.released and resumable:
             return
         sub = await self._subscribe(stream_id, resumable)
+        attempt = 0  # the latest attempt this reader delivered a `started` or `reset` of
         try:
             behind = True  # read the stream itself until a page comes back short
             while True:
+                live = False
                 if behind:
-                    entries, behind = await self._catch_up(stream_id, after)
+                    page, behind = await self._catch_up(stream_id, after)
                 else:
                     item = await sub.next(self._idle_check_s)
                     match item:
                         case Batch():
-                            entries = [e for e in item.entries if e.seq > last_seq]
-                            if entries and entries[0].seq != last_seq + 1:
-                                behind = True  # a gap: the stream has what pub/sub lost
-                                continue
+                            page, live = item.entries, True
                         case Resync():
                             behind = True
                             continue
                         case Idle():
                             # Quiet for a while: look at the stream anyway, in case a message was lost.
-                            entries, behind = await self._catch_up(stream_id, after)
-                            if not entries:
+                            page, behind = await self._catch_up(stream_id, after)
+                            if not page:
                                 yield IDLE
                                 continue
                         case Leave():
                             return
                         case _:
                             assert_never(item)
+                if _rewritten(page, last_seq, attempt):
+                    log.warning(
+                        "stream %s rewritten after seq %d was delivered; restarting", stream_id, last_seq
+                    )
+                    yield Batch((Entry(START, "reset", dumps(_restart(page)), 0),))
+                    after, last_seq, attempt, behind = START, 0, 0, True
+                    continue
+                entries = [e for e in page if e.seq > last_seq]  # what it has, written again: dropped
+                if entries and entries[0].seq != last_seq + 1:
+                    if live:
+                        behind = True  # a gap: the stream has what pub/sub lost
+                        continue
+                    if after != START and not await self._has(stream_id, after):
+                        # A failover lost the cursor's entry and the stream was written again under
+                        # lower ids: find the reader's place by seq, from the start.
+                        after, behind = START, True
+                        continue
+                if not live and page and not entries:
+                    after = page[-1].id  # a page of events it has: read on after them
                 if entries:
                     yield Batch(entries)
                     after, last_seq = entries[-1].id, entries[-1].seq
+                    attempt = max(attempt, *(_attempt_of(e) for e in entries))
                     if entries[-1].terminal:
                         return
         finally:
             self._leave(sub)
 
-    async def _catch_up(self, stream_id: str, after: str) -> tuple[list[Entry], bool]:
+    async def _catch_up(self, stream_id: str, after: str) -> tuple[Sequence[Entry], bool]:
         """One XRANGE page of the entries after ``after``, and whether the stream may hold more (the
         page is full). Rides out a Redis restart or a cut connection for a while."""
         page = await ride_out(
@@ -279,3 +343,33 @@ class Hub:
             patience_s=tuning.OUTAGE_PATIENCE_S,
         )
         return page, len(page) == tuning.CATCHUP_PAGE
+
+    async def _has(self, stream_id: str, cursor: str) -> bool:
+        entry = await ride_out(lambda: self._store.at(stream_id, cursor), patience_s=tuning.OUTAGE_PATIENCE_S)
+        return entry is not None
+
+
+def _attempt_of(e: Entry) -> int:
+    """The attempt a ``started`` or ``reset`` begins; 0 for other events."""
+    return int(json.loads(e.data)["attempt"]) if e.type in ("started", "reset") else 0
+
+
+def _rewritten(entries: Sequence[Entry], last_seq: int, attempt: int) -> bool:
+    """Whether the stream was written again under a reader that delivered up to ``last_seq``, by
+    ``attempt``, so that what it delivered is void.
+
+    A failover can lose the last events a reader delivered (replication is asynchronous; the worker
+    moves on only once replicas have a write, but the gateway sees it first). The attempt that wrote
+    them writes them again, the same, and the reader drops them by ``seq``. If that attempt lost the
+    stream meanwhile, another wrote those ``seq``: its ``reset`` or ``started`` is of a later attempt
+    than the reader's, or the stream ended (a terminal event the reader never delivered: it stops at
+    one). Ordinary duplicates (an append seen both in a page and on pub/sub) are neither."""
+    return any(
+        e.seq <= last_seq and (e.terminal or _attempt_of(e) > attempt)
+        for e in entries
+        if e.type in ("started", "reset") or e.terminal
+    )
+
+
+def _restart(entries: Sequence[Entry]) -> dict[str, int | str]:
+    return {"seq": 0, "attempt": max(map(_attempt_of, entries)), "reason": "cursor_out_of_range"}

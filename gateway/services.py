@@ -21,7 +21,7 @@ from gateway.admission import Admission, ReaderSlots
 from gateway.auth import Auth
 from gateway.hub import Hub
 from tailgate import tuning
-from tailgate.connections import open_queue, open_store
+from tailgate.connections import open_queue, open_store, open_subscriber
 from tailgate.settings import Settings
 from tailgate.store import StreamStore
 
@@ -50,7 +50,7 @@ async def opened(settings: Settings) -> AsyncIterator[Services]:
     store = open_store(settings, "gateway", tuning.GATEWAY_STREAMS_POOL)
     streams = store.redis
     queue = open_queue(settings, "gateway", tuning.GATEWAY_QUEUE_POOL)
-    hub = Hub(streams, store, idle_check_s=settings.ping_s)
+    hub = Hub(open_subscriber(settings.streams_url, "gateway"), store, idle_check_s=settings.ping_s)
     try:
         await hub.start()
         HUB_SUBSCRIPTIONS.set_function(lambda: hub.subscriptions)

@@ -276,9 +276,8 @@ async def _keys(settings: Settings, action: str, value: str | None) -> None:
 async def _revoke(settings: Settings, store: StreamStore, table: KeyTable, value: str | None) -> None:
     """Take a key out of Redis, then cancel its unfinished streams: its read tokens already fail
     (a gateway checks the stream's key on each use)."""
-    from redis.asyncio import Redis
-
     from tailgate.apikeys import legacy_digest
+    from tailgate.connections import open_client
 
     if not value:
         sys.exit("tailgate keys revoke: give the key, or the id `tailgate keys list` shows")
@@ -299,7 +298,7 @@ async def _revoke(settings: Settings, store: StreamStore, table: KeyTable, value
                 "tailgate keys revoke: that legacy key was just used, which moved it to tg:owners: "
                 "revoke it by the key, or by its new id in `tailgate keys list`"
             )
-    queue = Redis.from_url(settings.queue_url)
+    queue = open_client(settings.queue_url, "cli")
     try:
         cancelled = [s for o in sorted(owners) for s in await _cancel_unfinished(store, queue, o)]
     finally:

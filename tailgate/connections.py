@@ -1,8 +1,12 @@
 """Redis clients, built the same way for every process, and the one retry policy for Redis outages.
 
-Clients have bounded pools and a client name per process (`CLIENT LIST` shows which gateway or worker
-holds which connection). Their connections pack commands with hiredis, in C: redis-py's asyncio
-connection packs in Python, ~20 µs for an append's arguments, an eighth of a worker's CPU per token.
+Every client of every command (gateway, worker, ``tailgate top``, ``tailgate keys``, the dev kit) is
+made here, from a URL: ``redis://``, ``rediss://`` or ``unix://`` as redis-py reads them, or
+``redis+sentinel://`` for a primary that Sentinels watch (``tailgate.sentinel``: its connections
+follow the primary through a failover). Clients have bounded pools and a client name per process
+(`CLIENT LIST` shows which gateway or worker holds which connection). Their connections pack
+commands with hiredis, in C: redis-py's asyncio connection packs in Python, ~20 µs for an append's
+arguments, an eighth of a worker's CPU per token.
 
 Retries, in two layers, both with jitter so that a fleet reconnecting after a Redis restart does not
 retry in lockstep:
@@ -26,14 +30,14 @@ from typing import Any, TypeVar
 import hiredis
 import stamina
 from arq.connections import ArqRedis
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import FullJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tailgate import tuning
+from tailgate import sentinel, tuning
 from tailgate.settings import Settings
 from tailgate.store import StreamStore
 
@@ -72,6 +76,11 @@ async def ride_out(call: Callable[[], Awaitable[T]], *, patience_s: float | None
     raise AssertionError("unreachable: stamina raises once it gives up")
 
 
+def _resend() -> dict[str, Any]:
+    """The connection options that re-send a command whose connection failed (``command_retry``)."""
+    return {"retry": command_retry(), "retry_on_error": list(REDIS_ERRORS)}
+
+
 class _HiredisPacking:
     """Packs commands as redis-py does (the same bytes), with ``hiredis.pack_command``."""
 
@@ -90,46 +99,54 @@ def _packing(cls: type[AbstractConnection]) -> type[AbstractConnection]:
     return _PACKING[cls]
 
 
-def _bounded(url: str, pool_size: int, **kwargs: Any) -> BlockingConnectionPool:
-    """A pool of at most ``pool_size`` connections to ``url`` (whatever their kind: TCP, TLS, unix
-    socket), packing with hiredis."""
-    pool = BlockingConnectionPool.from_url(url, max_connections=pool_size, **kwargs)
-    pool.connection_class = _packing(pool.connection_class)
+def client_name(role: str) -> str:
+    return f"tailgate-{role}-{os.getpid()}"
+
+
+def _pool(url: str, role: str, size: int, **options: Any) -> ConnectionPool:
+    """A pool of at most ``size`` connections to the Redis ``url`` names (a caller waits for one past
+    that), each named for ``role`` and this process."""
+    options |= {"max_connections": size, "client_name": client_name(role)}
+    if sentinel.is_sentinel(url):
+        pool: ConnectionPool = sentinel.pool(url, **options)
+    else:
+        pool = BlockingConnectionPool.from_url(url, **options)
+    pool.connection_class = _packing(pool.connection_class)  # whatever its kind: TCP, TLS, unix, Sentinel
     return pool
 
 
-def client_name(role: str) -> str:
-    return f"tailgate-{role}-{os.getpid()}"
+def open_client(url: str, role: str, *, pool_size: int = 2, socket_timeout: float | None = None) -> Redis:
+    """A plain client (strings, not bytes) for ``tailgate top``, ``tailgate keys`` and the dev kit;
+    its commands are re-sent after a broken connection."""
+    pool = _pool(url, role, pool_size, decode_responses=True, socket_timeout=socket_timeout, **_resend())
+    return Redis.from_pool(pool)
+
+
+def open_subscriber(url: str, role: str) -> Redis:
+    """A client of one connection (strings), for one pub/sub subscription whose owner connects it
+    again itself: it re-sends nothing, so no caller but the owner reconnects it (``gateway.hub``)."""
+    return Redis.from_pool(_pool(url, role, 1, decode_responses=True))
 
 
 def open_store(settings: Settings, role: str, pool_size: int, *, retry: bool = True) -> StreamStore:
     """The streams Redis (strings, not bytes) behind a :class:`StreamStore`. ``retry``: re-send
     commands whose connection failed (see the module docstring)."""
-    extra = {"retry": command_retry(), "retry_on_error": list(REDIS_ERRORS)} if retry else {}
-    pool = _bounded(
-        settings.streams_url,
-        pool_size,
-        decode_responses=True,
-        client_name=client_name(role),
-        **extra,
-    )
+    pool = _pool(settings.streams_url, role, pool_size, decode_responses=True, **(_resend() if retry else {}))
     return StreamStore(
-        Redis(connection_pool=pool),
+        Redis.from_pool(pool),
         maxlen=settings.stream_maxlen,
         retention_s=settings.retention_s,
         # A stream that never finishes (lost with its queue, say) still expires eventually.
         live_ttl_s=settings.retention_s + settings.job_timeout_s * 4,
+        replicas=settings.replicas,
     )
 
 
 def open_queue(settings: Settings, role: str, pool_size: int) -> ArqRedis:
-    """The queue Redis (bytes, as ARQ expects). ARQ's enqueue is a WATCH transaction, which redis-py
-    never re-sends; reads and publishes are safe to."""
-    pool = _bounded(
-        settings.queue_url,
-        pool_size,
-        client_name=client_name(role),
-        retry=command_retry(),
-        retry_on_error=list(REDIS_ERRORS),
-    )
-    return ArqRedis(connection_pool=pool)
+    """The queue Redis (bytes, as ARQ expects). ARQ's enqueue (a worker's takeover) is a WATCH
+    transaction, which redis-py never re-sends; reads, publishes and the gateway's enqueue (writes
+    that are no-ops when repeated) are safe to."""
+    pool = _pool(settings.queue_url, role, pool_size, **_resend())
+    queue = ArqRedis(connection_pool=pool)
+    queue.auto_close_connection_pool = True  # as Redis.from_pool does: closing it closes its pool
+    return queue

@@ -85,5 +85,9 @@ WORKERS = "tg:workers"  # hash: worker id -> JSON {pid, host, running, beat_ms}
 # first reader does.
 HUB_CHANNEL = "tg:hub"
 
+# Published after every write that must reach the replicas, before WAIT (TAILGATE_REPLICA_ACKS): a
+# write every Redis replicates, so WAIT covers all the server had before it. Nobody subscribes.
+REPLICATED = "tg:replicated"
+
 # The ARQ job function's name.
 JOB_GENERATE = "generate"

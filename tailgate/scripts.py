@@ -149,21 +149,26 @@ return 1
 )
 
 # KEYS: events, meta, running, stats. ARGV: channel, now, worker, stale_before, max_attempts,
-# retention, active prefix. A running stream is claimed only if its heartbeat is older than
-# stale_before (its worker is gone or handed it back); past max_attempts it ends with `error` instead.
-# A stream that is gone or ended leaves the running index (it may have expired there). The attempt
-# it takes over ends here (`taken_over`; `worker_lost` when none is left), unless it was handed back
-# (the release ended it); a takeover of a lost worker's stream is counted. Answers, when claimed:
-# 'ok', attempt, seq, cancel flag, owner, request, created_at, and why the previous attempt ended
-# ('' for the first).
+# retention, active prefix, claim token ('' for none). A running stream is claimed only if its
+# heartbeat is older than stale_before (its worker is gone or handed it back); past max_attempts it
+# ends with `error` instead. A stream that is gone or ended leaves the running index (it may have
+# expired there). A claim sent again with the token of the claim that made the stream's attempt is
+# that claim: it answers the same, and writes nothing. The attempt a claim takes over ends here
+# (`taken_over`; `worker_lost` when none is left), unless it was handed back (the release ended it);
+# a takeover of a lost worker's stream is counted. Answers, when claimed: 'ok', attempt, seq, cancel
+# flag, owner, request, created_at, and why the previous attempt ended ('' for the first, and for a
+# claim sent again).
 CLAIM = (
     LIB
     + """
 local m = redis.call('HMGET', KEYS[2], 'status', 'seq', 'cancel', 'heartbeat', 'attempt', 'release',
-  'request', 'owner', 'model', 'created_at')
+  'request', 'owner', 'model', 'created_at', 'claim')
 if not m[1] or finished(m[1]) then
   redis.call('ZREM', KEYS[3], id_of(KEYS[2]))
   return {m[1] and 'finished' or 'gone'}
+end
+if m[1] == 'running' and ARGV[8] ~= '' and m[11] == ARGV[8] then
+  return {'ok', m[5], m[2], m[3] or '0', m[8] or '', m[7], m[10] or ARGV[2], ''}
 end
 if m[1] == 'running' and tonumber(m[4]) > tonumber(ARGV[4]) then return {'busy'} end
 local reason = m[6] or 'worker_lost'
@@ -188,7 +193,8 @@ end
 local history = attempts_of(KEYS[2])
 history[#history + 1] = {attempt = attempt, worker = ARGV[3], started_at = ARGV[2]}
 redis.call('HSET', KEYS[2], 'attempts', cjson.encode(history))
-redis.call('HSET', KEYS[2], 'attempt', attempt, 'status', 'running', 'worker', ARGV[3], 'heartbeat', ARGV[2])
+redis.call('HSET', KEYS[2], 'attempt', attempt, 'status', 'running', 'worker', ARGV[3], 'heartbeat', ARGV[2],
+  'claim', ARGV[8])
 redis.call('HDEL', KEYS[2], 'release')
 redis.call('HSETNX', KEYS[2], 'started_at', ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[2], id_of(KEYS[2]))

@@ -5,18 +5,32 @@ The openai SDK reads its own ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL``; they ar
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tailgate import sentinel
+from tailgate.replication import Replicas
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TAILGATE_", extra="ignore")
+    # hide_input_in_errors: a bad URL or secret is named in the error, never printed.
+    model_config = SettingsConfigDict(env_prefix="TAILGATE_", extra="ignore", hide_input_in_errors=True)
 
     # Redis. The queue must be a single primary (ARQ does not run on Cluster); streams may live elsewhere.
+    # Each URL is redis:// (rediss://, unix://) as redis-py reads it, or a primary that Sentinels
+    # watch: redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db], the hosts being
+    # the Sentinels and `service` the master name they monitor (tailgate.sentinel); its clients follow
+    # the primary through a failover.
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue_redis_url: str | None = None
     streams_redis_url: str | None = None
     queue_name: str = "tg:queue"
+    # Replicas that must have a write before tailgate acknowledges it (a create's 202, a claim, each
+    # append, a cancel): 0 trusts the primary alone (a failover may lose its last writes); n waits
+    # for n replicas (Redis WAIT), up to the timeout, and treats a shortfall as an outage
+    # (tailgate.replication). Run more than n replicas, or writes stop while one of them is down.
+    replica_acks: int = Field(default=0, ge=0)
+    replica_ack_timeout_ms: int = Field(default=1000, ge=1)
 
     # Security. Auth is on unless explicitly turned off (development only).
     auth: bool = True
@@ -78,6 +92,13 @@ class Settings(BaseSettings):
     log_format: str = Field(default="json", pattern="^(json|text)$")
     log_level: str = "INFO"
 
+    @field_validator("redis_url", "queue_redis_url", "streams_redis_url")
+    @classmethod
+    def _sentinel_url_parses(cls, url: str | None) -> str | None:
+        if url is not None and sentinel.is_sentinel(url):
+            sentinel.parse(url)  # a ValueError that says what is wrong, at startup
+        return url
+
     @property
     def queue_url(self) -> str:
         return self.queue_redis_url or self.redis_url
@@ -91,6 +112,10 @@ class Settings(BaseSettings):
         """The queue and the streams on one Redis: a create enqueues in the same script, and a worker
         claims a job and its stream in one."""
         return self.queue_url == self.streams_url
+
+    @property
+    def replicas(self) -> Replicas:
+        return Replicas(self.replica_acks, self.replica_ack_timeout_ms)
 
     @property
     def allowed_models(self) -> frozenset[str]:

@@ -57,11 +57,23 @@ can run on a cluster, each of these must be split into the stream's own step and
 **Replays.** The worker opens its store without redis-py's command re-send (``retry=False``): the
 worker's loops retry themselves, knowing that they did, which recognising a replay needs. A re-sent
 append is recognised by its ``seq``; a re-sent terminal append finds its stream ended, which the
-writer, knowing it retried, counts as its own. A claim whose reply was lost is not recognised: its
-retry (ARQ runs the job again) finds the claimant's fresh heartbeat and answers ``busy``, and the
-stream waits for the takeover scan (``takeover_after_s``, then one ``reset``). Recognising it would
-need a claim token no later job can carry, and ARQ job ids are reused (a takeover job's id is the
-stream's id and the heartbeat it found stale), so a re-send could not be told from a second claim.
+writer, knowing it retried, counts as its own. A claim is re-sent by the job that made it, with a
+token of that job run's own (random, kept in the meta by the claim), and recognised by it: the same
+attempt, nothing written. ARQ job ids are reused (a takeover job's id is the stream's id and the
+heartbeat it found stale), so the token is not the job id: a later run of the same job, or another
+job, carries another token, and finds the claimant's fresh heartbeat (``busy``). So a claim whose
+reply was lost is recognised while its job retries it; a job that gave up on it (after
+``tuning.CLAIM_PATIENCE_S``) leaves the stream to the takeover scan (``takeover_after_s``, then one
+``reset``).
+
+**Replicas.** With ``TAILGATE_REPLICA_ACKS`` (``tailgate.replication``), ``create``, ``claim``,
+``cancel`` and every ``append_many`` go in one pipeline with a wait for the replicas, and a shortfall
+is a ``ConnectionError`` like any outage. The reasoning above holds as it is: the worker's retry of
+an append the replicas did not acknowledge is a replay (recognised by its ``seq`` on the same
+primary; applied anew on a promoted replica that never got it, as the first send), and so is the
+job's retry of such a claim (recognised by its token). An attempt starts only once the replicas
+have its claim, so no generation runs under a claim that a failover could lose and hand, under the
+same attempt number, to another.
 """
 
 from __future__ import annotations
@@ -79,6 +91,7 @@ from redis.exceptions import NoScriptError
 
 from tailgate import keys, scripts
 from tailgate.events import FINAL_STATUS, FINISHED, Entry, dumps, entry
+from tailgate.replication import UNREPLICATED, Replicas
 
 
 class Reply(enum.Enum):
@@ -205,8 +218,17 @@ class Claimed:
 class StreamStore:
     """The streams Redis, seen through the seven scripts plus plain reads."""
 
-    def __init__(self, redis: Redis, *, maxlen: int, retention_s: int, live_ttl_s: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        maxlen: int,
+        retention_s: int,
+        live_ttl_s: int,
+        replicas: Replicas = UNREPLICATED,
+    ) -> None:
         self.redis = redis
+        self._replicas = replicas
         self._maxlen = maxlen
         self._retention = retention_s
         self._live_ttl = live_ttl_s
@@ -250,7 +272,7 @@ class StreamStore:
             ks += [job.queue, job.key]
         for k, v in fields.items():
             args += [k, v]
-        r = await self._create(keys=ks, args=args)
+        r = await self._replicated(self._create, ks, args, f"create of {stream_id}")
         reply = CreateReply(r[0])
         if reply in (CreateReply.CREATED, CreateReply.EXISTING):
             return Creation(reply, stream_id=r[1])
@@ -266,16 +288,19 @@ class StreamStore:
         ks = [keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS]
         await self._discard(keys=ks, args=[keys.ACTIVE_PREFIX, keys.RATE_PREFIX])
 
-    async def claim(self, stream_id: str, worker: str, *, stale_after_s: float, max_attempts: int) -> Claimed:
+    async def claim(
+        self, stream_id: str, worker: str, *, stale_after_s: float, max_attempts: int, token: str = ""
+    ) -> Claimed:
         """Start a new attempt: writes ``reset`` (from the second attempt on) and ``started``, and
         indexes the stream as running in the same step, so a worker that dies right after claiming
         is still found by the takeover scan.
 
         A running stream is taken over only if its heartbeat is older than ``stale_after_s``. Past
-        ``max_attempts`` the stream ends with ``error`` (:attr:`Reply.EXHAUSTED`).
+        ``max_attempts`` the stream ends with ``error`` (:attr:`Reply.EXHAUSTED`). The same claim
+        sent again (the same ``token``, which no other claim may carry) answers as the first did.
         """
         [claimed] = await self.claim_many(
-            [stream_id], worker, stale_after_s=stale_after_s, max_attempts=max_attempts
+            [stream_id], worker, stale_after_s=stale_after_s, max_attempts=max_attempts, tokens=[token]
         )
         if isinstance(claimed, Exception):
             raise claimed
@@ -288,19 +313,20 @@ class StreamStore:
         *,
         stale_after_s: float,
         max_attempts: int,
+        tokens: list[str] | None = None,
     ) -> list[Claimed | Exception]:
-        """:meth:`claim` for each of ``stream_ids``, in one pipelined round trip, each atomic on its
-        own; a claim that failed has its error in its place."""
+        """:meth:`claim` for each of ``stream_ids`` (with its token of ``tokens``, if given), in one
+        pipelined round trip, each atomic on its own; a claim that failed has its error in its place."""
         now = time.time() * 1000
         tail = [f"{now:.3f}", worker, f"{now - stale_after_s * 1000:.3f}", max_attempts, self._retention]
         calls: list[tuple[list[str], list[Any]]] = [
             (
                 [keys.events(i), keys.meta(i), keys.RUNNING, keys.STATS],
-                [keys.notify(i), *tail, keys.ACTIVE_PREFIX],
+                [keys.notify(i), *tail, keys.ACTIVE_PREFIX, token],
             )
-            for i in stream_ids
+            for i, token in zip(stream_ids, tokens or [""] * len(stream_ids), strict=True)
         ]
-        return [_claimed(r, now) for r in await self._pipelined(self._claim, calls)]
+        return [_claimed(r, now) for r in await self._pipelined(self._claim, calls, "claim")]
 
     async def append_many(self, appends: list[Append]) -> list[Written | Exception]:
         """Each of ``appends`` in one pipelined round trip, each atomic on its own: its events go in if
@@ -325,12 +351,15 @@ class StreamStore:
             ks = [keys.events(a.stream_id), keys.meta(a.stream_id), keys.RUNNING, keys.STATS]
             ks.append(keys.active(a.owner))
             calls.append((ks, args))
-        replies = await self._pipelined(self._append, calls)
+        replies = await self._pipelined(self._append, calls, "append")
         return [_written(a, r) for a, r in zip(appends, replies, strict=True)]
 
-    async def _pipelined(self, script: AsyncScript, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """``script`` once per ``(keys, args)`` of ``calls``, in one pipelined round trip; each reply
-        or error in its place. (redis-py's pipeline asks ``SCRIPT
+    async def _pipelined(
+        self, script: AsyncScript, calls: list[tuple[list[str], list[Any]]], what: str
+    ) -> list[Any]:
+        """``script`` once per ``(keys, args)`` of ``calls``, in one pipelined round trip (with the
+        wait for the replicas, when they are expected: ``what`` names it in the error if they do not
+        acknowledge); each reply or error in its place. (redis-py's pipeline asks ``SCRIPT
         EXISTS`` before every execute that holds a script, a second round trip; here the script is
         loaded only when Redis has lost it, after a restart, and then no call of the batch has run,
         so the batch runs again whole.)"""
@@ -338,7 +367,8 @@ class StreamStore:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for ks, args in calls:
                     pipe.evalsha(script.sha, len(ks), *ks, *args)
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
+                self._replicas.wait(pipe)
+                replies: list[Any] = self._replicas.check(await pipe.execute(raise_on_error=False), what)
             if not any(isinstance(r, NoScriptError) for r in replies):
                 break
             await self.redis.script_load(script.script)
@@ -351,7 +381,7 @@ class StreamStore:
         ``finished``)."""
         now = stamp()
         calls = [([keys.meta(i), keys.RUNNING], [attempt, now]) for i, attempt in attempts.items()]
-        replies = await self._pipelined(self._beat, calls)
+        replies = await self._pipelined(self._beat, calls, "heartbeat")
         for r in replies:
             if isinstance(r, Exception):
                 raise r
@@ -375,12 +405,24 @@ class StreamStore:
     async def cancel(self, stream_id: str) -> str:
         """Returns the status after the request: a queued stream is ended at once (``cancelled``),
         a running one is flagged for its worker (``running``)."""
-        return str(
-            await self._cancel(
-                keys=[keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS],
-                args=[keys.notify(stream_id), stamp(), self._retention, keys.ACTIVE_PREFIX],
-            )
+        status = await self._replicated(
+            self._cancel,
+            [keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS],
+            [keys.notify(stream_id), stamp(), self._retention, keys.ACTIVE_PREFIX],
+            f"cancel of {stream_id}",
         )
+        return str(status)
+
+    async def _replicated(self, script: AsyncScript, ks: list[str], args: list[Any], what: str) -> Any:
+        """``script``'s reply, once the replicas have what it wrote, when replicas are expected
+        (``tailgate.replication``): then it goes in one pipeline with the wait for them."""
+        if not self._replicas.acks:
+            return await script(keys=ks, args=args)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await script(keys=ks, args=args, client=pipe)
+            self._replicas.wait(pipe)
+            [reply] = self._replicas.check(await pipe.execute(), what)
+        return reply
 
     async def meta(self, stream_id: str) -> dict[str, str]:
         return await self.redis.hgetall(keys.meta(stream_id))  # type: ignore[no-any-return,misc]

@@ -19,7 +19,7 @@ COMMAND_RETRY_BASE_S = 0.01
 COMMAND_RETRY_CAP_S = 0.5
 ACTIVE_STALE_S = 3600  # an entry in `active` older than job timeout + this is pruned
 # Redis connections of one gateway process, however many SSE clients it serves: readers share the
-# hub's pub/sub connection (taken from the streams pool) and commands share the rest. A connection
+# hub's pub/sub connection (a client of its own) and commands share the streams pool. A connection
 # carries one command per turn of the event loop, and under a burst of new streams a turn takes
 # milliseconds: with 2 connections, creates and catch-ups queued behind each other for seconds at
 # 200 new streams a second. 16 keeps that queue short and the count bounded.
@@ -33,6 +33,9 @@ WORKER_QUEUE_POOL = 8
 # ARQ jobs only claim a stream and hand it to the worker's own supervisor, so few run at once;
 # TAILGATE_CONCURRENCY bounds the streams.
 WORKER_ARQ_JOBS = 64
+# Asking a Sentinel where the primary is: a Sentinel that does not answer within this is skipped for
+# the next one in the URL, so a dead Sentinel costs a connect timeout, not a hang.
+SENTINEL_TIMEOUT_S = 1.0
 # How often a worker looks for streams whose worker stopped heartbeating.
 TAKEOVER_SCAN_S = 1.0
 # How long a gateway's reader rides out a Redis outage before it lets its client go (to reconnect,
@@ -41,8 +44,17 @@ OUTAGE_PATIENCE_S = 30.0
 # ARQ's own timeout for a `generate` job. The job only claims a stream (a round trip or two); the
 # generation runs under the worker's supervision, bounded by TAILGATE_JOB_TIMEOUT_S.
 ARQ_JOB_TIMEOUT_S = 30
-# A claim that meets an unreachable Redis is retried every second (arq.Retry): 300 tries ride out
-# a five-minute outage.
+# How long a job a worker took is its own (ARQ's in-progress key; ARQ's own is the job timeout plus
+# 10 s). A job only claims its stream, in milliseconds; if its worker loses the queue's Redis while it
+# runs (a failover that lost the job's last writes but kept the key, say), another worker runs it
+# once this has passed. A second run is harmless: its claim finds the stream busy, or claims it if
+# the first never did.
+JOB_IN_PROGRESS_S = 5.0
+# A claim that meets an unreachable Redis (or replicas that do not acknowledge it) is sent again by
+# its job, recognised by its token, for up to 20 s: through a Sentinel failover, say, whose new
+# primary may or may not have it. Then the job is retried every second (arq.Retry), as a new claim:
+# 300 tries ride out a five-minute outage. Below ARQ_JOB_TIMEOUT_S, so ARQ never cancels a claim.
+CLAIM_PATIENCE_S = 20.0
 CLAIM_MAX_TRIES = 300
 # Half-open client connections (the peer vanished without a FIN): TCP keepalive probes after 30 s
 # of silence, every 10 s, 3 unanswered close it; data unacknowledged for 60 s closes it too.

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tailgate import keys
 from tailgate.connections import open_store
@@ -25,7 +26,7 @@ from tailgate.dev.faultproxy import FaultProxy
 from tailgate.dev.procs import RedisServer, await_until
 from tailgate.events import dumps
 from tailgate.settings import Settings
-from tailgate.store import Append, CreateReply, Creation, Limits, Reply, StreamStore, Written
+from tailgate.store import Append, Claimed, CreateReply, Creation, Limits, Reply, StreamStore, Written
 from worker.attempt import Attempt, Outcome
 from worker.publisher import Appender
 
@@ -392,6 +393,35 @@ async def test_the_appender_writes_an_attempts_events_in_order_and_its_end_settl
         loop.cancel()
         with pytest.raises(asyncio.CancelledError):
             await loop
+
+
+async def test_a_claim_whose_reply_was_lost_is_recognised_when_its_job_sends_it_again(
+    store: StreamStore, redis_server: RedisServer, redis_db: str
+) -> None:
+    stream_id = await create(store)
+    proxy = await FaultProxy(redis_server.port).start()
+    url = f"redis://127.0.0.1:{proxy.port}{urlsplit(redis_db).path}"
+    worker_store = open_store(Settings(redis_url=url), "worker", 2, retry=False)  # as the worker opens it
+    try:
+
+        async def claim_it(token: str) -> Claimed:
+            return await worker_store.claim(stream_id, WORKER, stale_after_s=60, max_attempts=3, token=token)
+
+        proxy.lose_reply_to(b"EVALSHA")  # the claim goes in; its reply does not come back
+        with pytest.raises(RedisConnectionError):
+            await claim_it("run-1")
+        assert proxy.lost == 1
+        again = await claim_it("run-1")  # the job sends it again, with its run's token
+        other = await claim_it("run-2")  # another run of the job, or another job
+    finally:
+        await worker_store.redis.aclose()
+        await proxy.close()
+
+    assert (again.reply, again.attempt, again.seq, again.owner) == (Reply.OK, 1, 2, OWNER)
+    assert again.request == REQUEST
+    assert other.reply is Reply.BUSY
+    assert [t for t, _ in await events(store, stream_id)] == ["queued", "started"]  # one claim, written once
+    assert (await store.meta(stream_id))["attempt"] == "1"
 
 
 @pytest.fixture

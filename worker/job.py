@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +28,8 @@ import openai
 from arq import Retry
 from arq.connections import ArqRedis
 
-from tailgate import keys
-from tailgate.connections import REDIS_ERRORS
+from tailgate import keys, tuning
+from tailgate.connections import REDIS_ERRORS, ride_out
 from tailgate.events import dumps
 from tailgate.settings import Settings
 from tailgate.store import Claimed, Reply, StreamStore
@@ -66,10 +68,16 @@ async def generate(ctx: dict[str, Any], stream_id: str) -> str:
         # its attempt. Claiming would start a second attempt beside the first for nothing.
         log.info("stream %s not claimed: it runs here", stream_id)
         return str(Reply.BUSY.value)
-    try:
-        claim = await w.store.claim(
-            stream_id, w.id, stale_after_s=w.settings.takeover_after_s, max_attempts=w.settings.max_attempts
+    token = secrets.token_hex(8)  # this run's claim, which the claim script recognises when re-sent
+
+    def claim_it() -> Awaitable[Claimed]:
+        s = w.settings
+        return w.store.claim(
+            stream_id, w.id, stale_after_s=s.takeover_after_s, max_attempts=s.max_attempts, token=token
         )
+
+    try:
+        claim = await ride_out(claim_it, patience_s=tuning.CLAIM_PATIENCE_S)
     except REDIS_ERRORS as exc:
         log.warning("stream %s: Redis unavailable at claim (%s); retrying", stream_id, exc)
         raise Retry(defer=1) from exc

@@ -17,8 +17,9 @@
   that is no longer the stream's owner learns it here and stops), reads their cancel flags, and
   registers itself in ``tg:workers``.
 - **Takeover.** Every second it looks for running streams whose heartbeat is older than
-  ``takeover_after_s`` and enqueues a job that claims them again. Right after Redis itself restarted
-  it waits one takeover period first: every heartbeat looks old then, though the workers are alive.
+  ``takeover_after_s`` and enqueues a job that claims them again. Right after Redis itself restarted,
+  or a Sentinel failover put a replica in the primary's place (the server's run id changed), it waits
+  one takeover period first: every heartbeat looks old then, though the workers are alive.
 - **Metrics.** With ``metrics_port``, Prometheus metrics (``worker.metrics``) are served from a
   thread for as long as the loops run.
 - **Shutdown.** SIGTERM/SIGINT, or a side loop that died: stop taking jobs, let claims in flight
@@ -34,6 +35,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -104,7 +106,7 @@ class TailgateWorker(Worker):
             task = self.tasks[f"claims-{ids[0]}"] = self.loop.create_task(self._run_jobs(ids))
             await task
             return
-        ttl_ms = int(self.in_progress_timeout_s * 1000)
+        ttl_ms = int(tuning.JOB_IN_PROGRESS_S * 1000)
         claimed = await self._claim_jobs(
             keys=[self.queue_name], args=[in_progress_key_prefix, ttl_ms, timestamp_ms(), *ids]
         )
@@ -324,14 +326,22 @@ async def _heartbeat(state: WorkerState) -> None:
 
 async def _scan(state: WorkerState) -> None:
     s = state.settings
+    loop = asyncio.get_running_loop()
+    server, changed = "", -math.inf  # the Redis it scanned last (its run id), and when that changed
     while True:
         await asyncio.sleep(tuning.TAKEOVER_SCAN_S)
         if state.stopping:
             continue
         try:
             info = await state.store.redis.info("server")
-            if int(info["uptime_in_seconds"]) < s.takeover_after_s * 1.5:
-                continue  # Redis just restarted: give live workers time to heartbeat again
+            if info["run_id"] != server:
+                changed = loop.time() if server else changed  # a failover, or a restart
+                server = info["run_id"]
+            settled = min(int(info["uptime_in_seconds"]), loop.time() - changed)
+            if settled < s.takeover_after_s * 1.5:
+                # Redis just restarted, or a replica just took over from a primary that died:
+                # every heartbeat looks old; give live workers time to heartbeat there again.
+                continue
             for stream_id, beat_ms in await state.store.stale(s.takeover_after_s):
                 if stream_id in state.running:
                     continue  # ours: our own heartbeat is what failed, not the attempt

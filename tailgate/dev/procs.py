@@ -196,14 +196,23 @@ def http_ok(url: str) -> bool:
 
 def worker_registered(redis_url: str, pid: int) -> bool:
     """True once the worker with process id ``pid`` has registered its heartbeat in ``tg:workers``: its
-    readiness whatever its log level (the "ready" line is INFO)."""
-    import redis
+    readiness whatever its log level (the "ready" line is INFO). Blocking; any Redis URL tailgate
+    takes (``tailgate.connections``)."""
+    return asyncio.run(_worker_registered(redis_url, pid))
 
+
+async def _worker_registered(redis_url: str, pid: int) -> bool:
+    from redis.exceptions import RedisError
+
+    from tailgate.connections import open_client
+
+    r = open_client(redis_url, "dev", pool_size=1, socket_timeout=1)
     try:
-        with redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=1) as r:
-            workers: dict[str, str] = r.hgetall(keys.WORKERS)
-    except redis.RedisError:
+        workers: dict[str, str] = await r.hgetall(keys.WORKERS)  # type: ignore[misc]
+    except RedisError:
         return False
+    finally:
+        await r.aclose()
     return any(json.loads(v).get("pid") == pid for v in workers.values())
 
 
@@ -286,7 +295,8 @@ def redis_binary() -> str:
 class RedisServer:
     """A redis-server child process. ``stop`` and ``start`` again keep port and data directory, so a
     restart with ``appendonly=True`` recovers what was acknowledged. ``extra`` adds server options
-    (``["--maxclients", "20000"]``)."""
+    (``["--maxclients", "20000"]``); ``replica_of``, a port: it starts as a replica of the Redis
+    there (set it before a restart to bring a failed primary back as a replica)."""
 
     def __init__(
         self,
@@ -295,10 +305,12 @@ class RedisServer:
         appendonly: bool = False,
         directory: str | None = None,
         extra: list[str] | None = None,
+        replica_of: int | None = None,
     ) -> None:
         self.port = port or free_port()
         self.appendonly = appendonly
         self.extra = extra or []
+        self.replica_of = replica_of
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="tailgate-redis-")
         self.dir = Path(directory or self._tmp.name)  # type: ignore[union-attr]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -311,6 +323,10 @@ class RedisServer:
         args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
         args += ["--save", "", "--appendonly", "yes" if self.appendonly else "no"]
         args += ["--appendfsync", "always", "--daemonize", "no", "--logfile", str(self.dir / "redis.log")]
+        # A replica syncs at once, not after Redis 7's default 5 s wait for more replicas to join.
+        args += ["--repl-diskless-sync-delay", "0"]
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         self.proc = subprocess.Popen(
             [*args, *self.extra],
             stdin=subprocess.DEVNULL,
@@ -330,6 +346,15 @@ class RedisServer:
 
     async def astart(self) -> RedisServer:
         return await asyncio.to_thread(self.start)
+
+    def linked(self) -> bool:
+        """A replica: whether its link to its primary is up (it has synced)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"INFO replication\r\n")
+                return b"master_link_status:up" in s.recv(4096)
+        except OSError:
+            return False
 
     def answers(self) -> bool:
         try:
@@ -361,6 +386,103 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+SERVICE = "tailgate"  # the master name the Sentinels of the kit monitor
+
+
+class SentinelServer:
+    """A ``redis-sentinel`` child process on a free port, watching the primary on ``primary_port``
+    as ``service``, with a fast failover for tests: ``down_after_ms`` of silence and ``quorum``
+    Sentinels agreeing start one. Its config file (which Sentinel rewrites as it learns) and its
+    log live in a directory of its own.
+
+    The binary is ``redis-sentinel`` from the PATH, else ``redis-server --sentinel``."""
+
+    def __init__(
+        self,
+        primary_port: int,
+        *,
+        service: str = SERVICE,
+        quorum: int = 1,
+        down_after_ms: int = 500,
+        failover_timeout_ms: int = 3000,
+    ) -> None:
+        self.port = free_port()
+        self.service = service
+        self._tmp = tempfile.TemporaryDirectory(prefix="tailgate-sentinel-")
+        self.dir = Path(self._tmp.name)
+        self.conf = self.dir / "sentinel.conf"
+        self.conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndaemonize no\ndir {self.dir}\n"
+            f"logfile {self.dir / 'sentinel.log'}\n"
+            f"sentinel monitor {service} 127.0.0.1 {primary_port} {quorum}\n"
+            f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
+            f"sentinel failover-timeout {service} {failover_timeout_ms}\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> SentinelServer:
+        found = shutil.which("redis-sentinel")
+        argv = [found, str(self.conf)] if found else [redis_binary(), str(self.conf), "--sentinel"]
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent
+        )
+        wait_until(lambda: self.primary() is not None, f"sentinel on port {self.port}", timeout)
+        return self
+
+    async def astart(self) -> SentinelServer:
+        return await asyncio.to_thread(self.start)
+
+    def _ask(self, *command: str) -> object:
+        """One command to this Sentinel; ``None`` if it does not answer."""
+        import redis
+
+        try:
+            with redis.Redis(port=self.port, decode_responses=True, socket_timeout=1) as r:
+                return r.execute_command(*command)
+        except (redis.RedisError, OSError):
+            return None
+
+    def primary(self) -> int | None:
+        """The port of the primary this Sentinel names now (``None``: it does not answer)."""
+        answer = self._ask("SENTINEL", "get-master-addr-by-name", self.service)
+        return int(answer[1]) if isinstance(answer, list) else None
+
+    def knows(self, replicas: int, sentinels: int) -> bool:
+        """Whether it sees ``replicas`` replicas of the primary, each up and linked to it, and
+        ``sentinels`` other Sentinels: what a failover needs."""
+        master = self._ask("SENTINEL", "master", self.service)
+        found = self._ask("SENTINEL", "replicas", self.service)
+        if not isinstance(master, list) or not isinstance(found, list):
+            return False
+        linked = [
+            r for r in map(_fields, found) if r["master-link-status"] == "ok" and "down" not in r["flags"]
+        ]
+        return int(_fields(master)["num-other-sentinels"]) == sentinels and len(linked) == replicas
+
+    def log(self) -> str:
+        path = self.dir / "sentinel.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, 10)
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        self._tmp.cleanup()
+
+
+def _fields(flat: list[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def sentinel_url(sentinels: list[SentinelServer], db: int = 0) -> str:
+    """The ``redis+sentinel://`` URL of the primary these Sentinels watch (``tailgate.sentinel``)."""
+    hosts = ",".join(f"127.0.0.1:{s.port}" for s in sentinels)
+    return f"redis+sentinel://{hosts}/{sentinels[0].service}/{db}"
 
 
 def child_env(**overrides: str) -> dict[str, str]:
