@@ -154,7 +154,8 @@ def describe(settings: Settings) -> str:
 
     def where(url: str) -> str:
         u = urlsplit(url)
-        return f"{u.hostname or 'localhost'}:{u.port or 6379}{u.path or ''}"
+        hosts = u.netloc.rpartition("@")[2] or "localhost:6379"  # a Sentinel URL may list several
+        return ("sentinel " if u.scheme == "redis+sentinel" else "") + hosts + u.path
 
     streams, queue = where(settings.streams_url), where(settings.queue_url)
     return f"redis {streams}" + (f" (queue {queue})" if queue != streams else "")

@@ -8,9 +8,11 @@
   itself instead of through ARQ's ``run_job``: the claims of every stream polled go in one pipelined
   round trip, the attempts start, and then the jobs are dropped from the queue as ARQ drops a job
   that ran (four round trips a job through ARQ). The stream's claim is what makes a job run once:
-  two workers polling the same job both claim, and the second is answered ``busy``. A job whose
-  claim failed stays queued for the next poll; a worker that dies before it drops its jobs leaves
-  them to be claimed again, which the claim answers ``busy``, or takes over if the worker is gone.
+  two workers polling the same job both claim, and the second is answered ``busy``. The claims ride
+  out an outage (a failover) for up to ``CLAIM_PATIENCE_S``, sent again with the same tokens, so a
+  claim whose reply was lost is recognised. A job whose claim failed stays queued for the next poll;
+  a worker that dies before it drops its jobs leaves them to be claimed again, which the claim
+  answers ``busy``, or takes over if the worker is gone.
 - **Cancel.** ``tg:cancel`` names a stream whose generation must stop; if it runs here, its attempt
   halts and the upstream response is closed.
 - **Heartbeat.** Every ``heartbeat_s`` the worker stamps the meta of each stream it runs (an attempt
@@ -40,6 +42,7 @@ import os
 import secrets
 import signal
 import socket
+from collections.abc import Awaitable
 from typing import Any
 
 from arq import Worker
@@ -51,7 +54,7 @@ from arq.worker import func
 from tailgate import keys, tuning
 from tailgate.connections import REDIS_ERRORS, open_queue, open_store, ride_out
 from tailgate.settings import Settings
-from tailgate.store import Reply, stamp
+from tailgate.store import Claimed, Reply, stamp
 from worker import metrics, upstream
 from worker.attempt import Outcome, refused
 from worker.job import WorkerState, generate, start, takeover
@@ -126,14 +129,25 @@ class TailgateWorker(Worker):
         streams = [j[:32] for j in job_ids]
         # A takeover job for a stream that runs here (our heartbeat failed, not the attempt): drop it.
         wanted = [i for i in streams if i not in s.running]
-        try:
-            claims = await s.store.claim_many(
-                wanted, s.id, stale_after_s=s.settings.takeover_after_s, max_attempts=s.settings.max_attempts
+        # Each claim's own token: sent again after a lost reply (a failover), it is recognised.
+        tokens = [secrets.token_hex(8) for _ in wanted]
+
+        def claim_all() -> Awaitable[list[Claimed | Exception]]:
+            settings = s.settings
+            return s.store.claim_many(
+                wanted,
+                s.id,
+                stale_after_s=settings.takeover_after_s,
+                max_attempts=settings.max_attempts,
+                tokens=tokens,
             )
+
+        try:
+            claims = await ride_out(claim_all, patience_s=tuning.CLAIM_PATIENCE_S)
         except REDIS_ERRORS as exc:
             log.warning("claims of %d streams failed (%s); their jobs stay queued", len(wanted), exc)
             return
-        failed = set()
+        failed: set[str] = set()
         for stream_id, claim in zip(wanted, claims, strict=True):
             if isinstance(claim, Exception):
                 log.warning("stream %s: claim failed (%s); its job stays queued", stream_id, claim)
