@@ -53,6 +53,7 @@ class Procs:
             "TAILGATE_RATE_LIMIT_PER_MIN": "100000000",
             "TAILGATE_MAX_ACTIVE_PER_KEY": "100000000",
             "TAILGATE_MAX_QUEUED": "1000000",
+            "TAILGATE_MAX_SSE_PER_KEY": "100000",  # the idle phase holds 10,000 streams of one key
             "TAILGATE_LOG_LEVEL": "WARNING",
             "TAILGATE_LOG_FORMAT": "text",
             # One worker must be able to run the highest level of the sustained phase (default 500).
