@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import ApiError, error_response
-from tailgate import tuning
+from tailgate import keys, scripts, tuning
 from tailgate.connections import REDIS_ERRORS
 from tailgate.settings import Settings
 from tailgate.store import CreateReply, Creation, Limits
@@ -76,6 +76,8 @@ class Admission:
     def __init__(self, settings: Settings, queue: Redis) -> None:
         self._settings = settings
         self._queue = queue
+        self._peek = queue.register_script(scripts.PEEK)
+        self.enqueue = queue.register_script(scripts.ENQUEUE)  # creation._enqueue's
         self.limits = Limits(
             max_active=settings.max_active_per_key,
             active_stale_ms=(settings.job_timeout_s + tuning.ACTIVE_STALE_S) * 1000,
@@ -100,11 +102,15 @@ class Admission:
                 message = f"max_tokens {asked} is over this server's ceiling of {s.max_tokens}; ask for less"
                 raise ApiError(400, "max_tokens_too_large", message)
 
-    async def check_queue(self) -> None:
-        """429 ``queue_full`` when the queue holds ``TAILGATE_MAX_QUEUED`` jobs. (On one Redis, the
-        store's create script checks this itself, atomically.)"""
-        if await self._queue.zcard(self._settings.queue_name) >= self._settings.max_queued:
+    async def check_queue(self, owner: str) -> int:
+        """429 ``queue_full`` when the queue holds ``TAILGATE_MAX_QUEUED`` jobs; else the place a
+        stream of ``owner`` would take in it now, for its ``queued`` event. (On one Redis, the store's
+        create script does both itself, atomically.)"""
+        queue = self._settings.queue_name
+        depth, place = await self._peek(keys=[queue, keys.fair(queue)], args=[owner])
+        if depth >= self._settings.max_queued:
             raise self.queue_full()
+        return int(place)
 
     def queue_full(self) -> ApiError:
         return ApiError(429, "queue_full", "the queue is full; retry shortly", {"Retry-After": "1"})

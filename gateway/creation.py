@@ -103,8 +103,7 @@ async def start(
     Idempotency, the per-key limits and the create are one atomic script: concurrent duplicates get
     the one stream or the same refusal, and no answer names a stream that does not exist."""
     one_redis = svc.settings.one_redis
-    if not one_redis:
-        await svc.admission.check_queue()
+    position = None if one_redis else await svc.admission.check_queue(owner)
     stream_id = secrets.token_hex(16)
     request = body.upstream_request(svc.settings.default_model)
     svc.admission.check_request(request)
@@ -120,7 +119,13 @@ async def start(
     job = _job(svc, stream_id) if one_redis else None
     try:
         creation = await svc.store.create(
-            stream_id, owner, fields, limits=svc.admission.limits, idempotency=idempotency, job=job
+            stream_id,
+            owner,
+            fields,
+            limits=svc.admission.limits,
+            idempotency=idempotency,
+            job=job,
+            position=position,
         )
     except NotReplicated:
         await svc.store.discard(stream_id)  # on the primary, not on enough replicas: never acknowledged
@@ -140,7 +145,7 @@ async def start(
         case _:
             assert_never(creation.reply)
     if job is None:
-        await _enqueue(svc, stream_id)
+        await _enqueue(svc, stream_id, owner)
     STREAMS_CREATED.inc()
     log.info("stream %s queued", stream_id)
     return created(svc, stream_id)
@@ -158,26 +163,27 @@ def _job(svc: Services, stream_id: str) -> Job:
         expires_ms=q.expires_extra_ms,
         max_queued=svc.settings.max_queued,
         wake=keys.WAKE_CHANNEL,
+        fair=keys.fair(svc.settings.queue_name),
     )
 
 
-async def _enqueue(svc: Services, stream_id: str) -> None:
-    """Enqueue the stream's job and wake a worker, in one pipeline on the queue's Redis, with the wait
-    for the replicas when they are expected; if that fails, the store takes the create back (quota
-    and idempotency record included) and the client gets 503.
+async def _enqueue(svc: Services, stream_id: str, owner: str) -> None:
+    """Enqueue the stream's job, fairly across owners, and wake a worker: one script on the queue's
+    Redis (``scripts.ENQUEUE``), with the wait for the replicas when they are expected; if that
+    fails, the store takes the create back (quota and idempotency record included) and the client
+    gets 503.
 
     The job is written as ARQ's ``enqueue_job`` writes it, without its WATCH transaction: the id is
     new, as its create just proved, so there is nothing to watch, and a WATCH transaction cannot
-    carry the WAIT on its connection. The writes are ``NX``, so redis-py may re-send the pipeline
-    after a broken connection (to the new primary, after a failover): a job that is there already
-    stays as it is."""
+    carry the WAIT on its connection. The writes are once only, so redis-py may re-send them after a
+    broken connection (to the new primary, after a failover): a job that is there already stays as
+    it is."""
     job = _job(svc, stream_id)
     replicas = svc.settings.replicas
     try:
         async with svc.queue.pipeline(transaction=False) as pipe:
-            pipe.set(job.key, job.payload, px=job.expires_ms, nx=True)
-            pipe.zadd(job.queue, {stream_id: timestamp_ms()}, nx=True)
-            pipe.publish(job.wake, stream_id)  # an idle worker starts it at once
+            args: list[str | bytes | int] = [owner, stream_id, job.payload, job.expires_ms, job.wake]
+            await svc.admission.enqueue(keys=[job.queue, job.fair, job.key], args=args, client=pipe)
             replicas.wait(pipe)
             replicas.check(await pipe.execute(), f"job of {stream_id}")
     except Exception as exc:

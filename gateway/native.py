@@ -47,12 +47,18 @@ class CancelAnswer(BaseModel):
 
 
 @router.get("/{stream_id}")
-async def stream_status(stream: OwnedStream) -> dict[str, Any]:
-    """The stream's status, timings, attempt, event count and usage."""
+async def stream_status(svc: Svc, stream: OwnedStream) -> dict[str, Any]:
+    """The stream's status, timings, attempt, event count and usage; while it is queued, its
+    ``position`` in the queue (1: next to start)."""
     meta = stream.meta
+    position = None
+    if meta["status"] == "queued":
+        rank = await svc.queue.zrank(svc.settings.queue_name, stream.id)
+        position = None if rank is None else rank + 1  # None: a worker has just taken it
     return {
         "id": stream.id,
         "status": meta["status"],
+        "position": position,
         "created_at": iso(meta.get("created_at")),
         "started_at": iso(meta.get("started_at")),
         "finished_at": iso(meta.get("finished_at")),

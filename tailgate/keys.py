@@ -75,6 +75,10 @@ STATS = "tg:stats"
 # Sorted set of running streams, score: last heartbeat (ms; 0: handed back). Workers scan it for
 # streams to take over. Kept by the store's scripts: claim adds, heartbeat refreshes, every end removes.
 RUNNING = "tg:running"
+# Sorted set of the streams waiting for their first start, score: creation ms; `tailgate top` reads
+# the oldest. Kept by the store's scripts: create adds (and prunes what expired there), the claim, a
+# cancel and a discard remove.
+QUEUED = "tg:queued"
 
 # On the queue Redis: the worker listens here, so a fresh job starts without waiting for ARQ's poll.
 WAKE_CHANNEL = "tg:wake"  # message: the id of the job just enqueued
@@ -91,3 +95,10 @@ REPLICATED = "tg:replicated"
 
 # The ARQ job function's name.
 JOB_GENERATE = "generate"
+
+
+def fair(queue: str) -> str:
+    """Hash beside ARQ's queue ``queue``, on its Redis: owner -> the virtual time its next job starts
+    at; field ``""``: the latest virtual time given out. A job's score in the queue is its virtual
+    start time, not a clock, so the queue runs its jobs fairly across owners (``scripts.FAIR``)."""
+    return f"{queue}:fair"

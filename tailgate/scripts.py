@@ -60,17 +60,72 @@ local function close(ek, mk, status, now, retention, running, stats, active, cod
 end
 """
 
+# Fair scheduling across owners, on the Redis of ARQ's queue (start-time fair queueing). A job's
+# score is its virtual start time, not a clock: the later of "now" in virtual time (the score of the
+# first job waiting; when none waits, the latest time given out) and the end of its owner's previous
+# job (its start + 1). ARQ runs the lowest score first, so an owner's backlog of thousands does not
+# delay another owner's next stream: that one is scored at the head's time, beside the backlog's
+# first job. Each owner's jobs keep their order. The scores stay far below the clock in ms, so every
+# job is due at once. Score 0 is a takeover's (worker.job.takeover): first in line, and not "now".
+FAIR = """
+local function fair_start(queue, fair, owner)
+  local head = redis.call('ZRANGEBYSCORE', queue, '(0', '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  local now = tonumber(head[2] or redis.call('HGET', fair, '') or 1)
+  return math.max(now, tonumber(redis.call('HGET', fair, owner) or 0))
+end
+-- Queues job `id` of `owner` (once: a re-sent enqueue keeps its place) and answers its place in the
+-- queue, 1 for next.
+local function fair_enqueue(queue, fair, owner, id)
+  if not redis.call('ZSCORE', queue, id) then
+    local start = fair_start(queue, fair, owner)
+    redis.call('ZADD', queue, start, id)
+    redis.call('HSET', fair, owner, start + 1)
+    if start + 1 > tonumber(redis.call('HGET', fair, '') or 0) then
+      redis.call('HSET', fair, '', start + 1)
+    end
+  end
+  return redis.call('ZRANK', queue, id) + 1
+end
+"""
+
+# When the queue has a Redis of its own. KEYS: queue, fair. ARGV: owner. Answers the queue's depth,
+# and the place a job of this owner would take now (ties counted ahead), for its `queued` event.
+PEEK = (
+    FAIR
+    + """
+local place = redis.call('ZCOUNT', KEYS[1], '-inf', fair_start(KEYS[1], KEYS[2], ARGV[1])) + 1
+return {redis.call('ZCARD', KEYS[1]), place}
+"""
+)
+
+# When the queue has a Redis of its own. KEYS: queue, fair, the job's key. ARGV: owner, job id, ARQ's
+# serialized job, its expiry ms, the wake-up channel. Writes the job as ARQ's enqueue_job does, with
+# its fair score, and wakes a worker; every write is once only, so redis-py may send it again after a
+# broken connection. Answers the job's place in the queue.
+ENQUEUE = (
+    FAIR
+    + """
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4], 'NX')
+local place = fair_enqueue(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[5], ARGV[2])
+return place
+"""
+)
+
 # KEYS: events, meta, active (the owner's), stats, rate (the owner's), idempotency (the rate key
-# again when there is none), and, when the queue shares this Redis, ARQ's queue and the job's key.
-# ARGV: live_ttl, now, owner, max_active (0: no cap), active_stale_before, rate limit (0: none), rate
-# window ms, idempotency value ('' for none: "<id> <digest>"), its ttl, the job (ARQ's serialized
-# job, its expiry ms, the queue's cap, the wake-up channel; all '' without a queue), then
-# meta field/value pairs (the owner argument wins over an `owner` among them).
-# Admission, creation and the enqueue in one step, so the caps hold under any concurrency, a refused
-# request leaves nothing behind (no quota used, no idempotency record), and a created stream is
-# queued: one round trip for the whole of a create.
+# again when there is none), the queued index, and, when the queue shares this Redis, ARQ's queue,
+# the job's key and the fair-share hash. ARGV: live_ttl, now, owner, max_active (0: no cap),
+# active_stale_before, rate limit (0: none), rate window ms, idempotency value ('' for none: "<id>
+# <digest>"), its ttl, the job (ARQ's serialized job, its expiry ms, the queue's cap, the wake-up
+# channel; all '' without a queue), the place in the queue for the `queued` event (without a queue:
+# the gateway's estimate; '' for none), then meta field/value pairs (the owner argument wins over an
+# `owner` among them). Admission, creation and the enqueue in one step, so the caps hold under any
+# concurrency, a refused request leaves nothing behind (no quota used, no idempotency record), and a
+# created stream is queued: one round trip for the whole of a create. Answers 'created', the id, and
+# the place in the queue ('' for none).
 CREATE = (
     LIB
+    + FAIR
     + """
 local id = id_of(KEYS[2])
 local now = tonumber(ARGV[2])
@@ -84,8 +139,8 @@ if ARGV[8] ~= '' then
     return {'existing', sid}
   end
 end
-local queued = #KEYS == 8
-if queued and redis.call('ZCARD', KEYS[7]) >= tonumber(ARGV[12]) then
+local queued = #KEYS == 10
+if queued and redis.call('ZCARD', KEYS[8]) >= tonumber(ARGV[12]) then
   return {'queue_full'}
 end
 if tonumber(ARGV[6]) > 0 then
@@ -101,9 +156,15 @@ if tonumber(ARGV[4]) > 0 then
   if active >= tonumber(ARGV[4]) then return {'too_many', tostring(active)} end
 end
 redis.call('HSET', KEYS[2], 'status', 'queued', 'attempt', 0, 'cancel', 0, 'created_at', ARGV[2])
-for i = 14, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 15, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[2], 'owner', ARGV[3])
-local seq, eid = add(KEYS[1], 0, 'queued', '{}', {})
+local place = ARGV[14]
+if queued then  -- as ARQ's enqueue_job writes a job, and the wake-up the gateway would publish
+  redis.call('SET', KEYS[9], ARGV[10], 'PX', ARGV[11])
+  place = tostring(fair_enqueue(KEYS[8], KEYS[10], ARGV[3], id))
+  redis.call('PUBLISH', ARGV[13], id)
+end
+local seq, eid = add(KEYS[1], 0, 'queued', place == '' and '{}' or '{"position":' .. place .. '}', {})
 redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', eid)
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
@@ -117,17 +178,16 @@ if ARGV[8] ~= '' then
   redis.call('SET', KEYS[6], ARGV[8], 'EX', ARGV[9])
   redis.call('HSET', KEYS[2], 'idempotency', KEYS[6])
 end
-if queued then  -- as ARQ's enqueue_job writes a job, and the wake-up the gateway would publish
-  redis.call('SET', KEYS[8], ARGV[10], 'PX', ARGV[11])
-  redis.call('ZADD', KEYS[7], now, id)
-  redis.call('PUBLISH', ARGV[13], id)
-end
-return {'created', id}
+-- The queued index: the oldest waiting stream, for `tailgate top`. A stream that expired while
+-- queued (no worker ran it) leaves it here.
+redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now - tonumber(ARGV[1]) * 1000)
+redis.call('ZADD', KEYS[7], now, id)
+return {'created', id, place}
 """
 )
 
-# KEYS: events, meta, running, stats. ARGV: active prefix, rate prefix. Also takes back the
-# creation's place in the rate window and its idempotency record (if it still names this stream).
+# KEYS: events, meta, running, stats, queued index. ARGV: active prefix, rate prefix. Also takes back
+# the creation's place in the rate window and its idempotency record (if it still names this stream).
 DISCARD = (
     LIB
     + """
@@ -137,6 +197,7 @@ local owner = m[1] or ''
 local id = id_of(KEYS[2])
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], id)
+redis.call('ZREM', KEYS[5], id)
 redis.call('ZREM', ARGV[1] .. owner, id)
 redis.call('ZREM', ARGV[2] .. owner, id)
 if m[2] then
@@ -148,7 +209,7 @@ return 1
 """
 )
 
-# KEYS: events, meta, running, stats. ARGV: channel, now, worker, stale_before, max_attempts,
+# KEYS: events, meta, running, stats, queued index. ARGV: channel, now, worker, stale_before, max_attempts,
 # retention, active prefix, claim token ('' for none). A running stream is claimed only if its
 # heartbeat is older than stale_before (its worker is gone or handed it back); past max_attempts it
 # ends with `error` instead. A stream that is gone or ended leaves the running index (it may have
@@ -163,6 +224,7 @@ CLAIM = (
     + """
 local m = redis.call('HMGET', KEYS[2], 'status', 'seq', 'cancel', 'heartbeat', 'attempt', 'release',
   'request', 'owner', 'model', 'created_at', 'claim')
+redis.call('ZREM', KEYS[5], id_of(KEYS[2]))  -- its job left the queue, whatever the answer
 if not m[1] or finished(m[1]) then
   redis.call('ZREM', KEYS[3], id_of(KEYS[2]))
   return {m[1] and 'finished' or 'gone'}
@@ -306,7 +368,7 @@ return 'ok'
 """
 )
 
-# KEYS: events, meta, running, stats. ARGV: channel, now, retention, active prefix.
+# KEYS: events, meta, running, stats, queued index. ARGV: channel, now, retention, active prefix.
 CANCEL = (
     LIB
     + """
@@ -317,6 +379,7 @@ if m[1] == 'queued' then
   local lines = {}
   local seq, id = add(KEYS[1], tonumber(m[2]), 'cancelled', '{"usage":null}', lines)
   redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id, 'cancel', 1)
+  redis.call('ZREM', KEYS[5], id_of(KEYS[2]))
   close(KEYS[1], KEYS[2], 'cancelled', ARGV[2], ARGV[3], KEYS[3], KEYS[4], ARGV[4] .. (m[3] or ''))
   redis.call('PUBLISH', ARGV[1], table.concat(lines, '\\n'))
   return 'cancelled'

@@ -141,6 +141,7 @@ class Job:
     expires_ms: int
     max_queued: int  # the queue's cap: at this many jobs, QUEUE_FULL
     wake: str  # the channel that wakes an idle worker
+    fair: str  # the fair-share hash beside the queue (tailgate.scripts.FAIR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +150,7 @@ class Creation:
     stream_id: str = ""  # CREATED: the new stream; EXISTING: the one the Idempotency-Key made
     retry_after_ms: int = 0  # RATE_LIMITED: when the oldest creation leaves the window
     active: int = 0  # TOO_MANY: how many are unfinished
+    position: int | None = None  # CREATED: its place in the queue (1: next), as its `queued` event says
 
 
 class SeqConflict(RuntimeError):
@@ -249,12 +251,14 @@ class StreamStore:
         limits: Limits | None = None,
         idempotency: tuple[str, str] | None = None,
         job: Job | None = None,
+        position: int | None = None,
     ) -> Creation:
         """A new stream of ``owner``, queued, if ``limits`` admit it: its meta (``fields`` and the
         owner), the ``queued`` event, a place in the owner's active set and rate window, and one more
         ``created``. With ``idempotency`` (the key's hash, the body's digest): the stream that key
         created before, or a conflict if that body differed. With ``job`` (the queue is on this
-        Redis): the job enqueued too, unless the queue is full. All in one atomic step."""
+        Redis): the job enqueued too, fairly across owners, unless the queue is full; else
+        ``position``: the gateway's estimate of its place in the queue. All in one atomic step."""
         lim = limits or Limits()
         now = int(time.time() * 1000)
         idem_key, idem_value = keys.rate(owner), ""
@@ -264,17 +268,19 @@ class StreamStore:
         args: list[Any] = [self._live_ttl, now, owner, lim.max_active, stale_before]
         args += [lim.rate_per_min, 60_000, idem_value, self._retention]
         ks = [keys.events(stream_id), keys.meta(stream_id), keys.active(owner), keys.STATS]
-        ks += [keys.rate(owner), idem_key]
+        ks += [keys.rate(owner), idem_key, keys.QUEUED]
         if job is None:
-            args += ["", "", "", ""]
+            args += ["", "", "", "", "" if position is None else position]
         else:
-            args += [job.payload, job.expires_ms, job.max_queued, job.wake]
-            ks += [job.queue, job.key]
+            args += [job.payload, job.expires_ms, job.max_queued, job.wake, ""]
+            ks += [job.queue, job.key, job.fair]
         for k, v in fields.items():
             args += [k, v]
         r = await self._replicated(self._create, ks, args, f"create of {stream_id}")
         reply = CreateReply(r[0])
-        if reply in (CreateReply.CREATED, CreateReply.EXISTING):
+        if reply is CreateReply.CREATED:
+            return Creation(reply, stream_id=r[1], position=int(r[2]) if r[2] else None)
+        if reply is CreateReply.EXISTING:
             return Creation(reply, stream_id=r[1])
         if reply is CreateReply.RATE_LIMITED:
             return Creation(reply, retry_after_ms=int(float(r[1])))
@@ -285,7 +291,7 @@ class StreamStore:
     async def discard(self, stream_id: str) -> None:
         """Undo a :meth:`create` whose job could not be enqueued: its meta and events, its place in
         its owner's active set (and the running index), and its ``created`` count."""
-        ks = [keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS]
+        ks = [keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS, keys.QUEUED]
         await self._discard(keys=ks, args=[keys.ACTIVE_PREFIX, keys.RATE_PREFIX])
 
     async def claim(
@@ -321,7 +327,7 @@ class StreamStore:
         tail = [f"{now:.3f}", worker, f"{now - stale_after_s * 1000:.3f}", max_attempts, self._retention]
         calls: list[tuple[list[str], list[Any]]] = [
             (
-                [keys.events(i), keys.meta(i), keys.RUNNING, keys.STATS],
+                [keys.events(i), keys.meta(i), keys.RUNNING, keys.STATS, keys.QUEUED],
                 [keys.notify(i), *tail, keys.ACTIVE_PREFIX, token],
             )
             for i, token in zip(stream_ids, tokens or [""] * len(stream_ids), strict=True)
@@ -407,7 +413,7 @@ class StreamStore:
         a running one is flagged for its worker (``running``)."""
         status = await self._replicated(
             self._cancel,
-            [keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS],
+            [keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS, keys.QUEUED],
             [keys.notify(stream_id), stamp(), self._retention, keys.ACTIVE_PREFIX],
             f"cancel of {stream_id}",
         )

@@ -1,8 +1,9 @@
 """``tailgate top``: the fleet at a glance, read from Redis only, redrawn every ``interval``.
 
-A frame is built from one :class:`Snapshot` (and the one before it, for rates): the queue (ARQ's
-sorted set on the queue Redis, scored by when each job is due: its depth and the age of its oldest
-job), the running index (``tg:running``: streams running, and those whose heartbeat is older than
+A frame is built from one :class:`Snapshot` (and the one before it, for rates): the queue (the depth
+of ARQ's sorted set on the queue Redis, and the age of the oldest stream waiting for its first start,
+from the queued index ``tg:queued``: the queue's scores are fair-share times, not clocks), the
+running index (``tg:running``: streams running, and those whose heartbeat is older than
 ``TAILGATE_TAKEOVER_AFTER_S``, awaiting takeover), the counters the store's scripts keep in
 ``tg:stats``, and the workers' registry (``tg:workers``, which each worker stamps with its running
 count on every heartbeat; a worker whose stamp is older than the takeover period is marked silent).
@@ -49,7 +50,7 @@ class WorkerRow:
 class Snapshot:
     at_ms: float
     queued: int
-    oldest_ms: float | None  # when the oldest queued job was due
+    oldest_ms: float | None  # when the oldest stream waiting for its first start was created
     running: int
     stale: int  # running streams whose heartbeat is older than takeover_after_s: awaiting takeover
     stats: dict[str, int]
@@ -61,14 +62,14 @@ async def snapshot(queue: Redis, streams: Redis, settings: Settings) -> Snapshot
     now = time.time() * 1000
     async with queue.pipeline(transaction=False) as q:
         q.zcard(settings.queue_name)
-        q.zrange(settings.queue_name, 0, 0, withscores=True)
         q.hgetall(keys.WORKERS)
-        depth, oldest, registry = await q.execute()
+        depth, registry = await q.execute()
     async with streams.pipeline(transaction=False) as s:
+        s.zrange(keys.QUEUED, 0, 0, withscores=True)
         s.zcard(keys.RUNNING)
         s.zcount(keys.RUNNING, "-inf", now - settings.takeover_after_s * 1000)
         s.hgetall(keys.STATS)
-        running, stale, stats = await s.execute()
+        oldest, running, stale, stats = await s.execute()
     workers = []
     for worker_id, raw in registry.items():
         info = json.loads(raw)

@@ -177,7 +177,7 @@ async def test_cancel_of_a_queued_stream_ends_it_at_once(
     assert r.status_code == 200
     _, events = await read_sse(client, idle.url + created["events_url"], headers=idle.headers)
     assert [(e.event, e.data) for e in events] == [
-        ("queued", {"seq": 1}),
+        ("queued", {"seq": 1, "position": 1}),  # no worker: first in its queue
         ("cancelled", {"seq": 2, "usage": None}),
     ]
 

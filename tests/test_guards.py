@@ -113,7 +113,7 @@ async def test_an_event_whose_notification_was_lost_reaches_the_reader_at_its_id
     async with client.stream("GET", f"{url}/v1/streams/{stream_id}/events", headers=s.headers) as response:
         received = events(response)
         first = await anext(received)
-        assert (first.event, first.data) == ("queued", {"seq": 1})
+        assert (first.event, first.data) == ("queued", {"seq": 1, "position": 1})
         # Entries as the append script writes them, without its PUBLISH: nobody tells the gateway.
         async with Redis.from_url(s.redis_url, decode_responses=True) as r:
             await r.xadd(keys.events(stream_id), {"t": "delta", "d": '{"seq":2,"text":"lost"}'})

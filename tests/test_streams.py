@@ -248,7 +248,7 @@ async def test_idle_reader_gets_keep_alive_comments(client: httpx.AsyncClient, m
                 break
     assert lines[:2] == ["retry: 1000", ""]
     assert lines[2].startswith("id: ")
-    assert lines[3:] == ["event: queued", 'data: {"seq":1}', "", ": ping", "", ": ping"]
+    assert lines[3:] == ["event: queued", 'data: {"seq":1,"position":1}', "", ": ping", "", ": ping"]
 
 
 async def first_bytes(client: httpx.AsyncClient, request: httpx.Request) -> bytes:

@@ -22,6 +22,7 @@ import secrets
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import openai
@@ -38,6 +39,8 @@ from worker.attempt import Attempt, Outcome, refused
 from worker.publisher import Appender
 
 log = logging.getLogger(__name__)
+
+FIRST_IN_LINE = datetime.fromtimestamp(0, UTC)  # score 0 in ARQ's queue
 
 
 @dataclass
@@ -186,7 +189,15 @@ async def _hand_back(w: WorkerState, attempt: Attempt) -> Outcome:
 
 async def takeover(queue: ArqRedis, queue_name: str, stream_id: str, tag: str) -> None:
     """Enqueue a job that claims ``stream_id`` again. ``tag`` makes the job id unique per stale
-    heartbeat, so several workers noticing the same loss enqueue it once."""
+    heartbeat, so several workers noticing the same loss enqueue it once. It goes first in line
+    (score 0, before every fair score: ``tailgate.scripts.FAIR``): its reader is mid-answer."""
     job_id = f"{stream_id}:{tag}"
-    await queue.enqueue_job(keys.JOB_GENERATE, stream_id, _job_id=job_id, _queue_name=queue_name)
+    await queue.enqueue_job(
+        keys.JOB_GENERATE,
+        stream_id,
+        _job_id=job_id,
+        _queue_name=queue_name,
+        _defer_until=FIRST_IN_LINE,
+        _expires=timedelta(milliseconds=queue.expires_extra_ms),
+    )
     await queue.publish(keys.WAKE_CHANNEL, job_id)  # a wake-up names the job it is for
