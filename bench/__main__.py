@@ -42,11 +42,11 @@ from tailgate.settings import Settings
 STALL_MS = 200.0  # 10 × the 20 ms pacing
 MOCK_TTFT_MS = 200
 XADD = "XADD bench:xadd * f v"  # given explicitly: not every redis-benchmark has `-t xadd`
-PORTS = {"a": "mock", "b": "naive", "c": "gateway"}
-# Whose CPU time counts as the setup's cost per token. (a) has no server of its own: the mock's
-# figure is shown for reference (it is the same in every setup).
-SERVERS = {"a": ("mock",), "b": ("naive",), "c": ("gateway", "worker")}
+# Each setup's server, and whose CPU time counts as its cost per token. (a) has no server of its
+# own: the mock's figure is shown for reference (it is the same in every setup).
+SETUPS = {"a": ("mock", "mock"), "b": ("naive", "naive"), "c": ("gateway", "gateway", "worker")}
 Records = list[dict[str, Any]]
+Raw = dict[str, list[float]]
 PHASES = ("peer", "steady", "saturation", "sustained", "fanin", "idle")
 PEER = Load(0, (64, 64), loop=False, ramp_s=1.0)  # issue #11: a level's streams start over 1 s
 PROFILED = (200, 400)  # the peer levels ``--profile`` records
@@ -55,47 +55,35 @@ PY_SPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
 
 @dataclass(frozen=True)
 class Plan:
-    """The sizes of a run: ``FULL``, or ``QUICK`` for a smoke run."""
+    """The sizes of a run: the full one (the defaults), or ``QUICK`` for a smoke run."""
 
-    name: str
-    peer: tuple[tuple[int, int], ...]  # (concurrent streams, rounds per setup); 1 runs one at a time
-    steady: Load
-    sat: Load
-    levels: tuple[int, ...]
-    level: Load  # a level of the sustained phase; its concurrency and count are the level
-    fan_in: int
-    idle_connections: int
-    idle_hold_s: float
-    xadd_requests: int
-    peer_long: Load  # issue #11's second CPU goal: 512-token streams at 200
+    name: str = "full"
+    # (concurrent streams, rounds per setup) of each peer level; 1 runs one at a time
+    peer: tuple[tuple[int, int], ...] = ((1, 100), (50, 3), (200, 3), (400, 3))
+    steady: Load = Load(500, (64, 256), ramp_s=3.5, warmup_s=5.0, window_s=8.0)
+    sat: Load = Load(
+        100, (200, 200), delay_ms=1, ttft_ms=0, ramp_s=0.5, warmup_s=2.0, window_s=6.0, samples=False
+    )
+    levels: tuple[int, ...] = (50, 100, 150, 200, 300, 400, 500, 750, 1000, 1500, 2000)
+    level: Load = Load(0, (256, 256), loop=False, ramp_s=2.0)  # a sustained level's count is the level
+    fan_in: int = 1_000
+    idle_connections: int = 10_000
+    idle_hold_s: float = 20.0
+    xadd_requests: int = 100_000
+    peer_long: Load = Load(200, (512, 512), count=200, loop=False, ramp_s=1.0)  # issue #11's 2nd CPU goal
 
 
-SAT = Load(0, (0, 0), delay_ms=1, ttft_ms=0, ramp_s=0.5, samples=False)
-FULL = Plan(
-    name="full",
-    peer=((1, 100), (50, 3), (200, 3), (400, 3)),
-    steady=Load(500, (64, 256), ramp_s=3.5, warmup_s=5.0, window_s=8.0),
-    sat=replace(SAT, concurrency=100, tokens=(200, 200), warmup_s=2.0, window_s=6.0),
-    levels=(50, 100, 150, 200, 300, 400, 500, 750, 1000, 1500, 2000),
-    level=Load(0, (256, 256), loop=False, ramp_s=2.0),
-    fan_in=1_000,
-    idle_connections=10_000,
-    idle_hold_s=20.0,
-    xadd_requests=100_000,
-    peer_long=replace(PEER, concurrency=200, count=200, tokens=(512, 512)),
-)
 QUICK = Plan(
     name="quick",
     peer=((1, 10), (50, 1), (200, 1), (400, 1)),
     steady=Load(100, (64, 128), ramp_s=1.5, warmup_s=2.0, window_s=2.0),
-    sat=replace(SAT, concurrency=40, tokens=(100, 100), warmup_s=1.0, window_s=2.0),
+    sat=replace(Plan.sat, concurrency=40, tokens=(100, 100), warmup_s=1.0, window_s=2.0),
     levels=(50, 100, 200),
     level=Load(0, (64, 64), loop=False, ramp_s=1.0),
     fan_in=200,
     idle_connections=1_000,
     idle_hold_s=2.0,
     xadd_requests=20_000,
-    peer_long=FULL.peer_long,
 )
 
 
@@ -103,7 +91,7 @@ class Bench:
     def __init__(self, plan: Plan, procs: Procs, stamp: str, profile: bool = False) -> None:
         self.plan, self.procs, self.t0, self.run_id = plan, procs, time.monotonic(), secrets.token_hex(3)
         self.stamp, self.profile = stamp, profile
-        self.raw: dict[str, Any] = {}  # steady's TTFTs and latencies, for the plot
+        self.raw: dict[str, dict[str, Raw]] = {}  # by workload and setup; the plot draws steady's
         self.r: dict[str, Any] = {
             "plan": asdict(plan),
             "cpus": os.cpu_count(),
@@ -111,6 +99,7 @@ class Bench:
             "coalesce_ms": float(Settings.model_fields["coalesce_ms"].default),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "code": _code_version(),
+            "redis_connections": {},  # the main gateway's in sustained and fanin, the idle one's in idle
         }
 
     def say(self, msg: str) -> None:
@@ -144,14 +133,16 @@ class Bench:
         ``kw`` goes to :meth:`LoadClient.run` (a ``tick``)."""
         if settle:
             self.settle()
-        at: dict[str, Any] = {"setup": setup, "port": self.procs.ports[PORTS[setup]], "load": load}
-        at |= {
-            "tag": f"bench-{self.run_id}-{tag}-{setup}",
-            "api_key": Procs.API_KEY,
+        port, tag = self.procs.ports[SETUPS[setup][0]], f"bench-{self.run_id}-{tag}-{setup}"
+        spec: dict[str, Any] = {
+            "setup": setup,
+            "port": port,
+            "load": load,
+            "tag": tag,
             "deadline_s": deadline_s,
         }
         before = self.procs.cpu()
-        out = self.client.run(deadline_s + 60, **kw, **at)
+        out = self.client.run(deadline_s + 60, **kw, **spec, api_key=Procs.API_KEY)
         after = self.procs.cpu()
         for child in self.procs.children.values():
             child.check()
@@ -160,29 +151,30 @@ class Bench:
         cpu["other"] = max(machine - sum(v for k, v in cpu.items() if k not in ("irq", "steal")), 0.0)
         return out | {"cpu_s": cpu}
 
-    def figures(
-        self, setup: str, load: Load, runs: list[dict[str, Any]]
-    ) -> tuple[dict[str, Any], Records, list[float]]:
-        """The figures of ``runs`` of ``load`` through ``setup`` taken together, and the records and
-        per-chunk latencies of their measured streams."""
+    def figures(self, setup: str, load: Load, runs: list[dict[str, Any]]) -> tuple[dict[str, Any], Raw]:
+        """The figures of ``runs`` of ``load`` through ``setup`` taken together, and the raw values of
+        two: the TTFTs (ms from sending the request) of the measured streams delivered whole, and the
+        per-chunk latencies (ms) of the measured streams."""
         recs = [x for run in runs for x in run["streams"]]
         tokens, wall = sum(run["tokens"] for run in runs), sum(run["wall_s"] for run in runs)
         cpu = {k: sum(run["cpu_s"][k] for run in runs) for k in runs[0]["cpu_s"]}
         per_token = {k: v / tokens * 1e6 if tokens else math.nan for k, v in cpu.items()}
-        latencies = [x for run in runs for x in run["latency_ms"]]
         failed, measured = [x["err"] for x in recs if not x["ok"]], [x for x in recs if x["measured"]]
+        raw = {"ttft": [x["ttft_ms"] for x in measured if x["ok"]]}
+        raw["latency"] = [x for run in runs for x in run["latency_ms"]]
         q = {"streams": len(recs), "measured": len(measured), "failed": len(failed), "tokens": tokens}
-        q |= {"errors": sorted(set(failed))[:3], "wall_s": wall}
+        q |= {"errors": sorted(set(failed))[:3], "wall_s": wall} | {
+            k: report.summary(v) for k, v in raw.items()
+        }
         inside = sum(min(load.window_s, run["wall_s"]) for run in runs)
         q["tokens_per_s"] = sum(run["window_tokens"] for run in runs) / inside  # inside the window
-        q |= {"ttft": report.summary(_ttfts(measured)), "latency": report.summary(latencies)}
         q["max_gap_ms"] = max((x["max_gap_ms"] for x in recs), default=math.inf)
         q["max_late_ms"] = max(((x["ttft_ms"] or math.inf) - MOCK_TTFT_MS for x in recs), default=math.inf)
         q |= {"cores_used": {k: v / wall for k, v in cpu.items()}, "cpu_us_per_token": per_token}
-        q["server_us_per_token"] = sum(per_token[p] for p in SERVERS[setup])
+        q["server_us_per_token"] = sum(per_token[p] for p in SETUPS[setup][1:])
         if setup == "c" and measured:
             q |= self.c_steps(measured)
-        return q, measured, latencies
+        return q, raw
 
     def load(self, setup: str, tag: str, load: Load, deadline_s: float = 120, **kw: Any) -> dict[str, Any]:
         """The figures of one workload through ``setup`` (see :meth:`run`)."""
@@ -213,25 +205,26 @@ class Bench:
 
     def warm_up(self) -> None:
         warm = Load(50, (16, 16), count=100, ramp_s=0.5, samples=False)
-        for s in "abc":
+        for s in SETUPS:
             if (q := self.load(s, "warm", warm, 60, settle=False))["failed"]:
                 raise RuntimeError(f"warm-up through ({s}) failed: {q['errors']}")
         self.say("warm-up: 100 streams through each setup, all complete")
 
     def rounds(self, tag: str, load: Load, rounds: int = 1, *, settle: bool = True) -> dict[str, Any]:
         """``load`` through (a), (b) and (c) in turn, ``rounds`` times, a progress line each setup: the
-        setups' figures (and (c)'s steps), each over all its rounds; the raw TTFTs and latencies of
-        each setup in ``raw[tag]``."""
-        runs: dict[str, list[dict[str, Any]]] = {s: [] for s in "abc"}
-        for i, s in ((i, s) for i in range(rounds) for s in "abc"):
+        setups' figures (and (c)'s steps), each over all its rounds; their raw values in ``raw[tag]``."""
+        runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SETUPS}
+        for i, s in ((i, s) for i in range(rounds) for s in SETUPS):
             runs[s].append(self.run(s, f"{tag}-{i}", load, settle=settle))
-        res, raw = {}, self.raw.setdefault(tag, {"ttft": {}, "latency": {}})
-        for s in "abc":
-            res[s], recs, raw["latency"][s] = self.figures(s, load, runs[s])
-            raw["ttft"][s], q = _ttfts(recs), res[s]
+        res, raw = {}, self.raw.setdefault(tag, {})
+        for s in SETUPS:
+            res[s], raw[s] = self.figures(s, load, runs[s])
+            q, t = res[s], res[s]["ttft"]
             line = f"{q['streams']} streams ({q['measured']} measured, {q['failed']} failed)"
             if q["measured"]:
-                line += f", TTFT p50/p99 {_p50_99(q['ttft'])} ms, chunk p99 {q['latency']['p99']:.1f} ms"
+                line += (
+                    f", TTFT p50/p99 {t['p50']:.0f}/{t['p99']:.0f} ms, chunk p99 {q['latency']['p99']:.1f} ms"
+                )
             line += f", {q['tokens_per_s']:,.0f} tokens/s, {q['server_us_per_token']:.0f} µs CPU/token"
             self.say(f"{tag} ({s}): {line}")
         return res
@@ -276,21 +269,20 @@ class Bench:
         xadd = self.r["xadd_rps"] = redis_benchmark_xadd(self.procs.redis.port, self.plan.xadd_requests)
         self.say(f"redis-benchmark XADD, 50 clients, unpipelined: {xadd:,.0f} requests/s ({XADD})")
         res = self.r["saturation"] = self.rounds("saturation", self.plan.sat)
-        self.say("saturation: " + ", ".join(f"{s} {res[s]['tokens_per_s'] / xadd:.2f}× XADD" for s in "abc"))
+        self.say("saturation: " + ", ".join(f"{s} {res[s]['tokens_per_s'] / xadd:.2f}× XADD" for s in SETUPS))
 
     def sustained(self) -> None:
         """Each setup at rising levels, until a level does not hold: every stream whole, no gap between
         chunks over ``STALL_MS``; stricter, ``held_first_token``: nor a first token later than that."""
-        runs: dict[str, Records] = {s: [] for s in "abc"}
+        runs: dict[str, Records] = {s: [] for s in SETUPS}
         tick, seen = self.watch_gateway()
-        for s in "abc":
+        for s in SETUPS:
             for level in self.plan.levels:
                 load = replace(self.plan.level, concurrency=level, count=level)
                 q = self.load(s, f"level{level}", load, tick=tick if s == "c" else None)
                 why = f"a {q['max_gap_ms']:,.0f} ms gap between chunks" if q["max_gap_ms"] > STALL_MS else ""
-                if q["failed"] or q["streams"] < level:
-                    first = q["errors"][0] if q["errors"] else "not started"
-                    why = f"{q['failed'] + level - q['streams']} streams incomplete ({first})"
+                if lost := q["failed"] + level - q["streams"]:
+                    why = f"{lost} streams incomplete ({(q['errors'] or ['not started'])[0]})"
                 strict = not why and q["max_late_ms"] <= STALL_MS
                 runs[s].append(q | {"level": level, "held": not why, "held_first_token": strict, "why": why})
                 held = f"did not hold: {why}" if why else "held"
@@ -301,7 +293,7 @@ class Bench:
                 if why:
                     break
         self.r["sustained"] = {"levels": list(self.plan.levels), "runs": runs}
-        self.r.setdefault("redis_connections", {})["live_max"] = max(seen)[0]
+        self.r["redis_connections"]["live_max"] = max(seen)[0]
 
     def fanin(self) -> None:
         """Redis connections of the main gateway while it serves ``fan_in`` live SSE clients: slow
@@ -310,9 +302,7 @@ class Bench:
         slow = Load(n, (10, 10), count=n, loop=False, ramp_s=2.0, delay_ms=500, samples=False)
         q = self.load("c", "fanin", slow, tick=tick)
         most_redis, most_clients = (max(column) for column in zip(*seen, strict=True))
-        self.r.setdefault("redis_connections", {}).update(
-            {"fan_in_clients": most_clients, "fan_in_max": most_redis}
-        )
+        self.r["redis_connections"] |= {"fan_in_clients": most_clients, "fan_in_max": most_redis}
         self.say(
             f"live fan-in: {n:,} slow streams on the main gateway ({q['failed']} failed), at most "
             f"{most_clients:,} client connections at once; gateway held {most_redis} Redis connections"
@@ -331,19 +321,14 @@ class Bench:
             self.procs.stop("gateway-idle")
 
     async def hold_idle(self, n: int, gateway: psutil.Process, base: str) -> None:
-        headers, tag, first, hold_s = (
-            {"Authorization": f"Bearer {Procs.IDLE_KEY}"},
-            self.run_id,
-            min(1000, n),
-            self.plan.idle_hold_s,
-        )
+        headers, first = {"Authorization": f"Bearer {Procs.IDLE_KEY}"}, min(1000, n)
+        hold_s: float = self.plan.idle_hold_s
         ids: list[str] = []
         held: list[aiohttp.ClientResponse] = []
 
         async def create(i: int) -> None:
-            async with http.post(
-                f"{base}/v1/streams", json={"prompt": f"bench-{tag} idle {i}"}, headers=headers
-            ) as r:
+            prompt = {"prompt": f"bench-{self.run_id} idle {i}"}
+            async with http.post(f"{base}/v1/streams", json=prompt, headers=headers) as r:
                 ids.append(json.loads(await body(r, 202))["id"])
 
         async def hold(stream_id: str) -> None:
@@ -383,7 +368,7 @@ class Bench:
         idle = {"connections": n, "create_s": create_s, "open_failures": failures, "held": opened}
         idle |= {"held_after": held_after, "rss_before": rss0, "rss_after": rss1}
         self.r["idle"] = idle | {"kib_per_connection": (rss1 - rss0) / n / 1024}
-        self.r.setdefault("redis_connections", {}).update({"idle_1000": conns_1000, "idle_all": conns_all})
+        self.r["redis_connections"] |= {"idle_1000": conns_1000, "idle_all": conns_all}
         self.say(f"idle connections: {held_after:,} of {n:,} still held after {hold_s:.0f}s; released")
 
     def phases(self, names: list[str]) -> None:
@@ -392,15 +377,6 @@ class Bench:
         for name in names:
             getattr(self, name)()
         self.r["wall_s"] = time.monotonic() - self.t0
-
-
-def _ttfts(recs: Records) -> list[float]:
-    """Time to first token of each stream delivered whole (ms from sending the request)."""
-    return [x["ttft_ms"] for x in recs if x["ok"]]
-
-
-def _p50_99(t: dict[str, Any]) -> str:
-    return f"{t['p50']:.0f}/{t['p99']:.0f}"
 
 
 async def _each(n: int, items: list[Any], one: Callable[[Any], Awaitable[None]]) -> list[str]:
@@ -441,16 +417,13 @@ def redis_benchmark_xadd(port: int, requests: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench", description="tailgate's benchmark (bench/__main__.py)"
-    )
+    parser = argparse.ArgumentParser(prog="python -m bench", description="tailgate's benchmark")
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run in about 5 minutes")
-    parser.add_argument(
-        "--only", metavar="PHASE[,PHASE]", help=f"run only these phases of {', '.join(PHASES)}"
-    )
+    only = f"run only these phases of {', '.join(PHASES)}"
+    parser.add_argument("--only", metavar="PHASE[,PHASE]", type=lambda v: v.split(","), help=only)
     parser.add_argument("--profile", action="store_true", help="py-spy flame graphs of the peer phase")
     args = parser.parse_args(argv)
-    plan, names = QUICK if args.quick else FULL, args.only.split(",") if args.only else list(PHASES)
+    plan, names = QUICK if args.quick else Plan(), args.only or list(PHASES)
     if unknown := set(names) - set(PHASES):
         parser.error(f"no phase {', '.join(sorted(unknown))}; phases: {', '.join(PHASES)}")
     if args.profile and not os.path.exists(PY_SPY):

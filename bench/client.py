@@ -60,17 +60,6 @@ class Load:
     ttft_ms: int = 200
 
 
-@dataclass
-class Totals:
-    """What a workload gathers over all its streams: tokens, those received inside the ``window`` (ns),
-    and the per-chunk latencies (ns) of the measured streams."""
-
-    window: tuple[int, int]
-    tokens: int = 0
-    window_tokens: int = 0
-    latencies: list[int] = field(default_factory=list)
-
-
 @dataclass(slots=True)
 class Stream:
     """Parse state and figures of one stream, fed with body chunks as they arrive."""
@@ -78,7 +67,8 @@ class Stream:
     setup: str
     expected: int
     measured: bool
-    totals: Totals
+    window: tuple[int, int]  # the workload's measuring window (ns): tokens received inside it count
+    latencies: list[int] = field(default_factory=list)  # ns, of each token if ``measured``
     buf: bytes = b""
     err: str = ""
     id: str = ""
@@ -92,6 +82,7 @@ class Stream:
     next_seq: int = 1
     done: bool = False
     tokens: int = 0
+    window_tokens: int = 0
 
     def feed(self, data: bytes, now: int) -> None:
         """Take the whole frames (lines for (b), events otherwise) out of what has arrived so far."""
@@ -116,17 +107,15 @@ class Stream:
             self._tokens(stamps, now)
 
     def _tokens(self, stamps: list[int], now: int) -> None:
-        t = self.totals
         if stamps[0] < self.last_stamp:
             self.fail("tokens out of order")
         if self.first_ns:
             self.max_gap = max(self.max_gap, now - self.last_ns)
         self.last_stamp, self.first_ns, self.last_ns = stamps[-1], self.first_ns or now, now
         self.tokens += len(stamps)
-        t.tokens += len(stamps)
-        t.window_tokens += len(stamps) if t.window[0] <= now <= t.window[1] else 0
+        self.window_tokens += len(stamps) if self.window[0] <= now <= self.window[1] else 0
         if self.measured:
-            t.latencies += [now - s for s in stamps]
+            self.latencies += [now - s for s in stamps]
 
     def fail(self, why: str) -> None:
         self.err = self.err or why
@@ -152,10 +141,6 @@ class Stream:
         }
 
 
-def _headers(key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
 async def body(r: aiohttp.ClientResponse, status: int = 200) -> bytes:
     """The whole body of a response that answered ``status``; ``ValueError`` for another."""
     body = await r.read()
@@ -165,17 +150,18 @@ async def body(r: aiohttp.ClientResponse, status: int = 200) -> bytes:
 
 
 async def run_stream(http: aiohttp.ClientSession, spec: dict[str, Any], st: Stream, text: str) -> None:
-    base, key = f"http://127.0.0.1:{spec['port']}", spec.get("api_key")
+    """``text`` through the setup of ``spec``, into ``st``; every setup gets the key (the mock takes any)."""
+    base, auth = f"http://127.0.0.1:{spec['port']}", {"Authorization": f"Bearer {spec['api_key']}"}
     try:
         st.t_send = time.time_ns()
         if spec["setup"] == "c":
-            async with http.post(f"{base}/v1/streams", json={"prompt": text}, headers=_headers(key)) as r:
+            async with http.post(f"{base}/v1/streams", json={"prompt": text}, headers=auth) as r:
                 created = json.loads(await body(r, 202))
             st.posted_ns, st.id = time.time_ns(), created["id"]
-            request = http.get(base + created["events_url"], headers=_headers(key))
+            request = http.get(base + created["events_url"], headers=auth)
         elif spec["setup"] == "a":
             chat = {"model": MODEL, "messages": [{"role": "user", "content": text}], "stream": True}
-            request = http.post(f"{base}/v1/chat/completions", json=chat, headers=_headers("sk-bench"))
+            request = http.post(f"{base}/v1/chat/completions", json=chat, headers=auth)
         else:
             request = http.post(f"{base}/ask_query", json={"prompt": text})
         async with request as r:
@@ -194,7 +180,7 @@ async def streams(http: aiohttp.ClientSession, spec: dict[str, Any]) -> dict[str
     """Runs ``spec["load"]`` against ``spec["setup"]``; every stream's record and the totals."""
     load: Load = spec["load"]
     rng, t0 = random.Random(1), time.time_ns()
-    totals = Totals((t0 + int(load.warmup_s * 1e9), t0 + int((load.warmup_s + load.window_s) * 1e9)))
+    window = (t0 + int(load.warmup_s * 1e9), t0 + int((load.warmup_s + load.window_s) * 1e9))
     directive = f"delay_ms={load.delay_ms},ttft_ms={load.ttft_ms},stamp=1"
     started: list[Stream] = []
     measured_running = 0
@@ -204,10 +190,10 @@ async def streams(http: aiohttp.ClientSession, spec: dict[str, Any]) -> dict[str
         await asyncio.sleep(i * load.ramp_s / load.concurrency)
         while load.count is None or len(started) < load.count:
             now = time.time_ns()
-            if now > totals.window[1] and measured_running == 0:
+            if now > window[1] and measured_running == 0:
                 return
-            measured = load.samples and totals.window[0] <= now <= totals.window[1]
-            st = Stream(spec["setup"], rng.randint(*load.tokens), measured, totals)
+            measured = load.samples and window[0] <= now <= window[1]
+            st = Stream(spec["setup"], rng.randint(*load.tokens), measured, window)
             started.append(st)
             measured_running += measured
             try:
@@ -229,9 +215,9 @@ async def streams(http: aiohttp.ClientSession, spec: dict[str, Any]) -> dict[str
     return {
         "wall_s": (time.time_ns() - t0) / 1e9,
         "streams": [s.record() for s in started],
-        "tokens": totals.tokens,
-        "window_tokens": totals.window_tokens,
-        "latency_ms": [round(x / 1e6, 3) for x in totals.latencies],
+        "tokens": sum(s.tokens for s in started),
+        "window_tokens": sum(s.window_tokens for s in started),
+        "latency_ms": [round(x / 1e6, 3) for s in started for x in s.latencies],
     }
 
 
@@ -258,7 +244,7 @@ async def serve(conn: Connection) -> None:
 
 
 class LoadClient:
-    """The bench's end: ``call`` sends a command to the client process and waits for its answer."""
+    """The bench's end: ``run`` sends a workload to the client process and waits for its figures."""
 
     def __init__(self, conn: Connection, child: Child) -> None:
         self.conn, self.child = conn, child

@@ -10,6 +10,7 @@ shows the rows of its phases); under it, issue #11's ``GOALS``, each met or miss
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +22,7 @@ from tailgate import tuning
 R = dict[str, Any]
 Rows = Iterator[tuple[str, ...]]
 SETUPS = {"a": "(a) direct to mock", "b": "(b) naive proxy", "c": "(c) tailgate"}
-_LABELS = {"other": "other processes", "irq": "irq", "steal": "steal", "bench": "bench parent"}
+_LABELS = {"other": "other processes", "bench": "bench parent"}  # the rest by their own names
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
@@ -37,12 +38,9 @@ def pct(values: Sequence[float], q: float) -> float:
 
 
 def summary(values: Sequence[float]) -> dict[str, float | int]:
-    qs = {"p50": 50, "p90": 90, "p99": 99, "p999": 99.9}
-    return (
-        {"n": len(values)}
-        | {k: pct(values, q) for k, q in qs.items()}
-        | {"max": max(values, default=math.nan)}
-    )
+    """How many ``values`` there are, their p50, p90, p99 and p99.9, and the largest (the 100th)."""
+    qs = {"p50": 50, "p90": 90, "p99": 99, "p999": 99.9, "max": 100}
+    return {"n": len(values)} | {k: pct(values, q) for k, q in qs.items()}
 
 
 def _ms(x: float, digits: int = 1) -> str:
@@ -70,31 +68,23 @@ def added(res: R, figure: str, q: str = "p99") -> dict[str, float]:
 
 def _top_level(runs: list[R], flag: str) -> int:
     """The highest level of the sustained phase such that it and every level below it held."""
-    top = 0
-    for run in runs:
-        if not run[flag]:
-            break
-        top = run["level"]
-    return top
+    return max((run["level"] for run in itertools.takewhile(lambda run: run[flag], runs)), default=0)
 
 
 def _n(r: R) -> int:
     return int(r["plan"]["steady"]["concurrency"])
 
 
-def _ttft(label: str, res: R) -> Rows:
+def _ttft_added(res: R) -> tuple[dict[str, str], bool]:
+    """(b)'s and (c)'s time to first token added to (a)'s, p50 / p99, and whether (c) adds ≤ 5 / ≤ 15 ms."""
     p50, p99 = added(res, "ttft", "p50"), added(res, "ttft")
-    b, c = (f"{_p50_99(res[s]['ttft'])} (**{_signed(p50[s])} / {_signed(p99[s])}**)" for s in "bc")
-    ok = _verdict(p50["c"] <= 5 and p99["c"] <= 15)
-    yield f"time to first token at {label}", "added ≤ 5 / ≤ 15 ms", _p50_99(res["a"]["ttft"]), b, c, ok
+    return {s: f"**{_signed(p50[s])} / {_signed(p99[s])}**" for s in "bc"}, p50["c"] <= 5 and p99["c"] <= 15
 
 
-def _ttft_1(r: R) -> Rows:
-    return _ttft("1 stream, p50 / p99 (client: request sent → first token)", r["peer"]["1"])
-
-
-def _ttft_n(r: R) -> Rows:
-    return _ttft(f"{_n(r)} concurrent streams, p50 / p99", r["steady"])
+def _ttft(label: str, res: R) -> Rows:
+    add, ok = _ttft_added(res)
+    a, b, c = (_p50_99(res[s]["ttft"]) + (f" ({add[s]})" if s in add else "") for s in "abc")
+    yield f"time to first token at {label}", "added ≤ 5 / ≤ 15 ms", a, b, c, _verdict(ok)
 
 
 def _enqueue(r: R) -> Rows:
@@ -119,16 +109,15 @@ def _within_capacity(r: R) -> Rows:
     if not (common := min(_top_level(runs[s], "held_first_token") for s in "abc")):
         return
     at = {s: next(x for x in runs[s] if x["level"] == common) for s in "abc"}
-    p50, p99, lat = added(at, "ttft", "p50"), added(at, "ttft"), added(at, "latency")
+    (ttft, ok), lat = _ttft_added(at), added(at, "latency")
     label = (
         "within capacity: time to first token p50 / p99 and per-chunk latency p99 at "
         f"{common:,} streams, {r['plan']['level']['tokens'][0]} tokens each (the most all three "
         "sustained with first tokens ≤ 200 ms late)"
     )
     a = f"{_p50_99(at['a']['ttft'])}; {_ms(at['a']['latency']['p99'], 2)} ms"
-    b, c = (f"**{_signed(p50[s])} / {_signed(p99[s])}**; **{_signed(lat[s])}** ms" for s in "bc")
-    ok = _verdict(p50["c"] <= 5 and p99["c"] <= 15 and lat["c"] <= most)
-    yield label, f"added ≤ 5 / ≤ 15 ms; ≤ {most:g} ms", a, b, c, ok
+    b, c = (f"{ttft[s]}; **{_signed(lat[s])}** ms" for s in "bc")
+    yield label, f"added ≤ 5 / ≤ 15 ms; ≤ {most:g} ms", a, b, c, _verdict(ok and lat["c"] <= most)
 
 
 def _saturation(r: R) -> Rows:
@@ -161,11 +150,10 @@ def _sustained(r: R) -> Rows:
 def _cpu(r: R) -> Rows:
     n, cpu = _n(r), {s: [r[p][s]["server_us_per_token"] for p in ("steady", "saturation")] for s in "abc"}
     label = "CPU µs per delivered token, server processes ((b) proxy; (c) gateway + worker), at"
-    b, c = (f"{cpu[s][0]:.0f} / {cpu[s][1]:.0f}" for s in "bc")
+    a, b, c = (f"{cpu[s][0]:.0f} / {cpu[s][1]:.0f}" for s in "abc")
     met = [_verdict(cpu["c"][i] <= cpu["b"][i]) for i in (0, 1)]
-    a = f"mock alone: {cpu['a'][0]:.0f} / {cpu['a'][1]:.0f}"
     label, ok = f"{label} {n} streams / at saturation", f"{met[0]} at {n}, {met[1]} at saturation"
-    yield label, "(c) ≤ (b)", a, b, c, ok
+    yield label, "(c) ≤ (b)", f"mock alone: {a}", b, c, ok
 
 
 def _idle(r: R) -> Rows:
@@ -204,10 +192,14 @@ GOALS = (
 )
 
 
-def _met(figure: str, limit: str, res: R) -> tuple[float, bool]:
-    """The ``figure`` in a peer level's results, and whether it is within ``limit``."""
+def _met(figure: str, limit: str, res: R | None) -> tuple[str, str]:
+    """The ``figure`` in a peer level's results (``None``: not measured) in the unit of ``limit``,
+    and whether it is within that limit: met or missed."""
+    if res is None:
+        return "not measured in this run", "—"
     value, bound = FIGURES[figure](res), float(limit.split()[1])
-    return value, value >= bound if limit.startswith("≥") else value <= bound
+    ok = value >= bound if limit.startswith("≥") else value <= bound
+    return f"{value:,.2f} {' '.join(limit.split()[2:])}".strip(), _verdict(ok)
 
 
 def _peer(r: R) -> Rows:
@@ -216,41 +208,26 @@ def _peer(r: R) -> Rows:
     for key, res in r["peer"].items():
         at = f"{key} × 64 tokens" if key != "long" else f"{long['concurrency']} × {long['tokens'][0]} tokens"
         goals = [(limit, _met(figure, limit, res)[1]) for at, _, figure, limit in GOALS if at == key]
-        p50, p99, cpu = added(res, "ttft", "p50"), added(res, "ttft"), res["c"]["cpu_us_per_token"]
-        tps, us = (
-            {s: res[s]["tokens_per_s"] for s in "abc"},
-            {s: res[s]["server_us_per_token"] for s in "abc"},
-        )
+        (ttft, _), cpu = _ttft_added(res), res["c"]["cpu_us_per_token"]
+        tps, us = ({s: res[s][k] for s in "abc"} for k in ("tokens_per_s", "server_us_per_token"))
         cells = [f"{_p50_99(res['a']['ttft'])}; {tps['a']:,.0f}/s; mock {us['a']:.0f} µs"]
-        for s in "bc":
-            cells.append(
-                f"**{_signed(p50[s])} / {_signed(p99[s])}** ms; {tps[s] / tps['a']:.2f}×; {us[s]:.0f} µs"
-            )
+        cells += [f"{ttft[s]} ms; {tps[s] / tps['a']:.2f}×; {us[s]:.0f} µs" for s in "bc"]
         cells[-1] += f" ({cpu['gateway']:.0f} + {cpu['worker']:.0f})"
-        goal, verdict = (
-            "; ".join(g for g, _ in goals) or "—",
-            "; ".join(_verdict(ok) for _, ok in goals) or "—",
-        )
-        yield f"peer shape (#11), {at}: TTFT; tokens/s; CPU µs per token", goal, *cells, verdict
+        goal, verdict = "; ".join(g for g, _ in goals), "; ".join(v for _, v in goals)
+        yield f"peer shape (#11), {at}: TTFT; tokens/s; CPU µs per token", goal or "—", *cells, verdict or "—"
 
 
 def goals(r: R) -> str:
     """Issue #11's goals, each with its limit, the figure measured and met or missed."""
-    rows = []
-    for key, what, figure, limit in GOALS:
-        if key not in r["peer"]:
-            rows.append((what, limit, "not measured in this run", "—"))
-            continue
-        value, ok = _met(figure, limit, r["peer"][key])
-        rows.append((what, limit, f"{value:,.2f} {' '.join(limit.split()[2:])}".strip(), _verdict(ok)))
+    rows = [(what, limit, *_met(figure, limit, r["peer"].get(key))) for key, what, figure, limit in GOALS]
     return markdown(["goal (issue #11)", "limit", "(c) tailgate, measured", "verdict"], rows)
 
 
 # Each row function with the phases it reads, in the table's order.
-ROWS = (
+ROWS: tuple[tuple[tuple[str, ...], Callable[[R], Rows]], ...] = (
     (("peer",), _peer),
-    (("peer",), _ttft_1),
-    (("steady",), _ttft_n),
+    (("peer",), lambda r: _ttft("1 stream, p50 / p99 (client: request sent → first token)", r["peer"]["1"])),
+    (("steady",), lambda r: _ttft(f"{_n(r)} concurrent streams, p50 / p99", r["steady"])),
     (("peer", "steady"), _enqueue),
     (("steady",), _latency),
     (("sustained",), _within_capacity),
@@ -275,47 +252,39 @@ def markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def notes(r: R) -> list[str]:
     """Context printed under the table: what bounded the figures on this machine."""
-    code = r["code"]
+    code, peer = r["code"], r.get("peer", {})
     dirty = f", with uncommitted changes to {len(code['changed'])} product files" if code["changed"] else ""
     out = [
         f"{r['plan']['name']} run, {r['cpus']} CPUs, wall {r['wall_s']:.0f} s, "
         f"every process on 127.0.0.1; mock TTFT 200 ms, deltas 20 ms apart.",
         f"code measured: commit {code['commit']}{dirty}.",
     ]
-    steps = {"1 stream": r.get("peer", {}).get("1"), f"{_n(r)} streams": r.get("steady")}
-    for label, c in ((label, res["c"]) for label, res in steps.items() if res and "steps_ms" in res["c"]):
-        step = c["steps_ms"]
-        out.append(
-            f"(c) at {label}, p50 from sending the POST: its answer {step['posted']['p50']:.1f} ms, the "
-            f"`started` event {step['started']['p50']:.1f} ms (enqueue → job start "
-            f"{c['enqueue_start']['p50']:.1f} ms), the first token {step['started_to_token']['p50']:.1f} ms "
-            "after that (the mock's TTFT is 200 ms)."
-        )
-    if "peer" in r:
+    for label, res in (("1 stream", peer.get("1")), (f"{_n(r)} streams", r.get("steady"))):
+        if res and "steps_ms" in (c := res["c"]):
+            step = c["steps_ms"]
+            out.append(
+                f"(c) at {label}, p50 from sending the POST: its answer {step['posted']['p50']:.1f} ms, the "
+                f"`started` event {step['started']['p50']:.1f} ms (enqueue → job start "
+                f"{c['enqueue_start']['p50']:.1f} ms), the first token {step['started_to_token']['p50']:.1f} "
+                "ms after that (the mock's TTFT is 200 ms)."
+            )
+    if peer:
         rounds = ", ".join(f"{n:,} × {k}" for n, k in r["plan"]["peer"])
         out.append(
             "peer shape rows: (a) TTFT p50 / p99, delivered tokens/s, the mock's CPU per token; (b), (c): "
             "TTFT added to (a)'s, tokens/s as a ratio to (a)'s, CPU µs per delivered token of the "
             f"setup's servers ((c): gateway + worker). Streams per level × rounds per setup: {rounds}."
         )
-    phases = {
-        "peer at 400": r.get("peer", {}).get("400"),
-        "steady": r.get("steady"),
-        "saturation": r.get("saturation"),
-    }
-    for phase, res in ((phase, res) for phase, res in phases.items() if res):
-        ranked = {s: sorted(res[s]["cores_used"].items(), key=lambda kv: -kv[1]) for s in "abc"}
-        busy = [
-            f"{s}: " + ", ".join(f"{_LABELS.get(k, k)} {v:.2f}" for k, v in ranked[s] if v >= 0.05)
-            for s in "abc"
-        ]
-        out.append(f"cores busy during {phase} ({'; '.join(busy)})")
-    if r.get("profiles"):
-        out.append(
-            "py-spy recorded the peer levels "
-            + ", ".join(r["profiles"])
-            + " (their figures include its cost)."
-        )
+    for phase, res in (("peer at 400", peer.get("400")), *((k, r.get(k)) for k in ("steady", "saturation"))):
+        if res:
+            ranked = {s: sorted(res[s]["cores_used"].items(), key=lambda kv: -kv[1]) for s in "abc"}
+            busy = "; ".join(
+                f"{s}: " + ", ".join(f"{_LABELS.get(k, k)} {v:.2f}" for k, v in ranked[s] if v >= 0.05)
+                for s in "abc"
+            )
+            out.append(f"cores busy during {phase} ({busy})")
+    if profiles := r.get("profiles"):
+        out.append(f"py-spy recorded the peer levels {', '.join(profiles)} (their figures include its cost).")
     out.append(
         "\"other processes\" is the machine's busy time minus the bench's processes (another tenant, "
         'noise); "irq" is interrupt time, mostly the loopback traffic itself.'
@@ -352,16 +321,12 @@ def figure(path: Path, rows: int, cols: int, size: tuple[float, float]) -> Itera
 
 COLORS = {"a": "#4c72b0", "b": "#dd8452", "c": "#55a868"}
 Panel = Callable[[Any, R, R], None]
-_SUSTAINED_LINES = (
-    ("max_gap_ms", "o-", "worst gap between chunks"),
-    ("max_late_ms", "x:", "first token, most late"),
-)
 
 
 def _cdf(key: str, what: str) -> Panel:
     def panel(ax: Any, r: R, raw: R) -> None:
         for s in "abc":
-            values = sorted(raw["steady"][key][s])
+            values = sorted(raw["steady"][s][key])
             ys = [i / max(len(values) - 1, 1) for i in range(len(values))]
             ax.plot([max(v, 0.01) for v in values], ys, color=COLORS[s], label=SETUPS[s])
         ax.set(xscale="log", xlabel="ms (log)", ylabel="fraction ≤ x", title=f"{what} at {_n(r)} streams")
@@ -381,14 +346,17 @@ def _saturation_bars(ax: Any, r: R, raw: R) -> None:
 
 
 def _sustained_levels(ax: Any, r: R, raw: R) -> None:
-    for s in "abc":
+    lines = (
+        ("max_gap_ms", "o-", "worst gap between chunks"),
+        ("max_late_ms", "x:", "first token, most late"),
+    )
+    for s, (key, style, what) in itertools.product("abc", lines):
         runs = r["sustained"]["runs"][s]
-        for key, style, what in _SUSTAINED_LINES:
-            ys = [max(x[key], 0.1) for x in runs]
-            ax.plot([x["level"] for x in runs], ys, style, color=COLORS[s], label=f"{SETUPS[s]}: {what}")
+        ys = [max(x[key], 0.1) for x in runs]
+        ax.plot([x["level"] for x in runs], ys, style, color=COLORS[s], label=f"{SETUPS[s]}: {what}")
     ax.axhline(200, color="red", ls="--", lw=1, label="stall: 10 × pacing = 200 ms")
-    ax.set(yscale="log", ylabel="ms (log)", title="streams sustained")
-    ax.set(xlabel="concurrent streams at 50 tokens/s (each level until one fails)")
+    xlabel = "concurrent streams at 50 tokens/s (each level until one fails)"
+    ax.set(yscale="log", ylabel="ms (log)", title="streams sustained", xlabel=xlabel)
     ax.legend(loc="lower right", fontsize="small")
 
 
@@ -401,7 +369,7 @@ def _peer_levels(title: str, unit: str, figure: Callable[[R], float], setups: st
             ys = [figure(r["peer"][k][s]) for k in levels]
             ax.plot([int(k) for k in levels], ys, "o-", color=COLORS[s], label=SETUPS[s])
         ax.set(xscale="log", yscale="log", xlabel="concurrent 64-token streams", ylabel=f"{unit} (log)")
-        ax.set(title=f"peer shape: {title}")
+        ax.set_title(f"peer shape: {title}")
         ax.legend(loc="upper left")
 
     return panel

@@ -30,16 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 
 from bench import report
 from bench.procs import Procs, raise_fd_limit
 from tailgate.dev.faultproxy import FaultProxy
+from tailgate.dev.mock_upstream import tokens_for
 from tailgate.dev.procs import RedisServer
 from tailgate.dev.sse import ProtocolError, delivery_of, read_resuming, text_of
 from tailgate.events import id_key
 
 MODEL = "gpt-4o-mini"
+HEADERS = {"Authorization": f"Bearer {Procs.API_KEY}"}
 ACTIONS = ("kill_worker", "term_worker", "kill_gateway", "term_gateway", "restart_redis", "cut_redis")
 COUNTS = (
     "started done ended_with_error text_exact text_wrong lost duplicated extra_terminals resets reconnects"
@@ -92,20 +93,13 @@ class Cluster(Procs):
 
 
 async def run_stream(
-    http: httpx.AsyncClient,
-    api: openai.AsyncOpenAI,
-    urls: list[str],
-    tally: Tally,
-    rng: random.Random,
-    n: int,
+    http: httpx.AsyncClient, urls: list[str], tally: Tally, rng: random.Random, n: int
 ) -> None:
-    prompt, headers = (
-        f"soak {n} {rng.random()} [mock:tokens={rng.randint(60, 200)}]",
-        {"Authorization": f"Bearer {Procs.API_KEY}"},
-    )
+    unique, tokens = rng.random(), rng.randint(60, 200)
+    prompt = f"soak {n} {unique} [mock:tokens={tokens}]"
     while True:
         with contextlib.suppress(httpx.HTTPError):
-            r = await http.post(f"{rng.choice(urls)}/v1/streams", json={"prompt": prompt}, headers=headers)
+            r = await http.post(f"{rng.choice(urls)}/v1/streams", json={"prompt": prompt}, headers=HEADERS)
             if r.status_code == 202:
                 break
         tally.count["create_retries"] += 1
@@ -113,7 +107,7 @@ async def run_stream(
     tally.count["started"] += 1
     try:
         got = await read_resuming(
-            http, urls, r.json()["events_url"], headers, pick=rng.choice, deadline_s=300
+            http, urls, r.json()["events_url"], HEADERS, pick=rng.choice, deadline_s=300
         )
     except (ProtocolError, TimeoutError, httpx.HTTPError) as exc:
         tally.errors[f"not read to its end: {type(exc).__name__}: {str(exc)[:80]}"] += 1
@@ -137,10 +131,8 @@ async def run_stream(
     else:
         tally.count["done"] += 1
         tally.finished_at.append(time.monotonic())
-        reply = await api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}])
-        tally.count[
-            "text_exact" if text_of(events) == reply.choices[0].message.content else "text_wrong"
-        ] += 1
+        answer = "".join(tokens_for(MODEL, [{"role": "user", "content": prompt}], tokens))  # the mock's
+        tally.count["text_exact" if text_of(events) == answer else "text_wrong"] += 1
 
 
 async def soak(streams: int, minutes: float, seed: int) -> dict[str, Any]:
@@ -148,9 +140,9 @@ async def soak(streams: int, minutes: float, seed: int) -> dict[str, Any]:
     stamp, t0, numbers = time.strftime("%Y%m%d-%H%M%S"), time.monotonic(), itertools.count(1)
     rng, tally, cluster = random.Random(seed), Tally(), Cluster(report.RESULTS / "logs" / f"soak-{stamp}")
 
-    async def lane(http: httpx.AsyncClient, api: openai.AsyncOpenAI) -> None:
+    async def lane(http: httpx.AsyncClient) -> None:
         while time.monotonic() < end:
-            await run_stream(http, api, cluster.urls, tally, rng, next(numbers))
+            await run_stream(http, cluster.urls, tally, rng, next(numbers))
 
     async def chaos() -> None:
         await asyncio.sleep(3)
@@ -174,13 +166,10 @@ async def soak(streams: int, minutes: float, seed: int) -> dict[str, Any]:
         await cluster.start()
         end = time.monotonic() + minutes * 60
         limits = httpx.Limits(max_connections=4 * streams, max_keepalive_connections=0)
-        async with (
-            httpx.AsyncClient(timeout=httpx.Timeout(30.0), limits=limits) as http,
-            openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{cluster.ports['mock']}/v1", api_key="-") as api,
-        ):
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30.0), limits=limits) as http:
             reporter = asyncio.create_task(progress())
             try:
-                await asyncio.gather(chaos(), *(lane(http, api) for _ in range(streams)))
+                await asyncio.gather(chaos(), *(lane(http) for _ in range(streams)))
             finally:
                 reporter.cancel()
     finally:
@@ -192,11 +181,9 @@ async def soak(streams: int, minutes: float, seed: int) -> dict[str, Any]:
 
 
 def table(r: dict[str, Any]) -> str:
-    c, kinds, takeovers = (
-        r["count"],
-        Counter(what.split()[0] for _, what in r["chaos"]),
-        r["takeovers"] or [0.0],
-    )
+    c, takeovers = r["count"], r["takeovers"] or [0.0]
+    kinds = sorted(Counter(what.split()[0] for _, what in r["chaos"]).items())
+    takeover = f"{report.pct(takeovers, 50):.1f} s / {max(takeovers):.1f} s"
     rows = [
         ("streams completed (`done`)", f"{c['done']} of {c['started']} started"),
         ("text exact after the last `reset`", f"{c['text_exact']} of {c['done']}"),
@@ -205,15 +192,9 @@ def table(r: dict[str, Any]) -> str:
         ("streams with more than one terminal event", str(c["extra_terminals"])),
         ("streams ended with `error`", f"{c['ended_with_error']} {dict(r['errors']) or ''}".strip()),
         ("resets seen by clients", str(c["resets"])),
-        (
-            "takeover (silence before a `worker_lost` reset), p50 / worst",
-            f"{report.pct(takeovers, 50):.1f} s / {max(takeovers):.1f} s",
-        ),
+        ("takeover (silence before a `worker_lost` reset), p50 / worst", takeover),
         ("client reconnects", str(c["reconnects"])),
-        (
-            "faults injected",
-            f"{len(r['chaos'])}: " + ", ".join(f"{k} ×{v}" for k, v in sorted(kinds.items())),
-        ),
+        ("faults injected", f"{len(r['chaos'])}: " + ", ".join(f"{k} ×{v}" for k, v in kinds)),
     ]
     head = f"Chaos soak: {r['streams']} concurrent streams for {r['minutes']:g} min, 2 gateways, 2 workers"
     return f"{head}\n\n{report.markdown(['figure', 'value'], rows)}\n"
@@ -228,11 +209,8 @@ def plot(r: dict[str, Any], path: Path) -> None:
             ax1.text(t, 0, what.split()[0], rotation=90, fontsize=7, va="bottom", color="tab:red")
         ax1.set(xlabel="s", ylabel="streams completed", title="completed streams, faults in red")
         ax2.hist(r["takeovers"] or [0], bins=20, color="tab:blue")
-        ax2.set(
-            xlabel="s of silence before a `worker_lost` reset",
-            ylabel="resets",
-            title="takeover time seen by clients",
-        )
+        xlabel = "s of silence before a `worker_lost` reset"
+        ax2.set(xlabel=xlabel, ylabel="resets", title="takeover time seen by clients")
 
 
 def main() -> None:
