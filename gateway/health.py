@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
 from gateway.errors import documented, error_response
 from gateway.services import Svc
+from tailgate import prometheus
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +19,7 @@ router = APIRouter(tags=["operations"])
 QUEUE_DEPTH = Gauge(
     "tailgate_queue_depth",
     "Jobs in the ARQ queue (its sorted set on the queue Redis), read when scraped, at most once a second",
+    multiprocess_mode="mostrecent",  # one queue: the process that serves a scrape has just read it
 )
 
 
@@ -47,6 +49,7 @@ async def readyz(svc: Svc) -> JSONResponse:
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
 )
 async def metrics(svc: Svc) -> Response:
-    """Prometheus metrics of this process, and the queue's depth."""
+    """Prometheus metrics of this gateway (the sum over its processes, with ``--workers``), and the
+    queue's depth."""
     QUEUE_DEPTH.set(await svc.admission.queue_depth())
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(prometheus.registry()), media_type=CONTENT_TYPE_LATEST)

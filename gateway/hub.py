@@ -34,6 +34,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, assert_never
 
+from prometheus_client import Gauge
 from redis.asyncio import Redis
 
 from tailgate import keys, tuning
@@ -42,6 +43,14 @@ from tailgate.events import START, Entry, dumps, parse_published
 from tailgate.store import StreamStore
 
 log = logging.getLogger(__name__)
+
+# livesum: with several processes, a scrape sums the live ones' (tailgate.prometheus).
+HUB_SUBSCRIPTIONS = Gauge(
+    "tailgate_hub_subscriptions", "Stream channels this gateway is subscribed to", multiprocess_mode="livesum"
+)
+HUB_READERS = Gauge(
+    "tailgate_hub_readers", "Readers tailing streams on this gateway", multiprocess_mode="livesum"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +149,12 @@ class Hub:
     def readers(self) -> int:
         return sum(len(s) for s in self._readers.values())
 
+    def _counted(self) -> None:
+        # Set as they change, not read when scraped: with several processes, the one that serves a
+        # scrape sums the values the others set (tailgate.prometheus).
+        HUB_SUBSCRIPTIONS.set(len(self._readers))
+        HUB_READERS.set(self.readers)
+
     def release(self) -> None:
         """Shutdown: every resumable reader ends now (the caller sends its client a retry hint)."""
         self.released = True
@@ -217,6 +232,7 @@ class Hub:
         sub = Subscription(stream_id, resumable)
         readers = self._readers.setdefault(stream_id, set())
         readers.add(sub)
+        self._counted()
         channel = keys.notify(stream_id)
         ack = self._acks.get(channel)
         if len(readers) == 1 and ack is None:
@@ -244,6 +260,7 @@ class Hub:
             del self._readers[sub.stream_id]
             self._acks.pop(keys.notify(sub.stream_id), None)
             self._schedule_unsubscribe(sub.stream_id)
+        self._counted()
 
     def _schedule_unsubscribe(self, stream_id: str) -> None:
         # Unsubscribing only writes a command; its reply arrives in `_run`.

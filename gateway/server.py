@@ -6,6 +6,13 @@ ended with a ``retry:`` hint (clients reconnect to another replica and resume fr
 uvicorn stops accepting, waits for the rest up to ``shutdown_grace_s``, and cancels what is left.
 A second signal skips the wait.
 
+``tailgate gateway --workers N``: N of these processes under a supervisor (``tailgate.supervisor``),
+which forwards the SIGTERM, so each shuts down as above. Each listens on the port with a socket of
+its own (``SO_REUSEPORT``), and the kernel spreads new connections over them by their addresses: one
+shared socket would let whichever process wakes first accept a whole burst (asyncio accepts up to
+the backlog at a time), which left the other idle in the tests. The price: connections still in the
+queue of a process that closes its socket are reset, which happens only once its drain is over.
+
 sse-starlette would cancel SSE responses on the first signal itself; that is switched off here.
 """
 
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from types import FrameType
 
 import uvicorn
@@ -22,6 +30,7 @@ from sse_starlette.sse import AppStatus
 from gateway.app import create_app
 from gateway.protocol import GuardedProtocol
 from gateway.services import Services
+from tailgate import tuning
 from tailgate.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,7 +70,9 @@ class GatewayServer(uvicorn.Server):
         self._loop.call_later(self._drain_s, finish)
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
+def serve(settings: Settings, host: str, port: int, *, reuse_port: bool = False) -> None:
+    """Serve on ``host``:``port`` until SIGTERM/SIGINT. ``reuse_port``: beside the other processes of
+    ``tailgate gateway --workers N`` (see the module docstring)."""
     AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
     app = create_app(settings)
     config = uvicorn.Config(
@@ -77,6 +88,14 @@ def serve(settings: Settings, host: str, port: int) -> None:
             max_header_bytes=settings.max_header_bytes,
             max_connections=settings.max_connections,
         ),
-        backlog=4096,
+        backlog=tuning.GATEWAY_LISTEN_BACKLOG,
     )
-    GatewayServer(config, app, settings.drain_s).run()
+    sockets = [_listen(host, port)] if reuse_port else None
+    GatewayServer(config, app, settings.drain_s).run(sockets)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server(
+        (host, port), family=family, backlog=tuning.GATEWAY_LISTEN_BACKLOG, reuse_port=True
+    )

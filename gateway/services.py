@@ -14,7 +14,6 @@ from typing import Annotated
 
 from arq.connections import ArqRedis
 from fastapi import Depends, Request
-from prometheus_client import Gauge
 from redis.asyncio import Redis
 
 from gateway.admission import Admission, ReaderSlots
@@ -26,9 +25,6 @@ from tailgate.settings import Settings
 from tailgate.store import StreamStore
 
 log = logging.getLogger(__name__)
-
-HUB_SUBSCRIPTIONS = Gauge("tailgate_hub_subscriptions", "Stream channels this gateway is subscribed to")
-HUB_READERS = Gauge("tailgate_hub_readers", "Readers tailing streams on this gateway")
 
 
 @dataclass
@@ -53,8 +49,6 @@ async def opened(settings: Settings) -> AsyncIterator[Services]:
     hub = Hub(open_subscriber(settings.streams_url, "gateway"), store, idle_check_s=settings.ping_s)
     try:
         await hub.start()
-        HUB_SUBSCRIPTIONS.set_function(lambda: hub.subscriptions)
-        HUB_READERS.set_function(lambda: hub.readers)
         auth = await Auth.load(settings, streams)
         admission = Admission(settings, queue)
         readers = ReaderSlots(settings.max_sse_per_key)

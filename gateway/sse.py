@@ -39,7 +39,9 @@ KEEP_ALIVE = b": ping\n\n"
 # A reader ended by shutdown gets this, then the connection closes; EventSource reconnects after it.
 SHUTDOWN_HINT = b"retry: 500\n\n"
 
-SSE_OPEN = Gauge("tailgate_sse_connections", "Open SSE responses on this gateway")
+SSE_OPEN = Gauge(
+    "tailgate_sse_connections", "Open SSE responses on this gateway", multiprocess_mode="livesum"
+)
 EVENTS_SENT = Counter("tailgate_events_sent_total", "Events written to SSE clients")
 
 Render = Callable[[Sequence[Entry]], bytes]

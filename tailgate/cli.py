@@ -33,11 +33,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="everything on one machine, nothing configured")
     p.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
 
-    p = sub.add_parser("gateway", help="one gateway process")
+    p = sub.add_parser("gateway", help="a gateway: one process, or N on one port")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes serving the port, under a supervisor (default: TAILGATE_GATEWAY_WORKERS, 1)",
+    )
+    # What --workers gives each of its processes: listen on the port beside the others (SO_REUSEPORT).
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
 
-    p = sub.add_parser("worker", help="one worker process")
+    p = sub.add_parser("worker", help="a worker: one process, or N under a supervisor")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="worker processes, each with its own TAILGATE_CONCURRENCY (default: "
+        "TAILGATE_WORKER_PROCESSES, 1)",
+    )
     p.add_argument(
         "--metrics-port",
         type=int,
@@ -81,10 +96,13 @@ def main(argv: list[str] | None = None) -> None:
         return _dev(args)
     settings = Settings()
     if args.command == "gateway":
-        return _gateway(settings, args.host, args.port)
+        if args.workers is not None:
+            settings = Settings(gateway_workers=args.workers)
+        return _gateway(settings, args.host, args.port, args.reuse_port)
     if args.command == "worker":
-        if args.metrics_port is not None:
-            settings = Settings(metrics_port=args.metrics_port)
+        overrides = {"metrics_port": args.metrics_port, "worker_processes": args.processes}
+        if any(v is not None for v in overrides.values()):
+            settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
         return _worker(settings)
     if args.command == "top":
         return _top(settings, args.once, args.interval)
@@ -94,21 +112,52 @@ def main(argv: list[str] | None = None) -> None:
         return asyncio.run(_keys(settings, args.action, args.value))
 
 
-def _gateway(settings: Settings, host: str, port: int) -> None:
-    from gateway.server import serve
+def _gateway(settings: Settings, host: str, port: int, reuse_port: bool) -> None:
     from tailgate import logs
 
     logs.configure(settings.log_format, settings.log_level, "gateway")
-    serve(settings, host, port)
+    if settings.gateway_workers > 1:
+        child = ["gateway", "--host", host, "--port", str(port), "--reuse-port"]
+        env = {"TAILGATE_GATEWAY_WORKERS": "1"}
+        return _supervise("gateway", child, settings.gateway_workers, env)
+    from gateway.server import serve
+
+    serve(settings, host, port, reuse_port=reuse_port)
+
+
+def _supervise(
+    name: str,
+    args: list[str],
+    n: int,
+    env: dict[str, str],
+    *,
+    metrics_port: int = 0,
+) -> None:
+    """Run ``tailgate ARGS`` ``n`` times under a supervisor (``tailgate.supervisor``), with ``env``
+    over this environment and a fresh metrics directory shared by the processes; exit with its code."""
+    from tailgate import prometheus
+    from tailgate.supervisor import Supervisor
+
+    argv = [sys.executable, "-m", "tailgate", *args]
+    with prometheus.shared_directory(os.environ.get(prometheus.DIR_ENV)) as directory:
+        code = Supervisor(name, argv, os.environ | env, n, directory).run(metrics_port)
+    sys.exit(code)
 
 
 def _worker(settings: Settings) -> None:
     from tailgate import logs
-    from worker.runner import run
 
     logs.configure(settings.log_format, settings.log_level, "worker")
     if not os.environ.get("OPENAI_API_KEY"):
         sys.exit("tailgate worker: OPENAI_API_KEY is not set (for the mock upstream any value works)")
+    if settings.worker_processes > 1:
+        # The supervisor serves the processes' metrics, summed; they serve none of their own.
+        env = {"TAILGATE_WORKER_PROCESSES": "1", "TAILGATE_METRICS_PORT": "0"}
+        return _supervise(
+            "worker", ["worker"], settings.worker_processes, env, metrics_port=settings.metrics_port
+        )
+    from worker.runner import run
+
     try:
         import uvloop  # uvicorn[standard] brings it; the gateway runs on it too
     except ImportError:

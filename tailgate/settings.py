@@ -69,12 +69,19 @@ class Settings(BaseSettings):
     # Longer than a load balancer's idle timeout (60 s on most), or it reuses a connection we just closed.
     keepalive_s: int = 75
     drain_s: float = 5.0  # on SIGTERM: readiness fails this long before SSE readers are sent elsewhere
+    # Gateway processes on the one port (`tailgate gateway --workers N` sets it too): with N > 1 a
+    # supervisor (tailgate.supervisor) runs N, sharing one listening socket. Each has its own Redis
+    # pools, hub subscription and the per-process limits above (TAILGATE_MAX_CONNECTIONS, ...).
+    gateway_workers: int = Field(default=1, ge=1)
     # The demo page (/demo) and its keyless create route, which spends the first TAILGATE_API_KEYS key:
     # development only (`tailgate dev` turns it on). See gateway/web.py.
     demo: bool = False
 
     # Worker.
     concurrency: int = 500  # streams one worker process runs at once (ARQ max_jobs)
+    # Worker processes per `tailgate worker` (`--processes N` sets it too): with N > 1 a supervisor
+    # (tailgate.supervisor) runs N, each with its own worker id, pools and TAILGATE_CONCURRENCY.
+    worker_processes: int = Field(default=1, ge=1)
     poll_delay_s: float = 0.5  # ARQ's queue poll, only a fallback to the wake-up signal
     coalesce_ms: float = 10.0  # how long the worker gathers tokens into one append; 0 turns it off
     job_timeout_s: int = 900

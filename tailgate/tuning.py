@@ -88,3 +88,6 @@ FIRST_TOKEN_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20
 # `tailgate top` lists the workers heard from in the last 10 minutes: a worker that was killed never
 # takes its entry out of tg:workers, and one that went silent recently is worth seeing.
 TOP_FORGET_WORKER_S = 600
+# A gateway's listen queue: a burst of reconnects after a replica died (every SSE client of it at
+# once) waits there rather than being refused. With several processes, they share one socket.
+GATEWAY_LISTEN_BACKLOG = 4096

@@ -20,7 +20,7 @@ import redis
 from redis.asyncio import Redis
 
 from tailgate import keys
-from tailgate.dev.procs import Child, RedisServer, child_env, free_port, tailgate_command
+from tailgate.dev.procs import Child, RedisServer, child_env, free_port, tailgate_command, wait_until
 from tailgate.dev.sse import Event, assert_exactly_once, read_sse
 
 MODEL = "gpt-4o-mini"
@@ -44,33 +44,40 @@ class Stack:
     gateways: list[str] = field(default_factory=list)
     metrics: dict[int, str] = field(default_factory=dict)  # worker pid -> its /metrics URL
 
-    def gateway(self, **env: str) -> str:
-        """Start a gateway on a free port; its base URL once ``/readyz`` answers 200."""
+    def gateway(self, workers: int = 1, **env: str) -> str:
+        """Start a gateway on a free port (``workers`` > 1: that many processes under a supervisor);
+        its base URL once ``/readyz`` answers 200 and each process says it is ready."""
         port = free_port()
-        child = self._start("gateway", ["--host", "127.0.0.1", "--port", str(port)], env)
+        more = ["--workers", str(workers)] if workers > 1 else []
+        child = self._start("gateway", ["--host", "127.0.0.1", "--port", str(port), *more], env)
         url = f"http://127.0.0.1:{port}"
         child.wait_http(f"{url}/readyz")
+        wait_until(
+            lambda: child.log().count("gateway ready") >= workers, f"{workers} gateways ready", 30, child
+        )
         self.gateways.append(url)
         return url
 
-    def worker(self, **env: str) -> Child:
-        """Start a worker, with its metrics on a free port (:meth:`metrics_url`); the process, once
-        it says it is ready."""
+    def worker(self, processes: int = 1, **env: str) -> Child:
+        """Start a worker (``processes`` > 1: that many under a supervisor, the child returned), with
+        its metrics on a free port (:meth:`metrics_url`); the process, once each says it is ready."""
         port = free_port()
-        child = self._start("worker", ["--metrics-port", str(port)], env)
+        more = ["--processes", str(processes)] if processes > 1 else []
+        child = self._start("worker", ["--metrics-port", str(port), *more], env)
         self.metrics[child.pid] = f"http://127.0.0.1:{port}/metrics"
-        child.wait_for_log(" ready (concurrency")
+        ready = " ready (concurrency"
+        wait_until(lambda: child.log().count(ready) >= processes, f"{processes} workers ready", 30, child)
         return child
 
     def metrics_url(self, worker: Child) -> str:
         """Where ``worker`` (started by :meth:`worker`) serves its Prometheus metrics."""
         return self.metrics[worker.pid]
 
-    async def agateway(self, **env: str) -> str:
-        return await asyncio.to_thread(self.gateway, **env)
+    async def agateway(self, workers: int = 1, **env: str) -> str:
+        return await asyncio.to_thread(self.gateway, workers, **env)
 
-    async def aworker(self, **env: str) -> Child:
-        return await asyncio.to_thread(self.worker, **env)
+    async def aworker(self, processes: int = 1, **env: str) -> Child:
+        return await asyncio.to_thread(self.worker, processes, **env)
 
     def _start(self, command: str, args: list[str], env: dict[str, str]) -> Child:
         child = Child(command, tailgate_command(command, *args), self.env | env, self.log_dir)

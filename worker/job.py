@@ -105,10 +105,12 @@ def start(w: WorkerState, stream_id: str, claim: Claimed) -> None:
         attempt.request_cancel()
     attempt.task = asyncio.create_task(_attempt(w, attempt, claim.request), name=f"attempt-{stream_id}")
     w.running[stream_id] = attempt
+    metrics.RUNNING.set(len(w.running))
 
     def leave(_: asyncio.Task[Outcome]) -> None:
         if w.running.get(stream_id) is attempt:
             del w.running[stream_id]
+            metrics.RUNNING.set(len(w.running))
 
     attempt.task.add_done_callback(leave)
 

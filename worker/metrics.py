@@ -1,5 +1,6 @@
 """The worker's Prometheus metrics, served on ``http://<host>:<TAILGATE_METRICS_PORT>/metrics``
-(``tailgate worker --metrics-port P``) beside the process collectors.
+(``tailgate worker --metrics-port P``, by ``worker.runner``) beside the process collectors; with
+``--processes N``, by the supervisor, summed over the processes (``tailgate.prometheus``).
 
 Every label set is bounded, so a worker exports a fixed number of series: ``outcome`` is one of
 three, ``code`` one of :data:`ERROR_CODES` (``""`` unless the outcome is ``error``), and a takeover's
@@ -15,13 +16,9 @@ while still queued ends in a gateway, so no worker counts it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
-from collections.abc import Callable, Iterator
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 from tailgate import tuning
 from worker import upstream
@@ -55,7 +52,9 @@ TOKENS = Counter("tailgate_tokens_total", "Text deltas (upstream chunks, about a
 TAKEOVERS = Counter(
     "tailgate_takeovers_total", "Streams this worker claimed again after another attempt", ["reason"]
 )
-RUNNING = Gauge("tailgate_streams_running", "Attempts running on this worker")
+# Set as attempts start and end (worker.job), not read when scraped: with several processes, the
+# supervisor serves the sum of what the live ones set (tailgate.prometheus).
+RUNNING = Gauge("tailgate_streams_running", "Attempts running on this worker", multiprocess_mode="livesum")
 
 # Every series exists from the start, at zero: a rate() or an alert sees the first increment.
 FINISHED.labels("done", "")
@@ -78,23 +77,3 @@ def finished(outcome: str, code: str = "") -> None:
 
 def taken_over(reason: str) -> None:
     TAKEOVERS.labels(bounded(reason, TAKEOVER_REASONS)).inc()
-
-
-@contextlib.contextmanager
-def served(port: int, running: Callable[[], int]) -> Iterator[None]:
-    """Serve the default registry on ``port`` (all interfaces; 0: not at all) while the block runs,
-    with ``running()`` as the running gauge."""
-    RUNNING.set_function(running)
-    if not port:
-        yield
-        return
-    server: WSGIServer
-    thread: threading.Thread
-    server, thread = start_http_server(port)
-    log.info("metrics on http://0.0.0.0:%d/metrics", port)
-    try:
-        yield
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()

@@ -23,7 +23,8 @@
   or a Sentinel failover put a replica in the primary's place (the server's run id changed), it waits
   one takeover period first: every heartbeat looks old then, though the workers are alive.
 - **Metrics.** With ``metrics_port``, Prometheus metrics (``worker.metrics``) are served from a
-  thread for as long as the loops run.
+  thread for as long as the loops run. One of ``tailgate worker --processes N``'s processes serves
+  none: it writes them into the directory its supervisor sums and serves (``tailgate.supervisor``).
 - **Shutdown.** SIGTERM/SIGINT, or a side loop that died: stop taking jobs, let claims in flight
   land, let running streams finish within ``shutdown_grace_s``, then hand the rest back (``reset``
   reason ``worker_shutdown``) so other workers resume them at once; cancel what is still stuck, then
@@ -51,11 +52,11 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_pref
 from arq.utils import timestamp_ms
 from arq.worker import func
 
-from tailgate import keys, tuning
+from tailgate import keys, prometheus, tuning
 from tailgate.connections import REDIS_ERRORS, open_queue, open_store, ride_out
 from tailgate.settings import Settings
 from tailgate.store import Claimed, Reply, stamp
-from worker import metrics, upstream
+from worker import upstream
 from worker.attempt import Outcome, refused
 from worker.job import WorkerState, generate, start, takeover
 from worker.publisher import Appender
@@ -198,7 +199,7 @@ async def run(settings: Settings) -> None:
     try:
         appender = Appender(store, settings.coalesce_ms / 1000)
         state = WorkerState(worker_id, settings, store, queue, api, appender)
-        with metrics.served(settings.metrics_port, lambda: len(state.running)):
+        with prometheus.served(settings.metrics_port, prometheus.registry()):
             await _serve(state, stop)
     finally:
         for sig in SIGNALS:

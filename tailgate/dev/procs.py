@@ -12,14 +12,11 @@ the same way.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import inspect
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from tailgate import keys
+from tailgate.supervisor import die_with_parent
 
 POLL_S = 0.02  # how often a wait looks again
 
@@ -66,13 +64,6 @@ def stop_process(popen: subprocess.Popen[bytes], timeout: float = 30.0, *, kill:
 def tailgate_command(*args: str) -> list[str]:
     """``python -m tailgate ARGS`` with this interpreter."""
     return [sys.executable, "-m", "tailgate", *args]
-
-
-def die_with_parent() -> None:
-    """SIGTERM this process when its parent goes away, however it goes: in a child before exec (the
-    ``preexec_fn`` of :class:`Child`), or first thing in a ``multiprocessing`` child."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 _die_with_parent = die_with_parent
