@@ -47,7 +47,7 @@ XADD = "XADD bench:xadd * f v"  # given explicitly: not every redis-benchmark ha
 SETUPS = {"a": ("mock", "mock"), "b": ("naive", "naive"), "c": ("gateway", "gateway", "worker")}
 Records = list[dict[str, Any]]
 Raw = dict[str, list[float]]
-PHASES = ("peer", "steady", "saturation", "sustained", "fanin", "idle")
+PHASES = ("peer", "steady", "saturation", "sustained", "fanin", "idle", "fair")
 PEER = Load(0, (64, 64), loop=False, ramp_s=1.0)  # issue #11: a level's streams start over 1 s
 PROFILED = (200, 400)  # the peer levels ``--profile`` records
 PY_SPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
@@ -71,6 +71,8 @@ class Plan:
     idle_hold_s: float = 20.0
     xadd_requests: int = 100_000
     peer_long: Load = Load(200, (512, 512), count=200, loop=False, ramp_s=1.0)  # issue #11's 2nd CPU goal
+    fair_backlog: int = 5_000  # key A's queued streams in the fair phase (issue #10)
+    fair_samples: int = 40  # key B's streams, one after another, alone and beside that backlog
 
 
 QUICK = Plan(
@@ -84,6 +86,8 @@ QUICK = Plan(
     idle_connections=1_000,
     idle_hold_s=2.0,
     xadd_requests=20_000,
+    fair_backlog=500,
+    fair_samples=15,
 )
 
 
@@ -371,12 +375,66 @@ class Bench:
         self.r["redis_connections"] |= {"idle_1000": conns_1000, "idle_all": conns_all}
         self.say(f"idle connections: {held_after:,} of {n:,} still held after {hold_s:.0f}s; released")
 
+    def fair(self) -> None:
+        """Fair scheduling: a fresh gateway and a worker capped at 50 on a queue of their own. Key B
+        starts ``fair_samples`` streams one after another, first on an empty queue, then while key A
+        holds ``fair_backlog`` queued: each one's enqueue → start (its meta's ``created_at`` →
+        ``started_at``: the gateway's clock, then the worker's, on one machine)."""
+        n, queue, p = self.plan.fair_backlog, f"bench:fair:{self.run_id}", self.procs
+        self.say(f"fair scheduling: key B alone, then beside {n:,} queued of key A; a worker capped at 50")
+        p.start_gateway("gateway-fair", TAILGATE_QUEUE_NAME=queue)
+        p.start_worker("worker-fair", TAILGATE_QUEUE_NAME=queue, TAILGATE_CONCURRENCY="50")
+        try:
+            f = self.r["fair"] = asyncio.run(
+                self.fair_waits(queue, f"http://127.0.0.1:{p.ports['gateway-fair']}")
+            )
+        finally:
+            p.stop("worker-fair", kill=True)  # key A's backlog is left unrun
+            p.stop("gateway-fair")
+        self.say(
+            f"fair scheduling: key B's enqueue → start p50 / p99 {f['alone'][0]:.1f} / "
+            f"{f['alone'][1]:.1f} ms alone, {f['beside'][0]:.1f} / {f['beside'][1]:.1f} ms beside key A's "
+            f"{f['ahead']:,} queued"
+        )
+
+    async def fair_waits(self, queue: str, base: str) -> dict[str, Any]:
+        a, b = ({"Authorization": f"Bearer {k}"} for k in (Procs.API_KEY, Procs.IDLE_KEY))
+        prompt = f"bench-{self.run_id} fair [mock:tokens=64,delay_ms=20,ttft_ms={MOCK_TTFT_MS}]"
+
+        async def create(headers: dict[str, str], text: str) -> str:
+            async with http.post(f"{base}/v1/streams", json={"prompt": text}, headers=headers) as r:
+                return str(json.loads(await body(r, 202))["id"])
+
+        async def waits(tag: str) -> list[float]:
+            out = []
+            for i in range(self.plan.fair_samples):
+                stream_id = await create(b, f"{prompt} b-{tag}-{i}")
+                async with http.get(f"{base}/v1/streams/{stream_id}/events", headers=b) as r:
+                    await r.content.readuntil(b"event: started")
+                created, started = await rs.hmget(keys.meta(stream_id), "created_at", "started_at")
+                out.append(float(started) - float(created))
+            return sorted(out)
+
+        async def backlog(i: int) -> None:
+            await create(a, f"{prompt} a-{i}")
+
+        async with session() as http, redis.asyncio.Redis.from_url(self.procs.redis.url) as rs:
+            alone = await waits("alone")
+            await _each(64, list(range(self.plan.fair_backlog)), backlog)
+            ahead = await rs.zcard(queue)
+            beside = await waits("beside")
+        return {"ahead": ahead, "alone": _p50_p99(alone), "beside": _p50_p99(beside)}
+
     def phases(self, names: list[str]) -> None:
         self.start()
         self.warm_up()
         for name in names:
             getattr(self, name)()
         self.r["wall_s"] = time.monotonic() - self.t0
+
+
+def _p50_p99(ordered: list[float]) -> list[float]:
+    return [ordered[len(ordered) // 2], ordered[min(len(ordered), math.ceil(len(ordered) * 0.99)) - 1]]
 
 
 async def _each(n: int, items: list[Any], one: Callable[[Any], Awaitable[None]]) -> list[str]:

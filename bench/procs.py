@@ -90,8 +90,8 @@ class Procs:
         argv = tailgate_command("gateway", "--host", "127.0.0.1", "--port", self.port(name))
         return self.spawn(name, argv, self.env(**env), "/readyz")
 
-    def start_worker(self, name: str = "worker") -> Child:
-        child = self.spawn(name, tailgate_command("worker"), self.env())
+    def start_worker(self, name: str = "worker", **env: str) -> Child:
+        child = self.spawn(name, tailgate_command("worker"), self.env(**env))
         wait_until(lambda: registered(self.redis.url, child.pid), f"{name}: registered", 60, child)
         return child
 
