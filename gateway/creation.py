@@ -162,7 +162,7 @@ def _job(svc: Services, stream_id: str) -> Job:
         payload=payload,
         expires_ms=q.expires_extra_ms,
         max_queued=svc.settings.max_queued,
-        wake=keys.WAKE_CHANNEL,
+        wake=keys.wake(svc.settings.queue_name),
         fair=keys.fair(svc.settings.queue_name),
     )
 

@@ -80,8 +80,6 @@ RUNNING = "tg:running"
 # cancel and a discard remove.
 QUEUED = "tg:queued"
 
-# On the queue Redis: the worker listens here, so a fresh job starts without waiting for ARQ's poll.
-WAKE_CHANNEL = "tg:wake"  # message: the id of the job just enqueued
 CANCEL_CHANNEL = "tg:cancel"  # message: a stream id whose generation must stop
 WORKERS = "tg:workers"  # hash: worker id -> JSON {pid, host, running, beat_ms}
 
@@ -102,3 +100,10 @@ def fair(queue: str) -> str:
     at; field ``""``: the latest virtual time given out. A job's score in the queue is its virtual
     start time, not a clock, so the queue runs its jobs fairly across owners (``scripts.FAIR``)."""
     return f"{queue}:fair"
+
+
+def wake(queue: str) -> str:
+    """Pub/sub channel on the queue Redis, one per queue (pub/sub spans every database of a server):
+    the workers of ``queue`` listen here, so a fresh job starts without waiting for ARQ's poll. The
+    message is the id of the job just enqueued, which the worker starts first."""
+    return f"{queue}:wake"

@@ -120,8 +120,8 @@ class Databases:
 
     A stack on a database of its own has its own running index, counters, worker registry, API keys
     and queue, so no other test's worker can take over its streams, and nothing it counts is another
-    test's. Pub/sub is server-wide in Redis, but harmless across stacks: a wake-up only makes a worker
-    poll its own queue, and stream and cancel channels carry random stream ids."""
+    test's. Pub/sub is server-wide in Redis, but harmless across stacks: wake-ups go to a channel of each
+    queue (stacks have queues of their own), and stream and cancel channels carry random stream ids."""
 
     def __init__(self, server: RedisServer, count: int) -> None:
         self._server = server

@@ -46,7 +46,7 @@ async def queue(store: StreamStore, owner: str, n: int = 1) -> list[str]:
     ids = []
     for _ in range(n):
         stream_id = secrets.token_hex(16)
-        job = Job(QUEUE, f"arq:job:{stream_id}", b"job", 60_000, 10_000, "tg:wake:test", keys.fair(QUEUE))
+        job = Job(QUEUE, f"arq:job:{stream_id}", b"job", 60_000, 10_000, keys.wake(QUEUE), keys.fair(QUEUE))
         created = await store.create(stream_id, owner, {"request": REQUEST}, job=job)
         assert created.reply is CreateReply.CREATED
         rank = await store.redis.zrank(QUEUE, stream_id)
@@ -215,3 +215,18 @@ async def _attempt(r: Redis, stream_id: str, n: int) -> bool:
 async def started_again(r: Redis, stream_id: str) -> float:
     history = json.loads(await r.hget(keys.meta(stream_id), "attempts"))  # type: ignore[misc]
     return float(history[1]["started_at"])
+
+
+async def test_a_worker_runs_only_its_own_queues_streams_on_a_shared_redis(
+    client: httpx.AsyncClient, make_stack: MakeStack, redis_db: str
+) -> None:
+    # Two queues on one database: a worker woken by the other queue's create must not take its stream.
+    idle, busy = make_stack(redis_url=redis_db), make_stack(redis_url=redis_db)
+    idle_url, busy_url = await idle.agateway(), await busy.agateway()
+    await busy.aworker()
+    waiting = await create(client, idle_url, idle.api_key, "no worker serves my queue")
+    served = await create(client, busy_url, busy.api_key, "mine")
+    _, events = await read_sse(client, busy_url + served["events_url"], headers=busy.headers)
+    assert events[-1].event == "done"  # the worker has read the other queue's wake-up before this one's
+    status = (await client.get(idle_url + waiting["status_url"], headers=idle.headers)).json()
+    assert status == status | {"status": "queued", "position": 1}

@@ -76,7 +76,7 @@ async def test_a_live_worker_reconnecting_late_after_a_redis_restart_keeps_its_s
             async def both_listening() -> bool:
                 # The scanner's wake-up subscription is in place (made after its "ready"; a worker
                 # whose first subscribe meets a dead Redis stops), so it can pick up a takeover job.
-                [(_, listeners)] = await r.pubsub_numsub(keys.WAKE_CHANNEL)
+                [(_, listeners)] = await r.pubsub_numsub(keys.wake(s.env["TAILGATE_QUEUE_NAME"]))
                 return int(listeners) == 2
 
             await await_until(running, "10 events stored")

@@ -295,7 +295,8 @@ async def test_primary_killed_mid_load_loses_no_acknowledged_stream_or_event(
     # and cancel channels.
     await await_until(
         lambda: listening(
-            w.replica.port, {keys.HUB_CHANNEL: 1, keys.WAKE_CHANNEL: 2, keys.CANCEL_CHANNEL: 2}
+            w.replica.port,
+            {keys.HUB_CHANNEL: 1, keys.wake(s.env["TAILGATE_QUEUE_NAME"]): 2, keys.CANCEL_CHANNEL: 2},
         ),
         "listeners on the new primary",
     )

@@ -202,4 +202,4 @@ async def takeover(queue: ArqRedis, queue_name: str, stream_id: str, tag: str) -
         _defer_until=FIRST_IN_LINE,
         _expires=timedelta(milliseconds=queue.expires_extra_ms),
     )
-    await queue.publish(keys.WAKE_CHANNEL, job_id)  # a wake-up names the job it is for
+    await queue.publish(keys.wake(queue_name), job_id)  # a wake-up names the job it is for

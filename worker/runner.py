@@ -1,9 +1,9 @@
 """The worker process: ARQ's worker, woken by the gateway instead of polling, plus its side loops.
 
-- **Wake-up.** The gateway publishes on ``tg:wake`` right after it enqueues; the worker's main loop
-  waits on that signal and polls ARQ's queue at once. ARQ's ``poll_delay`` remains only as a fallback
-  (a lost message, a worker that was busy). At ``concurrency`` running streams it stops taking jobs,
-  which stay queued for other workers.
+- **Wake-up.** The gateway publishes on its queue's wake-up channel (``keys.wake``) right after it
+  enqueues; the worker's main loop waits on that signal and polls ARQ's queue at once. ARQ's
+  ``poll_delay`` remains only as a fallback (a lost message, a worker that was busy). At
+  ``concurrency`` running streams it stops taking jobs, which stay queued for other workers.
 - **Jobs.** When the queue shares the streams' Redis (the default), the worker runs a polled job
   itself instead of through ARQ's ``run_job``: the claims of every stream polled go in one pipelined
   round trip, the attempts start, and then the jobs are dropped from the queue as ARQ drops a job
@@ -296,7 +296,8 @@ async def _listen(queue: ArqRedis, worker: TailgateWorker, state: WorkerState) -
     pubsub = queue.pubsub()
     try:
         # Through an outage too: a worker started while Redis is down waits for it, polling meanwhile.
-        await ride_out(lambda: pubsub.subscribe(keys.WAKE_CHANNEL, keys.CANCEL_CHANNEL))
+        wake = keys.wake(state.settings.queue_name)
+        await ride_out(lambda: pubsub.subscribe(wake, keys.CANCEL_CHANNEL))
         while True:
             # While the channel is lost, ARQ's poll still finds new jobs.
             msg = await ride_out(lambda: pubsub.get_message(ignore_subscribe_messages=False, timeout=None))
@@ -304,7 +305,7 @@ async def _listen(queue: ArqRedis, worker: TailgateWorker, state: WorkerState) -
                 continue
             # After a (re)subscription too: a wake-up may have been missed meanwhile.
             channel = msg["channel"].decode()
-            if channel == keys.WAKE_CHANNEL or msg["type"] == "subscribe":
+            if channel == wake or msg["type"] == "subscribe":
                 if msg["type"] == "message":
                     worker.wake_ids.append(msg["data"])  # the job id
                 worker.woken.set()
