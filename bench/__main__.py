@@ -392,9 +392,8 @@ class Bench:
             p.stop("worker-fair", kill=True)  # key A's backlog is left unrun
             p.stop("gateway-fair")
         self.say(
-            f"fair scheduling: key B's enqueue → start p50 / p99 {f['alone'][0]:.1f} / "
-            f"{f['alone'][1]:.1f} ms alone, {f['beside'][0]:.1f} / {f['beside'][1]:.1f} ms beside key A's "
-            f"{f['ahead']:,} queued"
+            f"fair scheduling: key B's enqueue → start p50 / p99 {report.p50_99(f['alone'])} alone, "
+            f"{report.p50_99(f['beside'])} beside key A's {f['ahead']:,} queued"
         )
 
     async def fair_waits(self, queue: str, base: str) -> dict[str, Any]:
@@ -413,7 +412,7 @@ class Bench:
                     await r.content.readuntil(b"event: started")
                 created, started = await rs.hmget(keys.meta(stream_id), "created_at", "started_at")
                 out.append(float(started) - float(created))
-            return sorted(out)
+            return out
 
         async def backlog(i: int) -> None:
             await create(a, f"{prompt} a-{i}")
@@ -423,7 +422,7 @@ class Bench:
             await _each(64, list(range(self.plan.fair_backlog)), backlog)
             ahead = await rs.zcard(queue)
             beside = await waits("beside")
-        return {"ahead": ahead, "alone": _p50_p99(alone), "beside": _p50_p99(beside)}
+        return {"ahead": ahead, "alone": report.summary(alone), "beside": report.summary(beside)}
 
     def phases(self, names: list[str]) -> None:
         self.start()
@@ -431,10 +430,6 @@ class Bench:
         for name in names:
             getattr(self, name)()
         self.r["wall_s"] = time.monotonic() - self.t0
-
-
-def _p50_p99(ordered: list[float]) -> list[float]:
-    return [ordered[len(ordered) // 2], ordered[min(len(ordered), math.ceil(len(ordered) * 0.99)) - 1]]
 
 
 async def _each(n: int, items: list[Any], one: Callable[[Any], Awaitable[None]]) -> list[str]:

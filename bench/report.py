@@ -57,7 +57,7 @@ def _verdict(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
 
 
-def _p50_99(t: R, digits: int = 1) -> str:
+def p50_99(t: R, digits: int = 1) -> str:
     return f"{_ms(t['p50'], digits)} / {_ms(t['p99'], digits)} ms"
 
 
@@ -83,7 +83,7 @@ def _ttft_added(res: R) -> tuple[dict[str, str], bool]:
 
 def _ttft(label: str, res: R) -> Rows:
     add, ok = _ttft_added(res)
-    a, b, c = (_p50_99(res[s]["ttft"]) + (f" ({add[s]})" if s in add else "") for s in "abc")
+    a, b, c = (p50_99(res[s]["ttft"]) + (f" ({add[s]})" if s in add else "") for s in "abc")
     yield f"time to first token at {label}", "added ≤ 5 / ≤ 15 ms", a, b, c, _verdict(ok)
 
 
@@ -91,16 +91,16 @@ def _enqueue(r: R) -> Rows:
     n, e1, en = _n(r), r["peer"]["1"]["c"]["enqueue_start"], r["steady"]["c"]["enqueue_start"]
     ok1, okn = (_verdict(e["p50"] <= 3 and e["p99"] <= 10) for e in (e1, en))
     label = f"enqueue → job start (meta `started_at − created_at`), p50 / p99, at 1 / at {n} streams"
-    yield label, "≤ 3 / ≤ 10 ms", "—", "—", f"{_p50_99(e1, 2)}; {_p50_99(en, 2)}", f"{ok1} at 1, {okn} at {n}"
+    yield label, "≤ 3 / ≤ 10 ms", "—", "—", f"{p50_99(e1, 2)}; {p50_99(en, 2)}", f"{ok1} at 1, {okn} at {n}"
 
 
 def _latency(r: R) -> Rows:
     steady, most = r["steady"], r["coalesce_ms"] + 10
     add = added(steady, "latency")
-    b, c = (f"{_p50_99(steady[s]['latency'], 2)} (**{_signed(add[s])}**)" for s in "bc")
+    b, c = (f"{p50_99(steady[s]['latency'], 2)} (**{_signed(add[s])}**)" for s in "bc")
     label = f"per-chunk latency (mock's send stamp → client), p50 / p99, at {_n(r)} streams; added = p99"
     goal = f"added ≤ coalescing {r['coalesce_ms']:g} + 10 = {most:g} ms"
-    yield f"{label} difference", goal, _p50_99(steady["a"]["latency"], 2), b, c, _verdict(add["c"] <= most)
+    yield f"{label} difference", goal, p50_99(steady["a"]["latency"], 2), b, c, _verdict(add["c"] <= most)
 
 
 def _within_capacity(r: R) -> Rows:
@@ -115,7 +115,7 @@ def _within_capacity(r: R) -> Rows:
         f"{common:,} streams, {r['plan']['level']['tokens'][0]} tokens each (the most all three "
         "sustained with first tokens ≤ 200 ms late)"
     )
-    a = f"{_p50_99(at['a']['ttft'])}; {_ms(at['a']['latency']['p99'], 2)} ms"
+    a = f"{p50_99(at['a']['ttft'])}; {_ms(at['a']['latency']['p99'], 2)} ms"
     b, c = (f"{ttft[s]}; **{_signed(lat[s])}** ms" for s in "bc")
     yield label, f"added ≤ 5 / ≤ 15 ms; ≤ {most:g} ms", a, b, c, _verdict(ok and lat["c"] <= most)
 
@@ -179,9 +179,8 @@ def _fair(r: R) -> Rows:
         f"fair scheduling: key B's enqueue → start p50 / p99 ({n} streams one after another) beside key "
         f"A's backlog ({f['ahead']:,} queued, a worker capped at 50), and alone"
     )
-    beside, alone = f["beside"], f["alone"]
-    c = f"**{beside[0]:,.0f} / {beside[1]:,.0f} ms**; alone {alone[0]:.1f} / {alone[1]:.1f} ms"
-    yield label, "(c) p99 ≤ 2,000 ms", "—", "—", c, _verdict(f["beside"][1] <= 2000)
+    c = f"**{p50_99(f['beside'])}**; alone {p50_99(f['alone'])}"
+    yield label, "(c) p99 ≤ 2,000 ms", "—", "—", c, _verdict(f["beside"]["p99"] <= 2000)
 
 
 # The figures issue #11's goals hold (c) to, from a peer level's results.
@@ -221,7 +220,7 @@ def _peer(r: R) -> Rows:
         goals = [(limit, _met(figure, limit, res)[1]) for at, _, figure, limit in GOALS if at == key]
         (ttft, _), cpu = _ttft_added(res), res["c"]["cpu_us_per_token"]
         tps, us = ({s: res[s][k] for s in "abc"} for k in ("tokens_per_s", "server_us_per_token"))
-        cells = [f"{_p50_99(res['a']['ttft'])}; {tps['a']:,.0f}/s; mock {us['a']:.0f} µs"]
+        cells = [f"{p50_99(res['a']['ttft'])}; {tps['a']:,.0f}/s; mock {us['a']:.0f} µs"]
         cells += [f"{ttft[s]} ms; {tps[s] / tps['a']:.2f}×; {us[s]:.0f} µs" for s in "bc"]
         cells[-1] += f" ({cpu['gateway']:.0f} + {cpu['worker']:.0f})"
         goal, verdict = "; ".join(g for g, _ in goals), "; ".join(v for _, v in goals)
