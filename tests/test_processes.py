@@ -64,6 +64,23 @@ async def running_on_two(stack: Stack, paths: list[str]) -> list[str]:
     return found
 
 
+async def both_processes_full(
+    client: httpx.AsyncClient, make_stack: MakeStack, prompt: str, per_process: int
+) -> tuple[Child, list[str], list[asyncio.Task[Resumed]], list[str]]:
+    """A gateway and a supervisor of two worker processes, each capped at ``per_process``, running
+    twice that many long streams, then a spare worker with room for all of them (started after
+    them, so it ran none: it resumes them). The supervisor, the prompts, their readers, and the
+    worker id running each stream."""
+    s = make_stack(TAILGATE_CONCURRENCY=str(per_process), TAILGATE_SHUTDOWN_GRACE_S="0.5", **FAST_TAKEOVER)
+    url = await s.agateway()
+    supervisor = await s.aworker(2)
+    prompts = [f"{prompt} {i}{LONG}" for i in range(2 * per_process)]
+    paths, readers = await follow(client, url, s, prompts)
+    ran = await running_on_two(s, paths)
+    await s.aworker(TAILGATE_CONCURRENCY=str(2 * per_process))
+    return supervisor, prompts, readers, ran
+
+
 def pid_of(worker_id: str) -> int:
     return int(worker_id.rsplit("-", 2)[1])  # host-pid-random
 
@@ -122,14 +139,8 @@ async def test_a_worker_of_two_processes_runs_streams_on_both_and_serves_their_s
 async def test_sigterm_to_the_worker_supervisor_stops_both_processes_in_order_and_another_worker_finishes(
     client: httpx.AsyncClient, make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
-    s = make_stack(TAILGATE_CONCURRENCY="2", TAILGATE_SHUTDOWN_GRACE_S="0.5", **FAST_TAKEOVER)
-    url = await s.agateway()
-    supervisor = await s.aworker(2)
-    prompts = [f"{prompt} {i}{LONG}" for i in range(4)]
-    paths, readers = await follow(client, url, s, prompts)
-    ran = await running_on_two(s, paths)
+    supervisor, prompts, readers, ran = await both_processes_full(client, make_stack, prompt, 2)
     assert len(set(ran)) == 2
-    await s.aworker(TAILGATE_CONCURRENCY="4")  # started now, so it ran none of them: it resumes them
 
     supervisor.signal(signal.SIGTERM)
     results = [r.events for r in await asyncio.gather(*readers)]
@@ -148,13 +159,7 @@ async def test_sigterm_to_the_worker_supervisor_stops_both_processes_in_order_an
 async def test_a_worker_process_that_dies_stops_the_other_and_the_supervisor_exits_1(
     client: httpx.AsyncClient, make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
-    s = make_stack(TAILGATE_CONCURRENCY="1", TAILGATE_SHUTDOWN_GRACE_S="0.5", **FAST_TAKEOVER)
-    url = await s.agateway()
-    supervisor = await s.aworker(2)
-    prompts = [f"{prompt} {i}{LONG}" for i in range(2)]
-    paths, readers = await follow(client, url, s, prompts)
-    killed, other = await running_on_two(s, paths)
-    await s.aworker(TAILGATE_CONCURRENCY="2")
+    supervisor, prompts, readers, (killed, other) = await both_processes_full(client, make_stack, prompt, 1)
 
     os.kill(pid_of(killed), signal.SIGKILL)
     assert await supervisor.await_exit(30) == 1  # so the orchestrator restarts the pod
