@@ -94,22 +94,40 @@ def main(argv: list[str] | None = None) -> None:
         return _mock_upstream(args)
     if args.command == "dev":
         return _dev(args)
-    settings = Settings()
     if args.command == "gateway":
-        if args.workers is not None:
-            settings = Settings(gateway_workers=args.workers)
+        settings = _settings(gateway_workers=args.workers)
         return _gateway(settings, args.host, args.port, args.reuse_port)
     if args.command == "worker":
-        overrides = {"metrics_port": args.metrics_port, "worker_processes": args.processes}
-        if any(v is not None for v in overrides.values()):
-            settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-        return _worker(settings)
+        return _worker(_settings(metrics_port=args.metrics_port, worker_processes=args.processes))
+    settings = _settings()
     if args.command == "top":
         return _top(settings, args.once, args.interval)
     if args.command == "inspect":
         return asyncio.run(_inspect(settings, args.id, args.json))
     if args.command == "keys":
         return asyncio.run(_keys(settings, args.action, args.value))
+
+
+# The settings a command-line flag sets, by flag (the rest come from TAILGATE_* alone).
+FLAGS = {"gateway_workers": "--workers", "metrics_port": "--metrics-port", "worker_processes": "--processes"}
+
+
+def _settings(**flags: object) -> Settings:
+    """The environment's settings, with the flags given (not ``None``) over them. A value that is not
+    valid exits with status 2 and one line per bad value, naming the flag or the variable to fix."""
+    from pydantic import ValidationError
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        return Settings(**given)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            name = FLAGS[field] if field in given else f"TAILGATE_{field.upper()}"
+            lines.append(f"tailgate: {name}={error['input']!s}: {error['msg']}")
+        print("\n".join(lines), file=sys.stderr)
+        sys.exit(2)
 
 
 def _gateway(settings: Settings, host: str, port: int, reuse_port: bool) -> None:

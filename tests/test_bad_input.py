@@ -9,7 +9,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tailgate.dev.procs import RedisServer
+from tailgate.dev.procs import RedisServer, arun, child_env, tailgate_command
 from tailgate.dev.sse import read_sse
 from tailgate.events import CursorError, parse_cursor
 from tests.harness import MakeStack, Stack
@@ -140,3 +140,29 @@ async def test_a_redis_outage_answers_503_without_saying_where_redis_is(make_sta
     assert (created.status_code, created.json()["error"]["code"]) == (503, "unavailable")
     for r in (ready, created):
         assert str(own.port) not in r.text and "127.0.0.1" not in r.text, r.text
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        (
+            ["worker", "--processes", "0"],
+            {},
+            ["tailgate: --processes=0: Input should be greater than or equal to 1"],
+        ),
+        (
+            ["gateway", "--workers", "0"],
+            {"TAILGATE_CONCURRENCY": "many"},
+            [
+                "tailgate: --workers=0: Input should be greater than or equal to 1",
+                "tailgate: TAILGATE_CONCURRENCY=many: Input should be a valid integer, unable to parse "
+                "string as an integer",
+            ],
+        ),
+    ],
+)
+async def test_a_bad_setting_or_flag_exits_2_naming_each_one_to_fix(
+    argv: list[str], env: dict[str, str], expected: list[str]
+) -> None:
+    done = await arun(tailgate_command(*argv), child_env(**env), within=30)
+    assert (done.returncode, done.stderr.splitlines(), done.stdout) == (2, expected, "")
