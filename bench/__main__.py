@@ -47,7 +47,9 @@ XADD = "XADD bench:xadd * f v"  # given explicitly: not every redis-benchmark ha
 SETUPS = {"a": ("mock", "mock"), "b": ("naive", "naive"), "c": ("gateway", "gateway", "worker")}
 Records = list[dict[str, Any]]
 Raw = dict[str, list[float]]
-PHASES = ("peer", "steady", "saturation", "sustained", "fanin", "idle", "fair")
+PHASES = ("peer", "steady", "saturation", "sustained", "fanin", "idle", "fair", "scale")
+# The scale phase's (gateway processes, worker processes), in order.
+SCALE = ((1, 1), (2, 1), (1, 2), (2, 2))
 PEER = Load(0, (64, 64), loop=False, ramp_s=1.0)  # issue #11: a level's streams start over 1 s
 PROFILED = (200, 400)  # the peer levels ``--profile`` records
 PY_SPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
@@ -133,7 +135,8 @@ class Bench:
         self, setup: str, tag: str, load: Load, deadline_s: float = 120, *, settle: bool = True, **kw: Any
     ) -> dict[str, Any]:
         """One workload through ``setup``, once the servers are idle (``settle``): what the load client
-        measured (see :func:`bench.client.streams`) and ``cpu_s``, each process's CPU seconds meanwhile.
+        measured (see :func:`bench.client.streams`), ``cpu_s``, each process's CPU seconds meanwhile,
+        and ``redis_usec``, the µs Redis spent in each command meanwhile (``INFO commandstats``).
         ``kw`` goes to :meth:`LoadClient.run` (a ``tick``)."""
         if settle:
             self.settle()
@@ -145,14 +148,16 @@ class Bench:
             "tag": tag,
             "deadline_s": deadline_s,
         }
-        before = self.procs.cpu()
+        before, commands = self.procs.cpu(), self.procs.redis_commands()
         out = self.client.run(deadline_s + 60, **kw, **spec, api_key=Procs.API_KEY)
         after = self.procs.cpu()
+        out["redis_usec"] = {k: v - commands.get(k, 0) for k, v in self.procs.redis_commands().items()}
         for child in self.procs.children.values():
             child.check()
         cpu = {k: after[k] - before[k] for k in before}
         machine = cpu.pop("machine")
         cpu["other"] = max(machine - sum(v for k, v in cpu.items() if k not in ("irq", "steal")), 0.0)
+        cpu["machine"] = machine
         return out | {"cpu_s": cpu}
 
     def figures(self, setup: str, load: Load, runs: list[dict[str, Any]]) -> tuple[dict[str, Any], Raw]:
@@ -176,6 +181,8 @@ class Bench:
         q["max_late_ms"] = max(((x["ttft_ms"] or math.inf) - MOCK_TTFT_MS for x in recs), default=math.inf)
         q |= {"cores_used": {k: v / wall for k, v in cpu.items()}, "cpu_us_per_token": per_token}
         q["server_us_per_token"] = sum(per_token[p] for p in SETUPS[setup][1:])
+        usec = {k: sum(run["redis_usec"].get(k, 0) for run in runs) for k in runs[-1]["redis_usec"]}
+        q["redis_us_per_token"] = {k: v / tokens for k, v in usec.items() if v and tokens}
         if setup == "c" and measured:
             q |= self.c_steps(measured)
         return q, raw
@@ -276,28 +283,47 @@ class Bench:
         self.say("saturation: " + ", ".join(f"{s} {res[s]['tokens_per_s'] / xadd:.2f}× XADD" for s in SETUPS))
 
     def sustained(self) -> None:
-        """Each setup at rising levels, until a level does not hold: every stream whole, no gap between
-        chunks over ``STALL_MS``; stricter, ``held_first_token``: nor a first token later than that."""
-        runs: dict[str, Records] = {s: [] for s in SETUPS}
+        """Each setup at rising levels (:meth:`climb`)."""
         tick, seen = self.watch_gateway()
-        for s in SETUPS:
-            for level in self.plan.levels:
-                load = replace(self.plan.level, concurrency=level, count=level)
-                q = self.load(s, f"level{level}", load, tick=tick if s == "c" else None)
-                why = f"a {q['max_gap_ms']:,.0f} ms gap between chunks" if q["max_gap_ms"] > STALL_MS else ""
-                if lost := q["failed"] + level - q["streams"]:
-                    why = f"{lost} streams incomplete ({(q['errors'] or ['not started'])[0]})"
-                strict = not why and q["max_late_ms"] <= STALL_MS
-                runs[s].append(q | {"level": level, "held": not why, "held_first_token": strict, "why": why})
-                held = f"did not hold: {why}" if why else "held"
-                self.say(
-                    f"sustained ({s}) {level:>5} streams at 50 tokens/s: {held} (worst gap "
-                    f"{q['max_gap_ms']:,.0f} ms; first token up to {q['max_late_ms']:,.0f} ms late)"
-                )
-                if why:
-                    break
+        runs = {s: self.climb(s, "sustained", tick=tick if s == "c" else None) for s in SETUPS}
         self.r["sustained"] = {"levels": list(self.plan.levels), "runs": runs}
         self.r["redis_connections"]["live_max"] = max(seen)[0]
+
+    def climb(self, setup: str, phase: str, **kw: Any) -> Records:
+        """``setup`` at the plan's rising levels until a level does not hold: every stream whole, no gap
+        between chunks over ``STALL_MS``; stricter, ``held_first_token``: nor a first token later than
+        that. Each level's figures, a progress line each."""
+        runs: Records = []
+        for level in self.plan.levels:
+            load = replace(self.plan.level, concurrency=level, count=level)
+            q = self.load(setup, f"{phase}{level}", load, **kw)
+            why = f"a {q['max_gap_ms']:,.0f} ms gap between chunks" if q["max_gap_ms"] > STALL_MS else ""
+            if lost := q["failed"] + level - q["streams"]:
+                why = f"{lost} streams incomplete ({(q['errors'] or ['not started'])[0]})"
+            strict = not why and q["max_late_ms"] <= STALL_MS
+            runs.append(q | {"level": level, "held": not why, "held_first_token": strict, "why": why})
+            held = f"did not hold: {why}" if why else "held"
+            self.say(
+                f"{phase} ({setup}) {level:>5} streams at 50 tokens/s: {held} (worst gap "
+                f"{q['max_gap_ms']:,.0f} ms; first token up to {q['max_late_ms']:,.0f} ms late; machine "
+                f"{q['cores_used']['machine']:.2f} of {os.cpu_count()} cores busy)"
+            )
+            if why:
+                break
+        return runs
+
+    def scale(self) -> None:
+        """Sizing (issue #10): (c) at rising levels (:meth:`climb`) with 1 and 2 gateway processes and
+        1 and 2 worker processes (``--workers``, ``--processes``); then one of each again."""
+        res = self.r["scale"] = {}
+        for gateways, workers in (*SCALE, (1, 1)):
+            self.procs.stop("gateway")
+            self.procs.stop("worker")
+            self.procs.start_gateway(processes=gateways)
+            self.procs.start_worker(processes=workers)
+            if (gateways, workers) in SCALE:
+                self.say(f"scale: {gateways} gateway and {workers} worker processes")
+                res[f"{gateways}x{workers}"] = self.climb("c", f"scale{gateways}x{workers}-")
 
     def fanin(self) -> None:
         """Redis connections of the main gateway while it serves ``fan_in`` live SSE clients: slow

@@ -6,7 +6,6 @@ time, memory, connections). :meth:`Procs.close` stops every one, on success, err
 from __future__ import annotations
 
 import contextlib
-import os
 import resource
 import socket
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil  # type: ignore[import-untyped]
+import redis
 
 from bench.client import LoadClient
 from bench.report import ROOT
@@ -86,13 +86,31 @@ class Procs:
         args += [self.port("naive"), "--log-level", "warning", "--no-access-log", "--backlog", "4096"]
         return self.spawn("naive", args, self.env(), "/openapi.json")
 
-    def start_gateway(self, name: str = "gateway", **env: str) -> Child:
+    def start_gateway(self, name: str = "gateway", processes: int = 1, **env: str) -> Child:
+        """Gateway ``name``: ``processes`` of them on one port (``tailgate gateway --workers``), once
+        each listens."""
         argv = tailgate_command("gateway", "--host", "127.0.0.1", "--port", self.port(name))
-        return self.spawn(name, argv, self.env(**env), "/readyz")
+        env["TAILGATE_GATEWAY_WORKERS"] = str(processes)
+        child = self.spawn(name, argv, self.env(**env), "/readyz")
+        port = self.ports[name]
 
-    def start_worker(self, name: str = "worker", **env: str) -> Child:
+        def listening() -> bool:
+            return sum(any(c.laddr.port == port for c in _listens(p)) for p in _tree(child.pid)) == processes
+
+        wait_until(listening, f"{name}: {processes} processes listening", 60, child)
+        return child
+
+    def start_worker(self, name: str = "worker", processes: int = 1, **env: str) -> Child:
+        """Worker ``name``: ``processes`` of them (``tailgate worker --processes``), once each has
+        registered."""
+        env["TAILGATE_WORKER_PROCESSES"] = str(processes)
         child = self.spawn(name, tailgate_command("worker"), self.env(**env))
-        wait_until(lambda: registered(self.redis.url, child.pid), f"{name}: registered", 60, child)
+
+        def ready() -> bool:
+            pids = [p.pid for p in _tree(child.pid)[processes > 1 :]]  # not the supervisor
+            return len(pids) == processes and all(registered(self.redis.url, pid) for pid in pids)
+
+        wait_until(ready, f"{name}: {processes} processes registered", 60, child)
         return child
 
     def start_client(self) -> LoadClient:
@@ -104,14 +122,23 @@ class Procs:
         return LoadClient(Connection(ours.detach()), child)
 
     def cpu(self) -> dict[str, float]:
-        """CPU seconds so far of each child, of Redis and of the bench itself; of the whole machine:
-        time in tasks (``machine``), in interrupts (``irq``, mostly loopback networking) and taken by
-        the hypervisor (``steal``). ``machine`` minus ours is what other processes took."""
-        pids = {name: child.pid for name, child in self.children.items()} | {"bench": os.getpid()}
+        """CPU seconds so far of each child (with a supervisor's processes), of Redis and of the bench
+        itself; of the whole machine: time in tasks (``machine``), in interrupts (``irq``, mostly
+        loopback networking) and taken by the hypervisor (``steal``). ``machine`` minus ours is what
+        other processes took."""
+        pids = {name: child.pid for name, child in self.children.items()}
         pids |= {"redis": self.redis.pid} if self.redis.pid is not None else {}
-        out = {name: float(sum(psutil.Process(pid).cpu_times()[:2])) for name, pid in pids.items()}
+        out = {name: sum(sum(p.cpu_times()[:2]) for p in _tree(pid)) for name, pid in pids.items()}
+        out["bench"] = sum(psutil.Process().cpu_times()[:2])
         m = psutil.cpu_times()
         return out | {"machine": m.user + m.nice + m.system, "irq": m.irq + m.softirq, "steal": m.steal}
+
+    def redis_commands(self) -> dict[str, int]:
+        """µs Redis has spent in each command since it started (``INFO commandstats``; ``evalsha``
+        holds the scripts)."""
+        with redis.Redis.from_url(self.redis.url) as r:
+            stats = r.info("commandstats")
+        return {k.removeprefix("cmdstat_"): int(v["usec"]) for k, v in stats.items()}
 
     def connections(self, name: str) -> tuple[int, int]:
         """Established TCP connections of child ``name``: to Redis (its pools and the hub's pub/sub
@@ -132,3 +159,16 @@ class Procs:
             with contextlib.suppress(Exception):
                 self.stop(name)
         self.redis.close()
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    """Process ``pid`` and its descendants (those still there)."""
+    top = psutil.Process(pid)
+    return [top, *top.children(recursive=True)]
+
+
+def _listens(p: psutil.Process) -> list[Any]:
+    try:
+        return [c for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        return []

@@ -252,8 +252,71 @@ ROWS: tuple[tuple[tuple[str, ...], Callable[[R], Rows]], ...] = (
 def table(r: R) -> str:
     """The markdown table of the figures and goals of the phases that ran, then issue #11's goals."""
     rows = [row for needs, f in ROWS if all(k in r for k in needs) for row in f(r)]
-    out = markdown(["figure", "goal", *SETUPS.values(), "verdict"], rows)
-    return out + ("\n\n" + goals(r) if "peer" in r else "")
+    parts = [markdown(["figure", "goal", *SETUPS.values(), "verdict"], rows)] if rows else []
+    parts += [goals(r)] if "peer" in r else []
+    return "\n\n".join(parts + ([sizing(r)] if "scale" in r else []))
+
+
+ROLES = ("gateway", "worker", "redis")
+PACE = 50  # tokens/s of a sustained level's streams
+TARGETS = (10_000, 100_000)  # the concurrent streams the sizing guide plans for
+
+
+def _top_run(runs: list[R]) -> R | None:
+    """The run of the highest level held (every level below it held too)."""
+    top = _top_level(runs, "held")
+    return next((x for x in runs if x["level"] == top), None)
+
+
+def sizing(r: R) -> str:
+    """The scale phase (issue #10's sizing guide): per count of gateway × worker processes, the
+    streams sustained at 50 tokens/s and, at the highest level held, each role's busy cores and CPU
+    per token, and how the next level failed; then, from one of each at its highest level held, what
+    one busy core of each role sustains and the cores 10,000 and 100,000 streams need."""
+    rows, cpus = [], r["cpus"]
+    for config, runs in r["scale"].items():
+        top, fail = _top_run(runs), next((x for x in runs if not x["held"]), None)
+        held = f"**{_top_level(runs, 'held'):,}**; {_top_level(runs, 'held_first_token'):,}"
+        if top is None:
+            rows.append([config.replace("x", " × "), held, "—", "—", "—"])
+            continue
+        busy, us = top["cores_used"], top["cpu_us_per_token"]
+        cores = " / ".join(f"{busy[k]:.2f}" for k in ROLES) + f" / {busy['machine']:.2f} of {cpus}"
+        per = " / ".join(f"{us[k]:.0f}" for k in ROLES)
+        why = (
+            "—"
+            if fail is None
+            else f"{fail['level']:,}: {fail['why']}; machine {fail['cores_used']['machine']:.2f}"
+        )
+        rows.append([config.replace("x", " × "), held, cores, per, why])
+    head = [
+        "gateway × worker processes",
+        "streams sustained at 50 tokens/s; with first token ≤ 200 ms late too",
+        "at the highest level held: cores busy, gateway / worker / Redis / machine",
+        "CPU µs per token there: gateway / worker / Redis",
+        "next level: why it failed; machine cores busy",
+    ]
+    out = markdown(head, rows)
+    if (base := _top_run(r["scale"].get("1x1", []))) is None:
+        return out
+    guide = []
+    for k in ROLES:
+        us = base["cpu_us_per_token"][k]
+        need = " / ".join(f"{n * PACE * us / 1e6:,.1f}" for n in TARGETS)
+        guide.append([k, f"{us:.0f}", f"{1e6 / (us * PACE):,.0f}", need])
+    head = [
+        f"per role, from 1 × 1 at {base['level']:,} streams",
+        "CPU µs per token",
+        "streams per busy core at 50 tokens/s",
+        " / ".join(f"cores for {n:,} streams" for n in TARGETS),
+    ]
+    spent = base["redis_us_per_token"]
+    why = (
+        "Redis's time inside commands per token at that level (`INFO commandstats`, wall-clock µs): "
+        f"`evalsha` (the store's scripts, with the commands they run) {spent.get('evalsha', 0):.1f}, "
+        f"`xrange` (readers catching up) {spent.get('xrange', 0):.1f}."
+    )
+    return out + "\n\n" + markdown(head, guide) + "\n\n" + why
 
 
 def markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -288,7 +351,8 @@ def notes(r: R) -> list[str]:
         )
     for phase, res in (("peer at 400", peer.get("400")), *((k, r.get(k)) for k in ("steady", "saturation"))):
         if res:
-            ranked = {s: sorted(res[s]["cores_used"].items(), key=lambda kv: -kv[1]) for s in "abc"}
+            used = {s: {k: v for k, v in res[s]["cores_used"].items() if k != "machine"} for s in "abc"}
+            ranked = {s: sorted(used[s].items(), key=lambda kv: -kv[1]) for s in "abc"}
             busy = "; ".join(
                 f"{s}: " + ", ".join(f"{_LABELS.get(k, k)} {v:.2f}" for k, v in ranked[s] if v >= 0.05)
                 for s in "abc"
@@ -386,6 +450,27 @@ def _peer_levels(title: str, unit: str, figure: Callable[[R], float], setups: st
     return panel
 
 
+def _fair_bars(ax: Any, r: R, raw: R) -> None:
+    f = r["fair"]
+    for i, (q, shade) in enumerate((("p50", 0.55), ("p99", 1.0))):
+        values = [f[k][q] for k in ("alone", "beside")]
+        xs = [x + i * 0.4 for x in range(2)]
+        bars = ax.bar(xs, values, 0.4, color=COLORS["c"], alpha=shade, label=q)
+        ax.bar_label(bars, [f"{v:,.0f}" for v in values])
+    ax.set_xticks([0.2, 1.2], ["alone", f"beside {f['ahead']:,} of key A queued"])
+    ax.axhline(2000, color="red", ls="--", lw=1, label="goal: p99 ≤ 2,000 ms")
+    ax.set(ylabel="ms", title="fair scheduling: key B's enqueue → start")
+    ax.legend(loc="upper left")
+
+
+def _scale_bars(ax: Any, r: R, raw: R) -> None:
+    configs = list(r["scale"])
+    held = [_top_level(r["scale"][c], "held") for c in configs]
+    labels = [c.replace("x", " gw × ") + " wk" for c in configs]
+    ax.bar_label(ax.bar(labels, held, color=COLORS["c"]), [f"{v:,}" for v in held])
+    ax.set(ylabel="streams sustained at 50 tokens/s", title=f"processes: gateway × worker ({r['cpus']} CPUs)")
+
+
 # The plot's panels, row by row, each with the phase it draws (left blank when that phase did not run).
 PANELS = (
     ("steady", _cdf("ttft", "time to first token")),
@@ -394,11 +479,13 @@ PANELS = (
     ("saturation", _saturation_bars),
     ("sustained", _sustained_levels),
     ("peer", _peer_levels("server CPU per delivered token", "µs", lambda q: q["server_us_per_token"], "bc")),
+    ("fair", _fair_bars),
+    ("scale", _scale_bars),
 )
 
 
 def plot(r: R, raw: R, path: Path) -> None:
-    with figure(path, 2, 3, (19, 9)) as (fig, axes):
+    with figure(path, 2, 4, (25, 9)) as (fig, axes):
         fig.suptitle(f"tailgate bench ({r['plan']['name']} run, {r['cpus']} CPUs, loopback, mock upstream)")
         for ax, (phase, panel) in zip(axes.flat, PANELS, strict=True):
             if phase in r:
