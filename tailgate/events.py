@@ -75,7 +75,13 @@ def parse_cursor(raw: str | None) -> str | None:
     if raw is None or raw == "":
         return None
     m = _CURSOR_RE.fullmatch(raw)
-    if m is None or int(m[1]) > _ID_MAX or int(m[2]) > _ID_MAX:
+    # The largest id is no cursor either: no entry comes after it, and Redis refuses to read past it.
+    if (
+        m is None
+        or int(m[1]) > _ID_MAX
+        or int(m[2]) > _ID_MAX
+        or (int(m[1]), int(m[2])) == (_ID_MAX, _ID_MAX)
+    ):
         raise CursorError(f"malformed cursor {raw[:40]!r}: send back an `id` this stream gave you")
     return raw
 

@@ -44,6 +44,7 @@ def test_every_cursor_the_parser_accepts_is_one_redis_accepts(redis_server: Redi
         ("query", "1-0\n"),  # `$` let a trailing newline through
         ("query", "1-0 "),
         ("header", "-1-0"),
+        ("query", "18446744073709551615-18446744073709551615"),  # the largest id: nothing comes after it
     ],
 )
 async def test_a_malformed_cursor_is_a_400_bad_cursor(stack: Stack, where: str, value: str) -> None:
