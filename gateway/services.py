@@ -43,10 +43,11 @@ class Services:
 @asynccontextmanager
 async def opened(settings: Settings) -> AsyncIterator[Services]:
     """The services for ``settings``, closed on exit: the hub first, then the clients."""
-    store = open_store(settings, "gateway", tuning.GATEWAY_STREAMS_POOL)
+    store = await open_store(settings, "gateway", tuning.GATEWAY_STREAMS_POOL)
     streams = store.redis
     queue = open_queue(settings, "gateway", tuning.GATEWAY_QUEUE_POOL)
-    hub = Hub(open_subscriber(settings.streams_url, "gateway"), store, idle_check_s=settings.ping_s)
+    subscriber = open_subscriber(settings.streams_url, "gateway", nodes=store.nodes)
+    hub = Hub(subscriber, store, idle_check_s=settings.ping_s)
     try:
         await hub.start()
         auth = await Auth.load(settings, streams)
@@ -57,7 +58,7 @@ async def opened(settings: Settings) -> AsyncIterator[Services]:
         yield svc
     finally:
         await hub.close()
-        await streams.aclose()
+        await store.aclose()
         await queue.aclose()
 
 

@@ -302,13 +302,13 @@ async def _inspect(settings: Settings, raw_id: str, as_json: bool) -> None:
     stream_id = inspection.stream_id_of(raw_id)
     if stream_id is None:
         sys.exit(f"tailgate inspect: {raw_id!r} is not a stream id (32 hex digits, from POST /v1/streams)")
-    store = open_store(settings, "cli", 1)
+    store = await open_store(settings, "cli", 1, wait=False)
     try:
         life = await inspection.read(store.redis, stream_id)
     except REDIS_ERRORS as exc:
         sys.exit(f"tailgate inspect: Redis unreachable: {exc}")
     finally:
-        await store.redis.aclose()
+        await store.aclose()
     if life is None:
         sys.exit(
             f"tailgate inspect: no stream {stream_id} in Redis: it never existed, or it ended more than "
@@ -323,7 +323,7 @@ async def _keys(settings: Settings, action: str, value: str | None) -> None:
     from tailgate import apikeys
     from tailgate.connections import open_store
 
-    store = open_store(settings, "cli", 2)
+    store = await open_store(settings, "cli", 2, wait=False)
     try:
         table = apikeys.KeyTable(store.redis, await apikeys.load_owner_key(settings, store.redis))
         if action == "add":
@@ -337,7 +337,7 @@ async def _keys(settings: Settings, action: str, value: str | None) -> None:
         else:
             await _revoke(settings, store, table, value)
     finally:
-        await store.redis.aclose()
+        await store.aclose()
 
 
 async def _revoke(settings: Settings, store: StreamStore, table: KeyTable, value: str | None) -> None:
@@ -378,7 +378,7 @@ async def _cancel_unfinished(store: StreamStore, queue: Redis, owner: str) -> li
     """Cancel every unfinished stream of ``owner``: a queued one ends at once, a running one is
     flagged and announced to the workers (as the gateway's cancel route does). The ids cancelled."""
     cancelled = []
-    for stream_id in await store.redis.zrange(keys.active(owner), 0, -1):
+    for stream_id in await store.books.zrange(keys.active(owner), 0, -1):
         status = await store.cancel(stream_id)
         if status == "running":
             await queue.publish(keys.CANCEL_CHANNEL, stream_id)

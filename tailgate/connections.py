@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import hiredis
 import stamina
 from arq.connections import ArqRedis
-from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import FullJitterBackoff
@@ -122,24 +122,94 @@ def open_client(url: str, role: str, *, pool_size: int = 2, socket_timeout: floa
     return Redis.from_pool(pool)
 
 
-def open_subscriber(url: str, role: str) -> Redis:
+def open_subscriber(url: str, role: str, *, nodes: list[tuple[str, int]] | None = None) -> Redis:
     """A client of one connection (strings), for one pub/sub subscription whose owner connects it
-    again itself: it re-sends nothing, so no caller but the owner reconnects it (``gateway.hub``)."""
-    return Redis.from_pool(_pool(url, role, 1, decode_responses=True))
+    again itself: it re-sends nothing, so no caller but the owner reconnects it (``gateway.hub``).
+    ``nodes``: a cluster's nodes (host, port), where it connects when ``url``'s node does not answer:
+    a cluster copies plain pub/sub to every node, so any of them will do."""
+    pool = _pool(url, role, 1, decode_responses=True)
+    if nodes:
+        pool.connection_class = _any_of(pool.connection_class, nodes)
+    return Redis.from_pool(pool)
 
 
-def open_store(settings: Settings, role: str, pool_size: int, *, retry: bool = True) -> StreamStore:
+def _any_of(cls: type[AbstractConnection], nodes: list[tuple[str, int]]) -> type[AbstractConnection]:
+    """``cls``, connecting to the first of its own address and ``nodes`` that answers."""
+
+    class AnyOf(cls):  # type: ignore[valid-type,misc]
+        async def _connect(self) -> None:
+            here: tuple[str, int] = (self.host, self.port)  # type: ignore[has-type]
+            others = [here, *(n for n in nodes if n != here)]
+            for i, (host, port) in enumerate(others):
+                self.host, self.port = host, port
+                try:
+                    return await super()._connect()  # type: ignore[no-any-return]
+                except (OSError, TimeoutError):
+                    if i == len(others) - 1:
+                        raise
+
+    return AnyOf
+
+
+class ClusterMisconfigured(RuntimeError):
+    """The streams Redis is a cluster, in a setup that cannot work with one."""
+
+
+async def is_cluster(url: str, *, wait: bool = True) -> bool:
+    """Whether ``url`` names a node of a Redis Cluster (``INFO cluster``). ``wait``: through an
+    outage, until Redis answers (a gateway or worker starting); else its error is raised."""
+    if sentinel.is_sentinel(url) or url.startswith("unix:"):
+        return False  # a Sentinel's primary is no cluster node; nor is a socket
+    probe = Redis.from_url(url, decode_responses=True, socket_timeout=5, client_name=client_name("probe"))
+    try:
+        info = await (ride_out(lambda: probe.info("cluster")) if wait else probe.info("cluster"))
+    finally:
+        await probe.aclose()
+    return str(info.get("cluster_enabled", "0")) == "1"
+
+
+async def open_store(
+    settings: Settings, role: str, pool_size: int, *, retry: bool = True, wait: bool = True
+) -> StreamStore:
     """The streams Redis (strings, not bytes) behind a :class:`StreamStore`. ``retry``: re-send
-    commands whose connection failed (see the module docstring)."""
-    pool = _pool(settings.streams_url, role, pool_size, decode_responses=True, **(_resend() if retry else {}))
-    return StreamStore(
-        Redis.from_pool(pool),
-        maxlen=settings.stream_maxlen,
-        retention_s=settings.retention_s,
+    commands whose connection failed (see the module docstring). ``wait``: for the streams Redis to
+    answer (see :func:`is_cluster`).
+
+    A URL that names a node of a Redis Cluster opens a cluster client, and the store keeps its
+    bookkeeping on the queue's Redis (``tailgate.store``, "Redis Cluster"), which must then be
+    another Redis: ARQ does not run on a cluster."""
+    options: dict[str, Any] = {"decode_responses": True, **(_resend() if retry else {})}
+    store: dict[str, Any] = {
+        "maxlen": settings.stream_maxlen,
+        "retention_s": settings.retention_s,
         # A stream that never finishes (lost with its queue, say) still expires eventually.
-        live_ttl_s=settings.retention_s + settings.job_timeout_s * 4,
-        replicas=settings.replicas,
+        "live_ttl_s": settings.retention_s + settings.job_timeout_s * 4,
+        "replicas": settings.replicas,
+    }
+    if not await is_cluster(settings.streams_url, wait=wait):
+        return StreamStore(Redis.from_pool(_pool(settings.streams_url, role, pool_size, **options)), **store)
+    if settings.queue_url == settings.streams_url:
+        raise ClusterMisconfigured(
+            "the streams' Redis is a Redis Cluster, and the queue's URL names it too: ARQ's queue needs "
+            "a single Redis (or Sentinel); set TAILGATE_QUEUE_REDIS_URL to one"
+        )
+    if settings.replicas.acks:
+        raise ClusterMisconfigured("TAILGATE_REPLICA_ACKS is not supported with a Redis Cluster: set it to 0")
+    cluster = RedisCluster.from_url(
+        settings.streams_url,
+        decode_responses=True,
+        max_connections=pool_size,
+        client_name=client_name(role),
+        # Redirections (MOVED, ASK: a failover, a resharding) are always followed; these are the
+        # tries after a broken connection, more than one only for commands safe to repeat. (A
+        # pipeline's count of tries, where 0 fails with an UnboundLocalError in redis-py 5.3; every
+        # fenced script goes in a pipeline: tailgate.store.)
+        cluster_error_retry_attempts=tuning.COMMAND_RETRIES if retry else 1,
     )
+    await (ride_out(cluster.initialize) if wait else cluster.initialize())  # learns the nodes and slots
+    books = Redis.from_pool(_pool(settings.queue_url, role, pool_size, **options))
+    nodes = [(node.host, node.port) for node in cluster.get_nodes()]
+    return StreamStore(cluster, books=books, nodes=nodes, **store)
 
 
 def open_queue(settings: Settings, role: str, pool_size: int) -> ArqRedis:

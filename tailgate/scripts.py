@@ -43,6 +43,26 @@ local function end_attempt(mk, now, reason, code, beat)
   last.last_heartbeat_at = beat
   redis.call('HSET', mk, 'attempts', cjson.encode(list))
 end
+-- Bookkeeping writes: the indexes and counters beside the streams (tailgate.store, "Bookkeeping").
+-- One command per call, as a table; `_delif` KEY ID deletes KEY if its value names stream ID (an
+-- idempotency record). With BOOK nil, book() makes the write here, in this script's step; on a
+-- cluster, where the bookkeeping lives on another Redis, it collects them in BOOK, which the script
+-- answers beside its reply and the store makes there (APPLY).
+local BOOK = nil
+local function perform(call)
+  if call[1] == '_delif' then
+    local v = redis.call('GET', call[2])
+    if v and string.sub(v, 1, #call[3] + 1) == call[3] .. ' ' then redis.call('DEL', call[2]) end
+  else
+    redis.call(unpack(call))
+  end
+end
+local function book(...)
+  local call = {...}
+  if not BOOK then return perform(call) end
+  BOOK[#BOOK + 1] = #call
+  for i = 1, #call do BOOK[#BOOK + 1] = call[i] end
+end
 local REASON = {completed = 'done', failed = 'error', cancelled = 'cancelled'}
 -- The one place a stream ends: its final status, the retention TTL, the end of its current attempt,
 -- and the bookkeeping (it leaves the running index and its owner's active set; its final status is
@@ -53,12 +73,41 @@ local function close(ek, mk, status, now, retention, running, stats, active, cod
   redis.call('EXPIRE', mk, retention)
   end_attempt(mk, now, REASON[status], code, nil)
   local id = id_of(mk)
-  redis.call('ZREM', running, id)
-  redis.call('ZREM', active, id)
-  redis.call('HINCRBY', stats, status, 1)
-  if status == 'failed' then redis.call('HINCRBY', stats, 'failed:' .. (code or 'unknown'), 1) end
+  book('ZREM', running, id)
+  book('ZREM', active, id)
+  book('HINCRBY', stats, status, 1)
+  if status == 'failed' then book('HINCRBY', stats, 'failed:' .. (code or 'unknown'), 1) end
 end
 """
+
+# On the Redis of the bookkeeping, when that is not the streams' (a cluster): the writes a script
+# collected (LIB's `book`), in one step. ARGV: per write, its length, then its words.
+APPLY = (
+    LIB
+    + """
+local i = 1
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  perform({unpack(ARGV, i + 1, i + n)})
+  i = i + n + 1
+end
+return 1
+"""
+)
+
+
+def clustered(script: str, stream_keys: int, book_keys: int) -> str:
+    """``script`` (``LIB`` and a body) for a stream store on a Redis Cluster: KEYS only the stream's
+    own (``stream_keys``, one slot); the ``book_keys`` bookkeeping keys that come after them first in
+    ARGV; the bookkeeping writes collected and answered as ``{reply, writes}`` (see ``book``)."""
+    lib, body = script[: len(LIB)], script[len(LIB) :]
+    assert lib == LIB, "a script this takes is LIB and a body"
+    names = [f"KEYS[{i}]" for i in range(1, stream_keys + 1)]
+    names += [f"ARGV[{i}]" for i in range(1, book_keys + 1)]
+    prologue = f"BOOK = {{}}\nlocal KEYS = {{{', '.join(names)}}}\n"
+    prologue += f"local ARGV = {{unpack(ARGV, {book_keys + 1})}}\n"
+    return f"{LIB}{prologue}local function body()\n{body}\nend\nreturn {{body(), BOOK}}\n"
+
 
 # Fair scheduling across owners, on the Redis of ARQ's queue (start-time fair queueing). A job's
 # score is its virtual start time, not a clock: the later of "now" in virtual time (the score of the
@@ -112,77 +161,131 @@ return place
 """
 )
 
+# A create's parts, for CREATE (one step) and, on a cluster, ADMIT and MAKE (two).
+CREATING = """
+-- Whether a new stream of an owner is refused, and why: the idempotency record first (a create sent
+-- again finds its stream, not a limit it now meets), then a full queue, the rate, the active cap.
+local function refusal(active, rate, idem, now, max_active, stale_before, rate_limit, window, idem_value,
+    full)
+  if idem_value ~= '' then
+    local prior = redis.call('GET', idem)
+    if prior then
+      local sid, digest = string.match(prior, '^(%S+) (%S+)$')
+      if digest ~= string.match(idem_value, ' (%S+)$') then return {'conflict'} end
+      return {'existing', sid}
+    end
+  end
+  if full then return {'queue_full'} end
+  if rate_limit > 0 then
+    redis.call('ZREMRANGEBYSCORE', rate, '-inf', now - window)
+    if redis.call('ZCARD', rate) >= rate_limit then
+      local oldest = redis.call('ZRANGE', rate, 0, 0, 'WITHSCORES')
+      return {'rate_limited', tostring(tonumber(oldest[2]) + window - now)}
+    end
+  end
+  if max_active > 0 then
+    redis.call('ZREMRANGEBYSCORE', active, '-inf', stale_before)
+    local n = redis.call('ZCARD', active)
+    if n >= max_active then return {'too_many', tostring(n)} end
+  end
+  return nil
+end
+-- The admitted stream's bookkeeping: its owner's active set and rate window, the idempotency record,
+-- `created`, and the queued index (the oldest waiting stream, for `tailgate top`; a stream that
+-- expired while queued, which no worker ran, is pruned from it here).
+local function reserve(active, stats, rate, idem, queued, id, now, live_ttl, rate_limit, window, idem_value,
+    idem_ttl)
+  redis.call('ZADD', active, now, id)
+  redis.call('HINCRBY', stats, 'created', 1)
+  if rate_limit > 0 then
+    redis.call('ZADD', rate, now, id)
+    redis.call('PEXPIRE', rate, window)
+  end
+  if idem_value ~= '' then redis.call('SET', idem, idem_value, 'EX', idem_ttl) end
+  redis.call('ZREMRANGEBYSCORE', queued, '-inf', now - live_ttl * 1000)
+  redis.call('ZADD', queued, now, id)
+end
+-- The stream itself: its meta (status, fields from ARGV[first] on as field/value pairs, the owner
+-- winning over an `owner` among them, the idempotency key if any) and its `queued` event.
+local function make(events, meta, live_ttl, now, owner, idem, place, first)
+  redis.call('HSET', meta, 'status', 'queued', 'attempt', 0, 'cancel', 0, 'created_at', now)
+  for i = first, #ARGV, 2 do redis.call('HSET', meta, ARGV[i], ARGV[i + 1]) end
+  redis.call('HSET', meta, 'owner', owner)
+  if idem ~= '' then redis.call('HSET', meta, 'idempotency', idem) end
+  local seq, eid = add(events, 0, 'queued', place == '' and '{}' or '{"position":' .. place .. '}', {})
+  redis.call('HSET', meta, 'seq', seq, 'last_id', eid)
+  redis.call('EXPIRE', events, live_ttl)
+  redis.call('EXPIRE', meta, live_ttl)
+end
+"""
+
 # KEYS: events, meta, active (the owner's), stats, rate (the owner's), idempotency (the rate key
 # again when there is none), the queued index, and, when the queue shares this Redis, ARQ's queue,
 # the job's key and the fair-share hash. ARGV: live_ttl, now, owner, max_active (0: no cap),
 # active_stale_before, rate limit (0: none), rate window ms, idempotency value ('' for none: "<id>
 # <digest>"), its ttl, the job (ARQ's serialized job, its expiry ms, the queue's cap, the wake-up
 # channel; all '' without a queue), the place in the queue for the `queued` event (without a queue:
-# the gateway's estimate; '' for none), then meta field/value pairs (the owner argument wins over an
-# `owner` among them). Admission, creation and the enqueue in one step, so the caps hold under any
-# concurrency, a refused request leaves nothing behind (no quota used, no idempotency record), and a
-# created stream is queued: one round trip for the whole of a create. Answers 'created', the id, and
-# the place in the queue ('' for none).
+# the gateway's estimate; '' for none), then meta field/value pairs. Admission, creation and the
+# enqueue in one step, so the caps hold under any concurrency, a refused request leaves nothing
+# behind (no quota used, no idempotency record), and a created stream is queued: one round trip for
+# the whole of a create. Answers 'created', the id, and the place in the queue ('' for none).
 CREATE = (
     LIB
     + FAIR
+    + CREATING
     + """
 local id = id_of(KEYS[2])
 local now = tonumber(ARGV[2])
 -- First: a create re-sent after its reply was lost finds its own stream, not a limit it now meets.
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'id_taken'} end
-if ARGV[8] ~= '' then
-  local prior = redis.call('GET', KEYS[6])
-  if prior then
-    local sid, digest = string.match(prior, '^(%S+) (%S+)$')
-    if digest ~= string.match(ARGV[8], ' (%S+)$') then return {'conflict'} end
-    return {'existing', sid}
-  end
-end
 local queued = #KEYS == 10
-if queued and redis.call('ZCARD', KEYS[8]) >= tonumber(ARGV[12]) then
-  return {'queue_full'}
-end
-if tonumber(ARGV[6]) > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[7]))
-  if redis.call('ZCARD', KEYS[5]) >= tonumber(ARGV[6]) then
-    local oldest = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
-    return {'rate_limited', tostring(tonumber(oldest[2]) + tonumber(ARGV[7]) - now)}
-  end
-end
-if tonumber(ARGV[4]) > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[5])
-  local active = redis.call('ZCARD', KEYS[3])
-  if active >= tonumber(ARGV[4]) then return {'too_many', tostring(active)} end
-end
-redis.call('HSET', KEYS[2], 'status', 'queued', 'attempt', 0, 'cancel', 0, 'created_at', ARGV[2])
-for i = 15, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-redis.call('HSET', KEYS[2], 'owner', ARGV[3])
+local full = queued and redis.call('ZCARD', KEYS[8]) >= tonumber(ARGV[12])
+local no = refusal(KEYS[3], KEYS[5], KEYS[6], now, tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]),
+  tonumber(ARGV[7]), ARGV[8], full)
+if no then return no end
 local place = ARGV[14]
 if queued then  -- as ARQ's enqueue_job writes a job, and the wake-up the gateway would publish
   redis.call('SET', KEYS[9], ARGV[10], 'PX', ARGV[11])
   place = tostring(fair_enqueue(KEYS[8], KEYS[10], ARGV[3], id))
   redis.call('PUBLISH', ARGV[13], id)
 end
-local seq, eid = add(KEYS[1], 0, 'queued', place == '' and '{}' or '{"position":' .. place .. '}', {})
-redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', eid)
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[2], id)
-redis.call('HINCRBY', KEYS[4], 'created', 1)
-if tonumber(ARGV[6]) > 0 then
-  redis.call('ZADD', KEYS[5], ARGV[2], id)
-  redis.call('PEXPIRE', KEYS[5], ARGV[7])
-end
-if ARGV[8] ~= '' then
-  redis.call('SET', KEYS[6], ARGV[8], 'EX', ARGV[9])
-  redis.call('HSET', KEYS[2], 'idempotency', KEYS[6])
-end
--- The queued index: the oldest waiting stream, for `tailgate top`. A stream that expired while
--- queued (no worker ran it) leaves it here.
-redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now - tonumber(ARGV[1]) * 1000)
-redis.call('ZADD', KEYS[7], now, id)
+make(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[8] ~= '' and KEYS[6] or '', place, 15)
+reserve(KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], id, now, tonumber(ARGV[1]), tonumber(ARGV[6]),
+  tonumber(ARGV[7]), ARGV[8], ARGV[9])
 return {'created', id, place}
+"""
+)
+
+# On a cluster, a create's first step, on the bookkeeping's Redis: admission and its bookkeeping
+# (MAKE then creates the stream on the cluster). KEYS: active, stats, rate, idempotency (the rate key
+# again when none), queued index. ARGV: live_ttl, now, the stream id, max_active, active_stale_before,
+# rate limit, rate window ms, idempotency value, its ttl. Sent again (its reply lost), it finds its
+# own place in the active set and answers as the first did. Answers 'created', or the refusal.
+ADMIT = (
+    LIB
+    + CREATING
+    + """
+local now = tonumber(ARGV[2])
+if redis.call('ZSCORE', KEYS[1], ARGV[3]) then return {'created'} end
+local no = refusal(KEYS[1], KEYS[3], KEYS[4], now, tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]),
+  tonumber(ARGV[7]), ARGV[8], false)
+if no then return no end
+reserve(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], now, tonumber(ARGV[1]), tonumber(ARGV[6]),
+  tonumber(ARGV[7]), ARGV[8], ARGV[9])
+return {'created'}
+"""
+)
+
+# On a cluster, a create's second step, on the stream's slot. KEYS: events, meta. ARGV: live_ttl, now,
+# owner, the idempotency key ('' for none), the place in the queue ('' for none), then meta
+# field/value pairs. Answers 'created', the id and the place; 'id_taken' if sent again.
+MAKE = (
+    LIB
+    + CREATING
+    + """
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'id_taken'} end
+make(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 6)
+return {'created', id_of(KEYS[2]), ARGV[5]}
 """
 )
 
@@ -196,15 +299,12 @@ local m = redis.call('HMGET', KEYS[2], 'owner', 'idempotency')
 local owner = m[1] or ''
 local id = id_of(KEYS[2])
 redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('ZREM', KEYS[3], id)
-redis.call('ZREM', KEYS[5], id)
-redis.call('ZREM', ARGV[1] .. owner, id)
-redis.call('ZREM', ARGV[2] .. owner, id)
-if m[2] then
-  local prior = redis.call('GET', m[2])
-  if prior and string.sub(prior, 1, #id + 1) == id .. ' ' then redis.call('DEL', m[2]) end
-end
-redis.call('HINCRBY', KEYS[4], 'created', -1)
+book('ZREM', KEYS[3], id)
+book('ZREM', KEYS[5], id)
+book('ZREM', ARGV[1] .. owner, id)
+book('ZREM', ARGV[2] .. owner, id)
+if m[2] then book('_delif', m[2], id) end
+book('HINCRBY', KEYS[4], 'created', -1)
 return 1
 """
 )
@@ -224,9 +324,12 @@ CLAIM = (
     + """
 local m = redis.call('HMGET', KEYS[2], 'status', 'seq', 'cancel', 'heartbeat', 'attempt', 'release',
   'request', 'owner', 'model', 'created_at', 'claim')
-redis.call('ZREM', KEYS[5], id_of(KEYS[2]))  -- its job left the queue, whatever the answer
+book('ZREM', KEYS[5], id_of(KEYS[2]))  -- its job left the queue, whatever the answer
 if not m[1] or finished(m[1]) then
-  redis.call('ZREM', KEYS[3], id_of(KEYS[2]))
+  -- Gone or ended: out of the indexes, and of its owner's active set (on a cluster a crash can leave
+  -- it there: tailgate.store, "Redis Cluster").
+  book('ZREM', KEYS[3], id_of(KEYS[2]))
+  if m[8] then book('ZREM', ARGV[7] .. m[8], id_of(KEYS[2])) end
   return {m[1] and 'finished' or 'gone'}
 end
 if m[1] == 'running' and ARGV[8] ~= '' and m[11] == ARGV[8] then
@@ -250,7 +353,7 @@ if attempt > tonumber(ARGV[5]) then
 end
 if attempt > 1 and not m[6] then
   end_attempt(KEYS[2], ARGV[2], 'taken_over', nil, m[4])
-  redis.call('HINCRBY', KEYS[4], 'takeovers', 1)
+  book('HINCRBY', KEYS[4], 'takeovers', 1)
 end
 local history = attempts_of(KEYS[2])
 history[#history + 1] = {attempt = attempt, worker = ARGV[3], started_at = ARGV[2]}
@@ -259,7 +362,7 @@ redis.call('HSET', KEYS[2], 'attempt', attempt, 'status', 'running', 'worker', A
   'claim', ARGV[8])
 redis.call('HDEL', KEYS[2], 'release')
 redis.call('HSETNX', KEYS[2], 'started_at', ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[2], id_of(KEYS[2]))
+book('ZADD', KEYS[3], ARGV[2], id_of(KEYS[2]))
 if attempt > 1 then
   seq, id = add(KEYS[1], seq, 'reset',
     '{"attempt":' .. attempt .. ',"reason":' .. cjson.encode(reason) .. '}', lines)
@@ -309,7 +412,7 @@ end
 redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id)
 -- `tokens` counts deltas (a chunk from the model each, about a token), one increment per append.
 if deltas > 0 then
-  redis.call('HINCRBY', KEYS[4], 'tokens', deltas)
+  book('HINCRBY', KEYS[4], 'tokens', deltas)
   if m[5] ~= ARGV[1] then  -- this attempt's first token: once per attempt
     local history = attempts_of(KEYS[2])
     if #history > 0 then
@@ -344,7 +447,7 @@ if m[2] ~= ARGV[1] then return 'fenced' end
 if finished(m[1]) then return 'finished' end
 if not m[4] then
   redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2])
-  redis.call('ZADD', KEYS[2], ARGV[2], id_of(KEYS[1]))
+  book('ZADD', KEYS[2], ARGV[2], id_of(KEYS[1]))
 end
 return m[3] or '0'
 """
@@ -361,9 +464,9 @@ if not m[1] then return 'gone' end
 if finished(m[1]) then return 'finished' end
 if m[1] ~= 'running' or m[2] ~= ARGV[1] then return 'fenced' end
 redis.call('HSET', KEYS[1], 'heartbeat', 0, 'release', ARGV[2])
-redis.call('ZADD', KEYS[2], 0, id_of(KEYS[1]))
+book('ZADD', KEYS[2], 0, id_of(KEYS[1]))
 end_attempt(KEYS[1], ARGV[3], 'handed_back', nil, nil)
-redis.call('HINCRBY', KEYS[3], 'handed_back', 1)
+book('HINCRBY', KEYS[3], 'handed_back', 1)
 return 'ok'
 """
 )
@@ -379,7 +482,7 @@ if m[1] == 'queued' then
   local lines = {}
   local seq, id = add(KEYS[1], tonumber(m[2]), 'cancelled', '{"usage":null}', lines)
   redis.call('HSET', KEYS[2], 'seq', seq, 'last_id', id, 'cancel', 1)
-  redis.call('ZREM', KEYS[5], id_of(KEYS[2]))
+  book('ZREM', KEYS[5], id_of(KEYS[2]))
   close(KEYS[1], KEYS[2], 'cancelled', ARGV[2], ARGV[3], KEYS[3], KEYS[4], ARGV[4] .. (m[3] or ''))
   redis.call('PUBLISH', ARGV[1], table.concat(lines, '\\n'))
   return 'cancelled'

@@ -47,12 +47,30 @@ attempt know the owner. Every ``append`` gets the bookkeeping keys, as any appen
 (a terminal event, or the length cap); only one that does touches the sets. The member of both sets is
 the stream id, which the scripts take from the hash tag of the stream's keys.
 
-**Redis Cluster.** A stream's own keys share a slot (the hash tag); the bookkeeping keys do not
-(``tg:running`` and ``tg:stats`` are global, ``tg:active:<owner>`` is per owner). So today every
-script crosses slots: ``create``, ``discard``, ``claim``, ``cancel``, ``append`` (running, stats,
-active; a non-terminal append touches only stats, to count its deltas), ``beat`` (running) and
-``release`` (running, stats). Before the store
-can run on a cluster, each of these must be split into the stream's own step and a bookkeeping step.
+**Redis Cluster.** A stream's own keys share a slot (the hash tag), and so does its channel; the
+bookkeeping keys cannot (``tg:running`` and ``tg:stats`` are global, ``tg:active:<owner>`` is per
+owner), and a script may touch one slot only. So on a cluster (``connections.open_store`` detects
+one) the bookkeeping lives on the queue's Redis, a single primary (``books``), and each script runs in
+two steps. The scripts write the bookkeeping through one Lua function, ``book``: alone on a Redis it
+writes at once, in the script's own step, as above; on a cluster (``scripts.clustered``) it collects
+the writes, the script answers them beside its reply, and the store makes them on ``books`` in one
+step (``scripts.APPLY``; for a pipeline of appends, all of them at once). A create is the other way
+round, as admission must read before it writes: admission and its bookkeeping first
+(``scripts.ADMIT``), then the stream (``scripts.MAKE``); if that fails, the admission is taken back.
+
+What two steps give up is atomicity across them, and the store is built so that a process dying
+between them loses no stream and leaves nothing that does not heal. The meta stays the truth:
+- a claim indexes the stream as running before it claims it (``ZADD NX``): a worker that dies
+  between the two leaves a stream that the takeover scan finds, never one running unindexed;
+- a stream that ended but is still indexed (its worker died between the steps of its last append or
+  of a cancel) is found by the takeover scan, or its job's claim, which answers ``finished`` and
+  takes it out of the indexes and its owner's active set;
+- a create whose gateway dies between the steps leaves a place in the owner's active set, which the
+  next create of that owner prunes once it is an hour old (``tuning.ACTIVE_STALE_S`` past the job
+  timeout), and its idempotency record names a stream that does not exist (404) until it expires;
+- what can be lost is counts (``tg:stats``): a step that never ran counts nothing.
+Notifications stay plain pub/sub on a cluster (not sharded yet: every node carries every message);
+the gateway's subscription is on the node its URL names. ``TAILGATE_REPLICA_ACKS`` is refused there.
 
 **Replays.** The worker opens its store without redis-py's command re-send (``retry=False``): the
 worker's loops retry themselves, knowing that they did, which recognising a replay needs. A re-sent
@@ -189,6 +207,24 @@ def _written(a: Append, r: Any) -> Written | Exception:
     return Written(Reply.OK, seq=int(r[1]), attempt=a.attempt, cancel=r[2] == "1")
 
 
+def _creation(r: Any) -> Creation:
+    reply = CreateReply(r[0])
+    if reply is CreateReply.CREATED:
+        return Creation(reply, stream_id=r[1], position=int(r[2]) if r[2] else None)
+    if reply is CreateReply.EXISTING:
+        return Creation(reply, stream_id=r[1])
+    if reply is CreateReply.RATE_LIMITED:
+        return Creation(reply, retry_after_ms=int(float(r[1])))
+    if reply is CreateReply.TOO_MANY:
+        return Creation(reply, active=int(r[1]))
+    return Creation(reply)
+
+
+def _flat(calls: list[tuple[Any, ...]]) -> list[Any]:
+    """Bookkeeping writes as ``scripts.APPLY`` takes them: each one's length, then its words."""
+    return [word for call in calls for word in (len(call), *call)]
+
+
 def _claimed(r: Any, now: float) -> Claimed | Exception:
     if isinstance(r, Exception):
         return r
@@ -217,6 +253,21 @@ class Claimed:
         return max(0.0, self.claimed_at - self.created_at) / 1000
 
 
+@dataclass(frozen=True, slots=True)
+class _Script:
+    """A store script; on a cluster its variant (``scripts.clustered``), whose first ``stream_keys``
+    keys are the stream's own and the rest go to the front of its arguments (0: not on a cluster)."""
+
+    lua: AsyncScript
+    stream_keys: int
+
+    def call(self, ks: list[str], args: list[Any]) -> tuple[list[str], list[Any]]:
+        """The keys and arguments to send for ``ks`` and ``args``."""
+        if not self.stream_keys:
+            return ks, args
+        return ks[: self.stream_keys], [*ks[self.stream_keys :], *args]
+
+
 class StreamStore:
     """The streams Redis, seen through the seven scripts plus plain reads."""
 
@@ -228,19 +279,42 @@ class StreamStore:
         retention_s: int,
         live_ttl_s: int,
         replicas: Replicas = UNREPLICATED,
+        books: Redis | None = None,
+        nodes: list[tuple[str, int]] | None = None,
     ) -> None:
+        """``books``: on a Redis Cluster (``redis``), the Redis that keeps the bookkeeping (see
+        "Redis Cluster" above); ``None``: ``redis`` keeps it, in the scripts' own step. ``nodes``:
+        the cluster's nodes (host, port) when it opened."""
         self.redis = redis
+        self.nodes = nodes or []
+        self.books: Redis = books if books is not None else redis
+        self.clustered = books is not None
         self._replicas = replicas
         self._maxlen = maxlen
         self._retention = retention_s
         self._live_ttl = live_ttl_s
-        self._create = redis.register_script(scripts.CREATE)
-        self._discard = redis.register_script(scripts.DISCARD)
-        self._claim = redis.register_script(scripts.CLAIM)
-        self._append = redis.register_script(scripts.APPEND)
-        self._cancel = redis.register_script(scripts.CANCEL)
-        self._beat = redis.register_script(scripts.BEAT)
-        self._release = redis.register_script(scripts.RELEASE)
+
+        def script(lua: str, stream_keys: int, book_keys: int) -> _Script:
+            if self.clustered:
+                lua = scripts.clustered(lua, stream_keys, book_keys)
+            return _Script(redis.register_script(lua), stream_keys if self.clustered else 0)
+
+        self._create = _Script(redis.register_script(scripts.CREATE), 0)
+        self._discard = script(scripts.DISCARD, 2, 3)
+        self._claim = script(scripts.CLAIM, 2, 3)
+        self._append = script(scripts.APPEND, 2, 3)
+        self._cancel = script(scripts.CANCEL, 2, 3)
+        self._beat = script(scripts.BEAT, 1, 1)
+        self._release = script(scripts.RELEASE, 1, 2)
+        # On a cluster: a create's two steps, and the bookkeeping's writes on its own Redis.
+        self._admit = self.books.register_script(scripts.ADMIT)
+        self._make = redis.register_script(scripts.MAKE)
+        self._apply = self.books.register_script(scripts.APPLY)
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+        if self.clustered:
+            await self.books.aclose()
 
     async def create(
         self,
@@ -265,6 +339,21 @@ class StreamStore:
         if idempotency is not None:
             idem_key, idem_value = keys.idempotency(owner, idempotency[0]), f"{stream_id} {idempotency[1]}"
         stale_before = now - lim.active_stale_ms if lim.active_stale_ms else 0
+        if self.clustered:
+            admission = [lim.max_active, stale_before, lim.rate_per_min, 60_000, idem_value, self._retention]
+            book = [keys.active(owner), keys.STATS, keys.rate(owner), idem_key, keys.QUEUED]
+            made = [
+                self._live_ttl,
+                now,
+                owner,
+                idem_key if idem_value else "",
+                "" if position is None else position,
+            ]
+            for k, v in fields.items():
+                made += [k, v]
+            return await self._create_in_two(
+                stream_id, book, [self._live_ttl, now, stream_id, *admission], made
+            )
         args: list[Any] = [self._live_ttl, now, owner, lim.max_active, stale_before]
         args += [lim.rate_per_min, 60_000, idem_value, self._retention]
         ks = [keys.events(stream_id), keys.meta(stream_id), keys.active(owner), keys.STATS]
@@ -276,23 +365,38 @@ class StreamStore:
             ks += [job.queue, job.key, job.fair]
         for k, v in fields.items():
             args += [k, v]
-        r = await self._replicated(self._create, ks, args, f"create of {stream_id}")
-        reply = CreateReply(r[0])
-        if reply is CreateReply.CREATED:
-            return Creation(reply, stream_id=r[1], position=int(r[2]) if r[2] else None)
-        if reply is CreateReply.EXISTING:
-            return Creation(reply, stream_id=r[1])
-        if reply is CreateReply.RATE_LIMITED:
-            return Creation(reply, retry_after_ms=int(float(r[1])))
-        if reply is CreateReply.TOO_MANY:
-            return Creation(reply, active=int(r[1]))
-        return Creation(reply)
+        return _creation(await self._replicated(self._create, ks, args, f"create of {stream_id}"))
+
+    async def _create_in_two(
+        self, stream_id: str, book: list[str], admit: list[Any], made: list[Any]
+    ) -> Creation:
+        """A create on a cluster: admission and its bookkeeping (``book``: the keys) on the
+        bookkeeping's Redis, then the stream on its slot; if that fails, the admission is taken back
+        and the error raised."""
+        r = await self._admit(keys=book, args=admit)
+        if r[0] != CreateReply.CREATED.value:
+            return _creation(r)
+        try:
+            r = await self._make(keys=[keys.events(stream_id), keys.meta(stream_id)], args=made)
+        except Exception:
+            active, stats, rate, _, queued = book
+            undo: list[tuple[Any, ...]] = [("ZREM", k, stream_id) for k in (active, rate, queued)]
+            undo += [("HINCRBY", stats, "created", -1)] + (
+                [("_delif", made[3], stream_id)] if made[3] else []
+            )
+            await self._apply(keys=[], args=_flat(undo))
+            raise
+        if r[0] == CreateReply.ID_TAKEN.value:  # this create, sent again: the stream is the caller's
+            return Creation(
+                CreateReply.CREATED, stream_id=stream_id, position=int(made[4]) if made[4] != "" else None
+            )
+        return _creation(r)
 
     async def discard(self, stream_id: str) -> None:
         """Undo a :meth:`create` whose job could not be enqueued: its meta and events, its place in
         its owner's active set (and the running index), and its ``created`` count."""
         ks = [keys.events(stream_id), keys.meta(stream_id), keys.RUNNING, keys.STATS, keys.QUEUED]
-        await self._discard(keys=ks, args=[keys.ACTIVE_PREFIX, keys.RATE_PREFIX])
+        await self._one(self._discard, ks, [keys.ACTIVE_PREFIX, keys.RATE_PREFIX], f"discard of {stream_id}")
 
     async def claim(
         self, stream_id: str, worker: str, *, stale_after_s: float, max_attempts: int, token: str = ""
@@ -332,6 +436,12 @@ class StreamStore:
             )
             for i, token in zip(stream_ids, tokens or [""] * len(stream_ids), strict=True)
         ]
+        if self.clustered:
+            # Indexed as running before the claim, not after: a worker that dies between the two
+            # steps leaves a stream that the takeover scan finds (NX: a running one keeps its beat).
+            await self._apply(
+                keys=[], args=_flat([("ZADD", keys.RUNNING, "NX", tail[0], i) for i in stream_ids])
+            )
         return [_claimed(r, now) for r in await self._pipelined(self._claim, calls, "claim")]
 
     async def append_many(self, appends: list[Append]) -> list[Written | Exception]:
@@ -361,24 +471,43 @@ class StreamStore:
         return [_written(a, r) for a, r in zip(appends, replies, strict=True)]
 
     async def _pipelined(
-        self, script: AsyncScript, calls: list[tuple[list[str], list[Any]]], what: str
+        self, script: _Script, calls: list[tuple[list[str], list[Any]]], what: str, *, replicated: bool = True
     ) -> list[Any]:
         """``script`` once per ``(keys, args)`` of ``calls``, in one pipelined round trip (with the
-        wait for the replicas, when they are expected: ``what`` names it in the error if they do not
-        acknowledge); each reply or error in its place. (redis-py's pipeline asks ``SCRIPT
-        EXISTS`` before every execute that holds a script, a second round trip; here the script is
-        loaded only when Redis has lost it, after a restart, and then no call of the batch has run,
-        so the batch runs again whole.)"""
+        wait for the replicas, when they are expected and ``replicated``: ``what`` names it in the
+        error if they do not acknowledge); each reply or error in its place. (redis-py's pipeline
+        asks ``SCRIPT EXISTS`` before every execute that holds a script, a second round trip; here
+        the script is loaded only when Redis has lost it, after a restart or on a promoted replica,
+        and then no call of the batch has run, so the batch runs again whole.) On a cluster, the
+        bookkeeping writes the calls answered are then made on the bookkeeping's Redis, all in one
+        step."""
+        lua = script.lua
         for _ in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for ks, args in calls:
-                    pipe.evalsha(script.sha, len(ks), *ks, *args)
-                self._replicas.wait(pipe)
-                replies: list[Any] = self._replicas.check(await pipe.execute(raise_on_error=False), what)
+                    ks, args = script.call(ks, args)
+                    # (not `pipe.evalsha`, which redis-py's cluster pipeline refuses; this routes by key)
+                    pipe.execute_command("EVALSHA", lua.sha, len(ks), *ks, *args)
+                waits = self._replicas.wait(pipe) if replicated else 0
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
             if not any(isinstance(r, NoScriptError) for r in replies):
                 break
-            await self.redis.script_load(script.script)
-        return replies
+            await self.redis.script_load(lua.script)
+        if waits:
+            replies = self._replicas.check(replies, what)
+        if not script.stream_keys:
+            return replies
+        writes = [w for r in replies if not isinstance(r, Exception) for w in r[1]]
+        if writes:
+            await self._apply(keys=[], args=writes)
+        return [r if isinstance(r, Exception) else r[0] for r in replies]
+
+    async def _one(self, script: _Script, ks: list[str], args: list[Any], what: str) -> Any:
+        """``script``'s reply to one call, or its error raised (no wait for replicas)."""
+        [reply] = await self._pipelined(script, [(ks, args)], what, replicated=False)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     async def beat(self, attempts: dict[str, int]) -> dict[str, str]:
         """Heartbeat every stream in ``attempts`` (id -> attempt) in one round trip, in its meta and
@@ -397,13 +526,14 @@ class StreamStore:
         """Hand the stream back (heartbeat 0): the next claim takes it at once and writes ``reset``
         with ``reason``. Anything but :attr:`Reply.OK` means the attempt no longer owns it."""
         ks = [keys.meta(stream_id), keys.RUNNING, keys.STATS]
-        r = await self._release(keys=ks, args=[attempt, reason, stamp()])
-        return Reply(r)
+        return Reply(
+            await self._one(self._release, ks, [attempt, reason, stamp()], f"release of {stream_id}")
+        )
 
     async def stale(self, stale_after_s: float, limit: int = 100) -> list[tuple[str, float]]:
         """Streams in the running index whose heartbeat is older than ``stale_after_s``."""
         before = time.time() * 1000 - stale_after_s * 1000
-        rows = await self.redis.zrangebyscore(
+        rows = await self.books.zrangebyscore(
             keys.RUNNING, "-inf", before, start=0, num=limit, withscores=True
         )
         return [(str(m), float(s)) for m, s in rows]
@@ -419,13 +549,15 @@ class StreamStore:
         )
         return str(status)
 
-    async def _replicated(self, script: AsyncScript, ks: list[str], args: list[Any], what: str) -> Any:
+    async def _replicated(self, script: _Script, ks: list[str], args: list[Any], what: str) -> Any:
         """``script``'s reply, once the replicas have what it wrote, when replicas are expected
         (``tailgate.replication``): then it goes in one pipeline with the wait for them."""
+        if script.stream_keys:
+            return await self._one(script, ks, args, what)
         if not self._replicas.acks:
-            return await script(keys=ks, args=args)
+            return await script.lua(keys=ks, args=args)
         async with self.redis.pipeline(transaction=False) as pipe:
-            await script(keys=ks, args=args, client=pipe)
+            await script.lua(keys=ks, args=args, client=pipe)
             self._replicas.wait(pipe)
             [reply] = self._replicas.check(await pipe.execute(), what)
         return reply

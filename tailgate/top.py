@@ -57,14 +57,15 @@ class Snapshot:
     workers: list[WorkerRow]
 
 
-async def snapshot(queue: Redis, streams: Redis, settings: Settings) -> Snapshot:
-    """Everything one frame shows: two round trips, one to each Redis."""
+async def snapshot(queue: Redis, books: Redis, settings: Settings) -> Snapshot:
+    """Everything one frame shows: two round trips, one to the queue's Redis and one to the store's
+    bookkeeping (``StreamStore.books``; the same Redis, unless the streams are on a cluster)."""
     now = time.time() * 1000
     async with queue.pipeline(transaction=False) as q:
         q.zcard(settings.queue_name)
         q.hgetall(keys.WORKERS)
         depth, registry = await q.execute()
-    async with streams.pipeline(transaction=False) as s:
+    async with books.pipeline(transaction=False) as s:
         s.zrange(keys.QUEUED, 0, 0, withscores=True)
         s.zcard(keys.RUNNING)
         s.zcount(keys.RUNNING, "-inf", now - settings.takeover_after_s * 1000)
@@ -164,12 +165,15 @@ def describe(settings: Settings) -> str:
 
 async def once(settings: Settings) -> str:
     """``tailgate top --once``: one frame as plain text."""
-    queue, store = open_queue(settings, "top", 1), open_store(settings, "top", 1)
+    queue = open_queue(settings, "top", 1)
     try:
-        snap = await snapshot(queue, store.redis, settings)
+        store = await open_store(settings, "top", 1, wait=False)
+        try:
+            snap = await snapshot(queue, store.books, settings)
+        finally:
+            await store.aclose()
     finally:
         await queue.aclose()
-        await store.redis.aclose()
     return plain(frame(snap, None, f"tailgate top   {describe(settings)}", settings.takeover_after_s))
 
 
@@ -188,12 +192,14 @@ async def _live(screen: curses.window, settings: Settings, interval: float) -> N
     key = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_reader(sys.stdin.fileno(), key.set)
-    queue, store = open_queue(settings, "top", 1), open_store(settings, "top", 1)
+    queue, store = open_queue(settings, "top", 1), None
     before: Snapshot | None = None
     try:
         while True:
             try:
-                snap = await snapshot(queue, store.redis, settings)
+                # Opened once Redis answers: whether it is a cluster decides what to open.
+                store = store or await open_store(settings, "top", 1, wait=False)
+                snap = await snapshot(queue, store.books, settings)
                 lines = frame(snap, before, title, settings.takeover_after_s)
                 before = snap
             except REDIS_ERRORS as exc:
@@ -209,7 +215,8 @@ async def _live(screen: curses.window, settings: Settings, interval: float) -> N
     finally:
         loop.remove_reader(sys.stdin.fileno())
         await queue.aclose()
-        await store.redis.aclose()
+        if store is not None:
+            await store.aclose()
 
 
 def _styles() -> dict[str, int]:

@@ -35,9 +35,9 @@ REQUEST = dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content"
 
 @pytest.fixture
 async def store(redis_db: str) -> AsyncIterator[StreamStore]:
-    s = open_store(Settings(redis_url=redis_db), "test", 4)
+    s = await open_store(Settings(redis_url=redis_db), "test", 4)
     yield s
-    await s.redis.aclose()
+    await s.aclose()
 
 
 async def queue(store: StreamStore, owner: str, n: int = 1) -> list[str]:
@@ -230,3 +230,4 @@ async def test_a_worker_runs_only_its_own_queues_streams_on_a_shared_redis(
     assert events[-1].event == "done"  # the worker has read the other queue's wake-up before this one's
     status = (await client.get(idle_url + waiting["status_url"], headers=idle.headers)).json()
     assert status == status | {"status": "queued", "position": 1}
+

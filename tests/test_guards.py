@@ -132,11 +132,15 @@ async def test_a_worker_started_while_redis_is_down_waits_for_it_and_then_serves
     s = make_stack(redis_url=own_redis.url)
     url = await s.agateway()
     await own_redis.astop()
-    worker = await s.aworker()  # "ready" comes before its first Redis call
-    # It is retrying its subscription (stamina logs each retry), not shutting down.
+    before = len(s.procs)
+    ready = asyncio.create_task(s.aworker())  # "ready" once Redis answers (is it a cluster?)
+    await await_until(lambda: len(s.procs) > before, "the worker to start")
+    worker = s.procs[-1]
+    # It is retrying (stamina logs each retry), not shutting down.
     await worker.await_log("stamina.retry_scheduled")
     assert worker.popen.poll() is None
     await own_redis.astart()
+    assert await ready is worker
     stream_id = await create(client, s, url, prompt)
     resumed = await read_resuming(client, [url], f"/v1/streams/{stream_id}/events", s.headers)
     assert_exactly_once(resumed.events)

@@ -163,7 +163,7 @@ async def test_fallback_poll_starts_a_job_whose_wake_up_was_lost(
     await polling.aworker()
     # Enqueue exactly as the gateway does, but publish no wake-up.
     settings = Settings(redis_url=polling.redis_url, queue_name=polling.env["TAILGATE_QUEUE_NAME"])
-    store = open_store(settings, "test", 2)
+    store = await open_store(settings, "test", 2)
     queue = ArqRedis.from_url(polling.redis_url)
     stream_id = "f" * 16 + random.randbytes(8).hex()
     request = {"model": MODEL, "messages": [{"role": "user", "content": prompt + " [mock:tokens=3]"}]}
@@ -171,7 +171,7 @@ async def test_fallback_poll_starts_a_job_whose_wake_up_was_lost(
     await store.create(stream_id, owner, {"model": MODEL, "request": dumps(request)})
     await queue.enqueue_job(keys.JOB_GENERATE, stream_id, _job_id=stream_id, _queue_name=settings.queue_name)
     await queue.aclose()
-    await store.redis.aclose()
+    await store.aclose()
 
     _, got = await read_sse(client, f"{url}/v1/streams/{stream_id}/events", headers=polling.headers)
     assert [e.event for e in got] == ["queued", "started", "delta", "delta", "delta", "done"]

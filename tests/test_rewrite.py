@@ -29,9 +29,9 @@ async def staged(make_stack: MakeStack) -> AsyncIterator[tuple[Stack, str, Strea
     """A gateway and no worker (the test writes), its URL, and the store on its Redis."""
     s = make_stack()
     url = await s.agateway()
-    store = open_store(Settings(redis_url=s.redis_url), "test", 2)
+    store = await open_store(Settings(redis_url=s.redis_url), "test", 2)
     yield s, url, store
-    await store.redis.aclose()
+    await store.aclose()
 
 
 async def follow(client: httpx.AsyncClient, url: str, headers: dict[str, str], got: list[Event]) -> None:

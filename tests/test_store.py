@@ -37,9 +37,9 @@ REQUEST: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user",
 
 @pytest.fixture
 async def store(redis_db: str) -> AsyncIterator[StreamStore]:
-    s = open_store(Settings(redis_url=redis_db), "test", 4)
+    s = await open_store(Settings(redis_url=redis_db), "test", 4)
     yield s
-    await s.redis.aclose()
+    await s.aclose()
 
 
 async def create(store: StreamStore) -> str:
@@ -401,7 +401,9 @@ async def test_a_claim_whose_reply_was_lost_is_recognised_when_its_job_sends_it_
     stream_id = await create(store)
     proxy = await FaultProxy(redis_server.port).start()
     url = f"redis://127.0.0.1:{proxy.port}{urlsplit(redis_db).path}"
-    worker_store = open_store(Settings(redis_url=url), "worker", 2, retry=False)  # as the worker opens it
+    worker_store = await open_store(
+        Settings(redis_url=url), "worker", 2, retry=False
+    )  # as the worker opens it
     try:
 
         async def claim_it(token: str) -> Claimed:
@@ -414,7 +416,7 @@ async def test_a_claim_whose_reply_was_lost_is_recognised_when_its_job_sends_it_
         again = await claim_it("run-1")  # the job sends it again, with its run's token
         other = await claim_it("run-2")  # another run of the job, or another job
     finally:
-        await worker_store.redis.aclose()
+        await worker_store.aclose()
         await proxy.close()
 
     assert (again.reply, again.attempt, again.seq, again.owner) == (Reply.OK, 1, 2, OWNER)
@@ -429,7 +431,7 @@ async def lossy(redis_server: RedisServer, redis_db: str) -> AsyncIterator[tuple
     """The worker's appender on a store opened as the worker opens it (no command re-send), through a
     proxy that can lose a reply; on the test's database."""
     proxy = await FaultProxy(redis_server.port).start()
-    worker_store = open_store(
+    worker_store = await open_store(
         Settings(redis_url=f"redis://127.0.0.1:{proxy.port}{urlsplit(redis_db).path}"),
         "worker",
         4,
@@ -442,7 +444,7 @@ async def lossy(redis_server: RedisServer, redis_db: str) -> AsyncIterator[tuple
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
-        await worker_store.redis.aclose()
+        await worker_store.aclose()
         await proxy.close()
 
 
@@ -496,7 +498,7 @@ async def test_a_terminal_append_whose_reply_was_lost_ends_the_attempt_as_comple
 
 
 async def test_an_append_past_the_length_cap_ends_the_stream_with_stream_too_long(redis_db: str) -> None:
-    capped = open_store(Settings(redis_url=redis_db, stream_maxlen=6), "test", 2)
+    capped = await open_store(Settings(redis_url=redis_db, stream_maxlen=6), "test", 2)
     try:
         stream_id = await create(capped)  # queued (1)
         c = await claim(capped, stream_id)  # started (2)
@@ -518,7 +520,7 @@ async def test_an_append_past_the_length_cap_ends_the_stream_with_stream_too_lon
         assert (ended["reason"], ended["code"]) == ("error", "stream_too_long")
         assert await active(capped) == {} and await running(capped) == {}
     finally:
-        await capped.redis.aclose()
+        await capped.aclose()
 
 
 LIMITS = Limits(max_active=3, active_stale_ms=3_600_000, rate_per_min=5)
