@@ -8,6 +8,7 @@ in line; ``position`` in the ``queued`` event and in the status.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import signal
@@ -231,3 +232,45 @@ async def test_a_worker_runs_only_its_own_queues_streams_on_a_shared_redis(
     status = (await client.get(idle_url + waiting["status_url"], headers=idle.headers)).json()
     assert status == status | {"status": "queued", "position": 1}
 
+
+async def test_one_keys_streams_start_in_the_order_they_were_created_while_a_busy_worker_is_woken(
+    client: httpx.AsyncClient, make_stack: MakeStack
+) -> None:
+    # Creates come faster than the worker (2 at a time, ~0.4 s each) ends streams, so a backlog
+    # builds while every create's wake-up names its own job: none may start before older ones.
+    s = make_stack(TAILGATE_CONCURRENCY="2")
+    url = await s.agateway()
+    await s.aworker()
+    created = []
+    for i in range(40):
+        created.append(await create(client, url, s.api_key, f"in order {i} {SLOW}"))
+        await asyncio.sleep(0.08)  # pacing the load, not waiting for anything
+    async with Redis.from_url(s.redis_url, decode_responses=True) as r:
+        await await_until(lambda: _started(r, created), "every stream to start", within=60)
+        starts = [await started_at(r, c["id"]) for c in created]
+    out_of_order = [i for i in range(1, len(starts)) if starts[i] < starts[i - 1]]
+    assert out_of_order == [], f"streams {out_of_order} started before one created earlier"
+
+
+async def test_a_stream_created_as_a_slot_frees_waits_for_those_the_last_poll_left_queued(
+    client: httpx.AsyncClient, make_stack: MakeStack
+) -> None:
+    # One slot, and ARQ's poll 3 s apart: only wake-ups move the worker. B starts from a poll that
+    # leaves C queued; once B is done, D's wake-up finds the slot free, and C must still go first.
+    s = make_stack(TAILGATE_CONCURRENCY="1", TAILGATE_POLL_DELAY_S="3")
+    url = await s.agateway()
+    await s.aworker()
+    a = await create(client, url, s.api_key, f"a {SLOW}")
+    async with Redis.from_url(s.redis_url, decode_responses=True) as r:
+        await await_until(lambda: _started(r, [a]), "A to start")
+        b = await create(client, url, s.api_key, f"b {SLOW}")
+        c = await create(client, url, s.api_key, f"c {SLOW}")
+        await await_until(lambda: _started(r, [b]), "B to start, C left queued", within=15)
+        await await_until(lambda: _status(r, b, "completed"), "B to end", within=15)
+        d = await create(client, url, s.api_key, f"d {SLOW}")
+        await await_until(lambda: _started(r, [c, d]), "C and D to start", within=30)
+        assert await started_at(r, c["id"]) < await started_at(r, d["id"])
+
+
+async def _status(r: Redis, stream: dict[str, Any], status: str) -> bool:
+    return await r.hget(keys.meta(stream["id"]), "status") == status  # type: ignore[misc,no-any-return]

@@ -94,14 +94,19 @@ class TailgateWorker(Worker):
         self.woken = asyncio.Event()
         self.wake_ids: list[bytes] = []  # the job ids that wake-ups named since the last poll
         self.more = False  # the last poll read a full page: more jobs may be due behind it
+        # The last poll found more due jobs than there was room for: a job a wake-up names now is
+        # behind them in the fair order (tailgate.scripts.FAIR), so it waits for a poll too.
+        self.backlog = False
         self._claim_jobs = self.pool.register_script(_CLAIM_JOBS)
 
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
+    async def start_jobs(self, job_ids: list[bytes], *, polled: bool = True) -> None:
         # TAILGATE_CONCURRENCY is a hard cap: every job in flight may become a running stream, so
         # the jobs started here and the streams running already never add up to more than it.
         s = self.state
         room = min(self.max_jobs, s.settings.concurrency - len(s.running)) - self.job_counter
-        self.more = len(job_ids) >= self.queue_read_limit and room > len(job_ids)
+        if polled:  # ARQ's poll: the due jobs, lowest score first
+            self.more = len(job_ids) >= self.queue_read_limit and room > len(job_ids)
+            self.backlog = len(job_ids) > max(room, 0)
         if room <= 0 or not job_ids:
             return
         ids = [j.decode() for j in job_ids[:room]]
@@ -173,10 +178,13 @@ class TailgateWorker(Worker):
             s = self.state
             self.allow_pick_jobs = not s.stopping and len(s.running) < s.settings.concurrency
             named, self.wake_ids = self.wake_ids, []
-            if named and self.allow_pick_jobs and s.settings.one_redis:
+            if named and not self.allow_pick_jobs:
+                self.backlog = True  # they wait in the queue, and so will any named after them
+            if named and self.allow_pick_jobs and s.settings.one_redis and not self.backlog:
                 # The jobs a wake-up named start first, without the poll's round trip before them;
-                # the poll then finds what else is due (the named ones are dropped by then).
-                await ride_out(functools.partial(self.start_jobs, named))
+                # the poll then finds what else is due (the named ones are dropped by then). Not
+                # while older jobs wait: they go first, and the poll takes them in order.
+                await ride_out(functools.partial(self.start_jobs, named, polled=False))
             await ride_out(self._poll_iteration)
             if self.more and self.allow_pick_jobs:
                 continue  # a burst: read the next page now, not after a wake-up or a poll_delay
@@ -190,7 +198,7 @@ async def run(settings: Settings) -> None:
     error is raised once the worker has shut down)."""
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     queue = open_queue(settings, "worker", tuning.WORKER_QUEUE_POOL)
-    store = open_store(settings, "worker", tuning.WORKER_STREAMS_POOL, retry=False)
+    store = await open_store(settings, "worker", tuning.WORKER_STREAMS_POOL, retry=False)
     api = upstream.client(settings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -207,7 +215,7 @@ async def run(settings: Settings) -> None:
         with contextlib.suppress(*REDIS_ERRORS):
             await queue.hdel(keys.WORKERS, worker_id)  # type: ignore[misc]
         await api.close()
-        await store.redis.aclose()
+        await store.aclose()
         await queue.aclose()
         log.info("worker %s stopped", worker_id)
 
