@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Set but empty is unset to us; prometheus_client, which asks only whether it is set, would
+        # write every process's metric files into the working directory.
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     args = build_parser().parse_args(argv)
     if args.command == "mock-upstream":
         return _mock_upstream(args)

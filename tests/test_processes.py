@@ -188,7 +188,7 @@ async def test_a_gateway_of_two_processes_serves_and_resumes_streams_and_sums_it
 ) -> None:
     s = make_stack(PROMETHEUS_MULTIPROC_DIR=str(tmp_path))  # set, so the test can read each process's
     url = await s.agateway(2)
-    await s.aworker(PROMETHEUS_MULTIPROC_DIR="")  # one process: metrics of its own
+    worker = await s.aworker(PROMETHEUS_MULTIPROC_DIR="")  # one process: metrics of its own
     prompts = [f"{prompt} {i}" for i in range(20)]
     paths = await asyncio.gather(*(create(client, url, s, p) for p in prompts))
 
@@ -213,6 +213,8 @@ async def test_a_gateway_of_two_processes_serves_and_resumes_streams_and_sums_it
     m = await scrape(client, f"{url}/metrics")
     assert value(m, "tailgate_sse_connections") == 0
     assert value(m, "tailgate_queue_depth") == 0
+    # Set but empty is unset: no metric files of the worker's in its working directory.
+    assert not list(Path.cwd().glob(f"*_{worker.pid}.db"))
 
 
 async def test_sigterm_to_a_gateway_of_two_processes_drains_both_and_sends_readers_elsewhere(
