@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import secrets
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 import openai
 import redis
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from tailgate import keys
 from tailgate.dev.procs import Child, RedisServer, child_env, free_port, tailgate_command, wait_until
@@ -238,10 +238,23 @@ async def takeover_stack(make_stack: MakeStack) -> tuple[Stack, str]:
     return stack, url
 
 
+@contextlib.asynccontextmanager
+async def streams_redis(stack: Stack) -> AsyncIterator[Redis | RedisCluster]:
+    """A client (strings) of the Redis that holds ``stack``'s streams: ``TAILGATE_STREAMS_REDIS_URL``
+    if set, else its database; a cluster client if that URL names a node of a Redis Cluster."""
+    url = stack.env.get("TAILGATE_STREAMS_REDIS_URL", stack.redis_url)
+    async with Redis.from_url(url, decode_responses=True) as r:
+        if (await r.info("cluster")).get("cluster_enabled") != 1:
+            yield r
+            return
+    async with RedisCluster.from_url(url, decode_responses=True) as cluster:
+        yield cluster
+
+
 async def worker_of(stack: Stack, stream_id: str) -> Child:
     """The worker process of ``stack`` running the stream (a worker's id is host-pid-random)."""
-    async with Redis.from_url(stack.redis_url, decode_responses=True) as r:
-        worker = await r.hget(keys.meta(stream_id), "worker")
+    async with streams_redis(stack) as r:
+        worker = await r.hget(keys.meta(stream_id), "worker")  # type: ignore[misc]
     pid = int(str(worker).rsplit("-", 2)[1])
     [child] = [c for c in stack.procs if c.pid == pid]
     return child

@@ -14,9 +14,17 @@ from redis.asyncio import Redis
 
 from tailgate import keys
 from tailgate.dev.procs import arun, tailgate_command
-from tailgate.dev.sse import Event, assert_exactly_once, read_resuming, read_sse
+from tailgate.dev.sse import Event, assert_exactly_once, read_resuming, read_sse, text_of
 from tailgate.store import iso
-from tests.harness import MODEL, MakeStack, Stack, takeover_stack, worker_of
+from tests.harness import (
+    MODEL,
+    MakeStack,
+    Stack,
+    expected_answer,
+    streams_redis,
+    takeover_stack,
+    worker_of,
+)
 
 
 async def create(client: httpx.AsyncClient, url: str, stack: Stack, prompt: str) -> str:
@@ -43,8 +51,8 @@ async def inspect_json(stack: Stack, stream_id: str) -> dict[str, Any]:
 
 
 async def raw_meta(stack: Stack, stream_id: str) -> dict[str, str]:
-    async with Redis.from_url(stack.redis_url, decode_responses=True) as r:
-        meta: dict[str, str] = await r.hgetall(keys.meta(stream_id))
+    async with streams_redis(stack) as r:
+        meta: dict[str, str] = await r.hgetall(keys.meta(stream_id))  # type: ignore[misc]
     return meta
 
 
@@ -185,10 +193,11 @@ async def test_inspect_a_failed_stream_shows_the_error_and_its_code_on_the_attem
 
 
 async def test_inspect_after_a_worker_sigkill_shows_two_attempts_taken_over_then_done(
-    client: httpx.AsyncClient, make_stack: MakeStack, prompt: str
+    client: httpx.AsyncClient, make_stack: MakeStack, mock_url: str, prompt: str
 ) -> None:
     s, url = await takeover_stack(make_stack)
-    stream_id = await create(client, url, s, prompt + " [mock:tokens=60,delay_ms=20]")
+    prompt += " [mock:tokens=60,delay_ms=20]"
+    stream_id = await create(client, url, s, prompt)
     path = f"/v1/streams/{stream_id}/events"
     _, first = await read_sse(client, url + path, headers=s.headers, limit=6)
     ids = await worker_ids(s)
@@ -198,7 +207,10 @@ async def test_inspect_after_a_worker_sigkill_shows_two_attempts_taken_over_then
     rest = await read_resuming(client, [url], path, s.headers | {"Last-Event-ID": first[-1].id})
     events = first + rest.events
     assert_exactly_once(events)
-    assert [e.event for e in events].count("reset") == 1 and events[-1].event == "done"
+    [reset] = [e for e in events if e.event == "reset"]
+    assert (reset.data["attempt"], reset.data["reason"]) == (2, "worker_lost")
+    assert events[-1].event == "done"
+    assert text_of(events) == await expected_answer(mock_url, prompt)  # the new attempt's, whole
 
     lost = attempt(1, ids[doomed.pid], "taken_over")
     await check(s, stream_id, events, [lost, attempt(2, survivor, "done")])

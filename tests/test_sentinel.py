@@ -15,6 +15,7 @@ from its live worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -186,6 +187,50 @@ class Load:
     def since(self, t: float) -> list[str]:
         return [sid for sid, at in self.acknowledged.items() if at > t]
 
+    def spanning(self, t: float) -> list[str]:
+        """The streams acknowledged before ``t`` whose reader ended after it."""
+        return [sid for sid, at in self.acknowledged.items() if at < t < self.ended[sid]]
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Creates streams (:meth:`run`) while the block runs."""
+        driver = asyncio.create_task(self.run())
+        try:
+            yield
+        finally:
+            self.stop.set()
+            await driver
+
+    async def outcome(self) -> dict[str, Resumed]:
+        """What each reader got, once all have ended; the test fails if any client saw something
+        wrong: a reader that failed, a ``seq`` not exactly once, an end other than ``done``, a text
+        other than the model's."""
+        ended = await asyncio.gather(*self.readers.values(), return_exceptions=True)
+        results: dict[str, Resumed] = {}
+        problems = []
+        for stream_id, result in zip(self.readers, ended, strict=True):
+            if isinstance(result, BaseException):
+                problems.append(f"{stream_id}: {result!r}")
+                continue
+            results[stream_id] = result
+            events = result.events
+            problems += [f"{stream_id}: {p}" for p in exactly_once_problems(events)]
+            messages = [{"role": "user", "content": self.prompts[stream_id]}]
+            expected = "".join(tokens_for(MODEL, messages, TOKENS))
+            if events and events[-1].event == "done" and text_of(events) != expected:
+                problems.append(f"{stream_id}: the text is not the model's")
+            elif events and events[-1].event != "done":
+                problems.append(f"{stream_id}: ended with {events[-1].event} {events[-1].data}")
+        assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems[:20])
+        return results
+
+    def assert_as_usual_since(self, results: dict[str, Resumed], t: float) -> None:
+        """The streams created after ``t`` ran as usual: no reset (nothing taken over), and followed
+        live (~0.6 s of tokens), not found by a reader's idle look (``TAILGATE_PING_S``)."""
+        for stream_id in self.since(t):
+            assert "reset" not in [e.event for e in results[stream_id].events], stream_id
+            assert self.ended[stream_id] - self.acknowledged[stream_id] < 5, stream_id
+
 
 @pytest.fixture
 async def load_client() -> AsyncIterator[httpx.AsyncClient]:
@@ -240,8 +285,7 @@ async def test_primary_killed_mid_load_loses_no_acknowledged_stream_or_event(
     await s.aworker()
     await s.aworker()
     load = Load(load_client, gateway, s, prompt)
-    driver = asyncio.create_task(load.run())
-    try:
+    async with load.running():
         await await_until(lambda: len(load.acknowledged) >= 20, "20 streams created")
         if cut:
             await cut_off(w.replica, w.primary)
@@ -260,37 +304,12 @@ async def test_primary_killed_mid_load_loses_no_acknowledged_stream_or_event(
         await await_until(w.primary.linked, "the old primary synced as a replica", blocking=True)
         rejoined = time.monotonic()
         await await_until(lambda: len(load.since(rejoined)) >= 15, "15 streams created after the failover")
-    finally:
-        load.stop.set()
-        await driver
-    results = dict(
-        zip(load.readers, await asyncio.gather(*load.readers.values(), return_exceptions=True), strict=True)
-    )
-
-    problems = []
-    for stream_id, result in results.items():
-        if isinstance(result, BaseException):
-            problems.append(f"{stream_id}: {result!r}")
-            continue
-        events = result.events
-        problems += [f"{stream_id}: {p}" for p in exactly_once_problems(events)]
-        expected = "".join(tokens_for(MODEL, [{"role": "user", "content": load.prompts[stream_id]}], TOKENS))
-        if events and events[-1].event == "done" and text_of(events) != expected:
-            problems.append(f"{stream_id}: the text is not the model's")
-        elif events and events[-1].event != "done":
-            problems.append(f"{stream_id}: ended with {events[-1].event} {events[-1].data}")
-    assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems[:20])
+    results = await load.outcome()
 
     # The kill came mid-load: streams acknowledged before it ended after it.
-    spanning = [sid for sid, at in load.acknowledged.items() if at < killed < load.ended[sid]]
-    assert len(spanning) >= 3, spanning
+    assert len(load.spanning(killed)) >= 3, load.spanning(killed)
     # After the failover, streams run as usual: no reset, nothing taken over.
-    for stream_id in load.since(rejoined):
-        result = results[stream_id]
-        assert not isinstance(result, BaseException)
-        assert "reset" not in [e.event for e in result.events], stream_id
-        # Followed live (~0.6 s of tokens), not found by a reader's idle look (TAILGATE_PING_S).
-        assert load.ended[stream_id] - load.acknowledged[stream_id] < 5, stream_id
+    load.assert_as_usual_since(results, rejoined)
     # Every listener subscribed again on the new primary: the gateway's hub, each worker's wake-up
     # and cancel channels.
     await await_until(

