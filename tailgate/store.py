@@ -60,7 +60,7 @@ round, as admission must read before it writes: admission and its bookkeeping fi
 
 What two steps give up is atomicity across them, and the store is built so that a process dying
 between them loses no stream and leaves nothing that does not heal. The meta stays the truth:
-- a claim indexes the stream as running before it claims it (``ZADD NX``): a worker that dies
+- a claim indexes the stream as running before it claims it: a worker that dies
   between the two leaves a stream that the takeover scan finds, never one running unindexed;
 - a stream that ended but is still indexed (its worker died between the steps of its last append or
   of a cancel) is found by the takeover scan, or its job's claim, which answers ``finished`` and
@@ -438,10 +438,8 @@ class StreamStore:
         ]
         if self.clustered:
             # Indexed as running before the claim, not after: a worker that dies between the two
-            # steps leaves a stream that the takeover scan finds (NX: a running one keeps its beat).
-            await self._apply(
-                keys=[], args=_flat([("ZADD", keys.RUNNING, "NX", tail[0], i) for i in stream_ids])
-            )
+            # steps leaves a stream that the takeover scan finds.
+            await self._apply(keys=[], args=_flat([("ZADD", keys.RUNNING, tail[0], i) for i in stream_ids]))
         return [_claimed(r, now) for r in await self._pipelined(self._claim, calls, "claim")]
 
     async def append_many(self, appends: list[Append]) -> list[Written | Exception]:

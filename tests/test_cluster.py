@@ -10,6 +10,12 @@ every stream whose create got 202 ends, and the streams created after them run a
 the data is: a stream's keys on the master that serves the slot of its hash tag ``{<id>}``, none on
 the queue's Redis; ``tailgate inspect`` and ``tailgate top`` read the cluster stack as any other.
 
+On a cluster the store runs each script in two steps, its bookkeeping on the queue's Redis
+(``tailgate.store``, "Redis Cluster"); the tests of the store at the end stage a process that dies
+between them, by failing the second step, and hold it to what the store promises: nothing is lost
+(a claimed stream is found by the takeover scan, an ended one left indexed is taken out by the next
+claim) and a create that fails is taken back whole.
+
 Tests of other modules run here again, unchanged, on a cluster stack: this module's ``stack`` and
 ``make_stack`` put the streams on the cluster (their names are assigned below). One test checks the
 kit's cluster alone, with redis-py's cluster client.
@@ -18,17 +24,23 @@ kit's cluster alone, with redis-py's cluster client.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio import RedisCluster as ClusterClient
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tailgate import keys
+from tailgate.connections import open_store
 from tailgate.dev.procs import NotReady, RedisCluster, RedisServer, await_until
 from tailgate.dev.sse import assert_exactly_once, read_sse, text_of
+from tailgate.settings import Settings
+from tailgate.store import Append, CreateReply, Limits, Reply, StreamStore
 from tests import test_inspect, test_sentinel, test_streams, test_top
 from tests.harness import MakeStack, Stack, Stacks, expected_answer
 from tests.test_sentinel import Load
@@ -54,6 +66,7 @@ test_top_once_prints_one_frame_with_the_counters_in_redis = (
 )
 tg = test_streams.tg
 load_client = test_sentinel.load_client
+OWNER = "cluster-test-owner"
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +214,100 @@ async def test_failovers_of_two_masters_mid_load_lose_no_acknowledged_stream_or_
     for t in started:  # each failover came mid-load
         assert len(load.spanning(t)) >= 3, load.spanning(t)
     load.assert_as_usual_since(results, settled)
+
+
+# The store on a cluster, where each script runs in two steps (tailgate.store, "Redis Cluster"): a
+# process that dies between them, staged by failing the bookkeeping's step, loses nothing.
+
+
+@pytest.fixture
+async def clustered(cluster: RedisCluster, redis_db: str) -> AsyncIterator[StreamStore]:
+    """A store with its streams on the module's cluster and its bookkeeping on the test's database."""
+    store = await open_store(Settings(streams_redis_url=cluster.url, redis_url=redis_db), "test", 4)
+    assert store.clustered
+    yield store
+    await store.aclose()
+
+
+def lose_bookkeeping_after(store: StreamStore, calls: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's bookkeeping steps after the first ``calls`` fail, as if its process died there."""
+    apply, made = store._apply, [0]
+
+    async def dying(**kw: Any) -> Any:
+        made[0] += 1
+        if made[0] > calls:
+            raise RedisConnectionError("the process died before its bookkeeping step")
+        return await apply(**kw)
+
+    monkeypatch.setattr(store, "_apply", dying)
+
+
+async def create_one(store: StreamStore, stream_id: str | None = None) -> str:
+    stream_id = stream_id or secrets.token_hex(16)
+    made = await store.create(stream_id, OWNER, {"model": "m", "request": "{}"}, limits=Limits(max_active=5))
+    assert made.reply is CreateReply.CREATED and made.stream_id == stream_id
+    return stream_id
+
+
+async def created(store: StreamStore) -> int:
+    return int(await store.books.hget(keys.STATS, "created") or 0)  # type: ignore[misc]
+
+
+async def indexed(store: StreamStore, stream_id: str) -> dict[str, bool]:
+    return {
+        "running": await store.books.zscore(keys.RUNNING, stream_id) is not None,
+        "active": await store.books.zscore(keys.active(OWNER), stream_id) is not None,
+        "queued": await store.books.zscore(keys.QUEUED, stream_id) is not None,
+    }
+
+
+async def test_on_a_cluster_a_claim_whose_bookkeeping_step_is_lost_leaves_the_stream_to_the_scan(
+    clustered: StreamStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream_id = await create_one(clustered)
+    lose_bookkeeping_after(clustered, 1, monkeypatch)  # the claim's index before it goes in, no more
+    with pytest.raises(RedisConnectionError):
+        await clustered.claim(stream_id, "w1", stale_after_s=60, max_attempts=3)
+    assert (await clustered.meta(stream_id))["status"] == "running"  # claimed, its worker gone
+    assert stream_id in [i for i, _ in await clustered.stale(0)]  # the takeover scan finds it
+
+
+async def test_on_a_cluster_an_ended_stream_left_indexed_is_taken_out_by_the_next_claim(
+    clustered: StreamStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream_id = await create_one(clustered)
+    claim = await clustered.claim(stream_id, "w1", stale_after_s=60, max_attempts=3)
+    lose_bookkeeping_after(clustered, 0, monkeypatch)
+    done = Append(stream_id, OWNER, claim.attempt, claim.seq, [("done", {"finish_reason": "stop"})])
+    with pytest.raises(RedisConnectionError):
+        await clustered.append_many([done])
+    assert (await clustered.meta(stream_id))["status"] == "completed"
+    assert await indexed(clustered, stream_id) == {"running": True, "active": True, "queued": False}
+    monkeypatch.undo()
+    again = await clustered.claim(stream_id, "w2", stale_after_s=0, max_attempts=3)  # the scan's job
+    assert again.reply is Reply.FINISHED
+    assert await indexed(clustered, stream_id) == {"running": False, "active": False, "queued": False}
+
+
+async def test_on_a_cluster_a_create_whose_stream_step_fails_takes_its_admission_back(
+    clustered: StreamStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = await created(clustered)
+
+    async def unreachable(**kw: Any) -> Any:
+        raise RedisConnectionError("the stream's shard is unreachable")
+
+    monkeypatch.setattr(clustered, "_make", unreachable)
+    stream_id = secrets.token_hex(16)
+    with pytest.raises(RedisConnectionError):
+        await create_one(clustered, stream_id)
+    assert await indexed(clustered, stream_id) == {"running": False, "active": False, "queued": False}
+    assert await created(clustered) == before
+
+
+async def test_on_a_cluster_a_create_sent_again_is_one_stream_counted_once(clustered: StreamStore) -> None:
+    stream_id = await create_one(clustered)
+    count = await created(clustered)
+    assert await create_one(clustered, stream_id) == stream_id  # its reply lost, sent again whole
+    assert await created(clustered) == count
+    assert await indexed(clustered, stream_id) == {"running": False, "active": True, "queued": True}
