@@ -72,8 +72,9 @@ class Stack(Procs):
         self.urls = [f"http://127.0.0.1:{self.port(g)}" for g in self.gateways]
         self.prometheus = f"http://127.0.0.1:{self.port('prometheus')}"
 
-    def start_worker(self, name: str = "worker", **env: str) -> Child:
-        return super().start_worker(name, TAILGATE_METRICS_PORT=self.port(f"{name}-metrics"), **env)
+    def start_worker(self, name: str = "worker", processes: int = 1, **env: str) -> Child:
+        metrics = self.port(f"{name}-metrics")
+        return super().start_worker(name, processes, TAILGATE_METRICS_PORT=metrics, **env)
 
     def start_prometheus(self) -> Child:
         """Prometheus scraping every gateway's and worker's metrics (the ones not started yet are
