@@ -311,3 +311,30 @@ async def test_on_a_cluster_a_create_sent_again_is_one_stream_counted_once(clust
     assert await create_one(clustered, stream_id) == stream_id  # its reply lost, sent again whole
     assert await created(clustered) == count
     assert await indexed(clustered, stream_id) == {"running": False, "active": True, "queued": True}
+
+
+async def test_with_the_node_its_url_names_killed_a_gateway_subscribes_on_another_and_streams_run_on(
+    own_cluster: RedisCluster, make_stack: MakeStack, client: httpx.AsyncClient, mock_url: str, prompt: str
+) -> None:
+    # Readers poll for what they may have missed once a minute here: what reaches them in time comes
+    # through the gateway's subscription, which must find another node when its own is gone.
+    c = own_cluster
+    s = make_stack(TAILGATE_STREAMS_REDIS_URL=c.url, TAILGATE_PING_S="60")
+    gateway = await s.agateway()
+    await s.aworker()
+    named = c.nodes[0]
+    assert named.url == c.url
+    replica = await asyncio.to_thread(c.replica_of, named)
+    await named.astop(kill=True)
+    async with Redis.from_url(replica.url, decode_responses=True) as r:
+
+        async def promoted() -> bool:
+            return bool((await r.info("replication"))["role"] == "master")
+
+        await await_until(promoted, "the killed node's replica promoted", within=30)
+    async with asyncio.timeout(30):
+        stream_id = await test_inspect.create(client, gateway, s, prompt)
+        _, events = await read_sse(client, f"{gateway}/v1/streams/{stream_id}/events", headers=s.headers)
+    assert_exactly_once(events)
+    assert events[-1].event == "done"
+    assert text_of(events) == await expected_answer(mock_url, prompt)
