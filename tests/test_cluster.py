@@ -332,8 +332,16 @@ async def test_with_the_node_its_url_names_killed_a_gateway_subscribes_on_anothe
             return bool((await r.info("replication"))["role"] == "master")
 
         await await_until(promoted, "the killed node's replica promoted", within=30)
+    created: list[httpx.Response] = []
+
+    async def accepted() -> bool:  # a 503 (Retry-After: 1) until the gateway's client sees the new map
+        created.append(await client.post(f"{gateway}/v1/streams", json={"prompt": prompt}, headers=s.headers))
+        assert created[-1].status_code in (202, 503), created[-1].text
+        return created[-1].status_code == 202
+
+    await await_until(accepted, "a create accepted after the failover", within=30)
+    stream_id = created[-1].json()["id"]
     async with asyncio.timeout(30):
-        stream_id = await test_inspect.create(client, gateway, s, prompt)
         _, events = await read_sse(client, f"{gateway}/v1/streams/{stream_id}/events", headers=s.headers)
     assert_exactly_once(events)
     assert events[-1].event == "done"
