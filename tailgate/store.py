@@ -105,6 +105,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from tailgate import keys, scripts
@@ -487,7 +488,19 @@ class StreamStore:
                     # (not `pipe.evalsha`, which redis-py's cluster pipeline refuses; this routes by key)
                     pipe.execute_command("EVALSHA", lua.sha, len(ks), *ks, *args)
                 waits = self._replicas.wait(pipe) if replicated else 0
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
+                try:
+                    replies: list[Any] = await pipe.execute(raise_on_error=False)
+                except AttributeError as exc:
+                    if not self.clustered:
+                        raise
+                    # redis-py 5.3's cluster pipeline, having run the commands, fails when one
+                    # erred (NOSCRIPT on a promoted replica, MOVED) and another task's reconnect
+                    # has just reset the client's default node (`'NoneType' object has no attribute
+                    # 'name'`). The replies are lost, as with a broken connection: every caller
+                    # recognises the same call sent again. Closed, the client maps the cluster
+                    # afresh, default node included, before its next command.
+                    await self.redis.aclose()
+                    raise RedisConnectionError(f"cluster pipeline lost its replies: {exc}") from exc
             if not any(isinstance(r, NoScriptError) for r in replies):
                 break
             await self.redis.script_load(lua.script)

@@ -346,3 +346,21 @@ async def test_with_the_node_its_url_names_killed_a_gateway_subscribes_on_anothe
     assert_exactly_once(events)
     assert events[-1].event == "done"
     assert text_of(events) == await expected_answer(mock_url, prompt)
+
+
+async def test_on_a_cluster_a_pipeline_that_loses_its_replies_to_redis_py_is_a_connection_error(
+    clustered: StreamStore, cluster: RedisCluster
+) -> None:
+    # As after a failover: the promoted replica has none of the scripts (NOSCRIPT), and another
+    # task's reconnect has just reset the cluster client's default node. redis-py 5.3 then fails
+    # with an AttributeError after running the claim; the store says "reply lost", which its
+    # callers handle: the same claim sent again is recognised.
+    stream_id = await create_one(clustered)
+    for node in cluster.nodes:
+        async with Redis.from_url(node.url) as direct:
+            await direct.script_flush()
+    clustered.redis.nodes_manager.default_node = None  # type: ignore[attr-defined]
+    with pytest.raises(RedisConnectionError):
+        await clustered.claim(stream_id, "w1", stale_after_s=60, max_attempts=3, token="t1")
+    again = await clustered.claim(stream_id, "w1", stale_after_s=60, max_attempts=3, token="t1")
+    assert (again.reply, again.attempt) == (Reply.OK, 1)

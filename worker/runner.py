@@ -357,7 +357,8 @@ async def _scan(state: WorkerState) -> None:
         if state.stopping:
             continue
         try:
-            info = await state.store.redis.info("server")
+            # The Redis of the running index (on a cluster, the queue's; tailgate.store)
+            info = await state.store.books.info("server")
             if info["run_id"] != server:
                 changed = loop.time() if server else changed  # a failover, or a restart
                 server = info["run_id"]
