@@ -31,10 +31,12 @@ import hiredis
 import stamina
 from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import FullJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tailgate import sentinel, tuning
@@ -42,7 +44,9 @@ from tailgate.settings import Settings
 from tailgate.store import StreamStore
 
 # What an unreachable or restarting Redis raises; every loop that rides out an outage catches these.
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# (redis-py's cluster client raises RedisClusterException, not a ConnectionError, when it cannot map
+# the cluster: no node it knows answers, or the slots are not all served, as in a failover.)
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, RedisClusterException)
 
 T = TypeVar("T")
 
@@ -151,6 +155,21 @@ def _any_of(cls: type[AbstractConnection], nodes: list[tuple[str, int]]) -> type
     return AnyOf
 
 
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, which maps the cluster again from every node it learned at start.
+    Its own list of nodes to ask loses each node a command failed on, and a failover under load could
+    empty it ("Redis Cluster cannot be connected"), after which it never connects again."""
+
+    seeds: tuple[tuple[str, int], ...] = ()
+
+    async def initialize(self) -> RedisCluster:
+        manager = self.nodes_manager
+        for host, port in self.seeds:
+            node = ClusterNode(host, port, **manager.connection_kwargs)
+            manager.startup_nodes.setdefault(node.name, node)
+        return await super().initialize()
+
+
 class ClusterMisconfigured(RuntimeError):
     """The streams Redis is a cluster, in a setup that cannot work with one."""
 
@@ -195,7 +214,7 @@ async def open_store(
         )
     if settings.replicas.acks:
         raise ClusterMisconfigured("TAILGATE_REPLICA_ACKS is not supported with a Redis Cluster: set it to 0")
-    cluster = RedisCluster.from_url(
+    cluster = _Cluster.from_url(
         settings.streams_url,
         decode_responses=True,
         max_connections=pool_size,
@@ -207,6 +226,7 @@ async def open_store(
         cluster_error_retry_attempts=tuning.COMMAND_RETRIES if retry else 1,
     )
     await (ride_out(cluster.initialize) if wait else cluster.initialize())  # learns the nodes and slots
+    cluster.seeds = tuple((node.host, node.port) for node in cluster.get_nodes())
     books = Redis.from_pool(_pool(settings.queue_url, role, pool_size, **options))
     nodes = [(node.host, node.port) for node in cluster.get_nodes()]
     return StreamStore(cluster, books=books, nodes=nodes, **store)

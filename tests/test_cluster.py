@@ -364,3 +364,27 @@ async def test_on_a_cluster_a_pipeline_that_loses_its_replies_to_redis_py_is_a_c
         await clustered.claim(stream_id, "w1", stale_after_s=60, max_attempts=3, token="t1")
     again = await clustered.claim(stream_id, "w1", stale_after_s=60, max_attempts=3, token="t1")
     assert (again.reply, again.attempt) == (Reply.OK, 1)
+
+
+async def test_on_a_cluster_the_client_maps_it_again_from_every_node_it_learned(
+    clustered: StreamStore,
+) -> None:
+    # redis-py drops a node from those it asks for the map each time a command fails on it; under a
+    # failover that list can empty, and redis-py alone would never connect again.
+    stream_id = await create_one(clustered)
+    clustered.redis.nodes_manager.startup_nodes.clear()  # type: ignore[attr-defined]
+    await clustered.redis.aclose()  # the next command maps the cluster again
+    assert (await clustered.meta(stream_id))["status"] == "queued"
+
+
+async def test_a_cluster_that_cannot_be_reached_is_a_503_with_retry_after(
+    own_cluster: RedisCluster, make_stack: MakeStack, client: httpx.AsyncClient, prompt: str
+) -> None:
+    s = make_stack(TAILGATE_STREAMS_REDIS_URL=own_cluster.url)
+    gateway = await s.agateway()
+    for node in own_cluster.nodes:
+        await node.astop(kill=True)
+    for _ in range(3):  # the first finds a node gone; the next ones find no node to map the cluster
+        r = await client.post(f"{gateway}/v1/streams", json={"prompt": prompt}, headers=s.headers)
+        assert (r.status_code, r.headers.get("retry-after")) == (503, "1"), r.text
+        assert r.json()["error"]["code"] == "unavailable"
