@@ -226,9 +226,9 @@ async def open_store(
         cluster_error_retry_attempts=tuning.COMMAND_RETRIES if retry else 1,
     )
     await (ride_out(cluster.initialize) if wait else cluster.initialize())  # learns the nodes and slots
-    cluster.seeds = tuple((node.host, node.port) for node in cluster.get_nodes())
-    books = Redis.from_pool(_pool(settings.queue_url, role, pool_size, **options))
     nodes = [(node.host, node.port) for node in cluster.get_nodes()]
+    cluster.seeds = tuple(nodes)
+    books = Redis.from_pool(_pool(settings.queue_url, role, pool_size, **options))
     return StreamStore(cluster, books=books, nodes=nodes, **store)
 
 

@@ -70,7 +70,8 @@ between them loses no stream and leaves nothing that does not heal. The meta sta
   timeout), and its idempotency record names a stream that does not exist (404) until it expires;
 - what can be lost is counts (``tg:stats``): a step that never ran counts nothing.
 Notifications stay plain pub/sub on a cluster (not sharded yet: every node carries every message);
-the gateway's subscription is on the node its URL names. ``TAILGATE_REPLICA_ACKS`` is refused there.
+the gateway subscribes on the node its URL names, or on another while that one does not answer
+(``connections.open_subscriber``). ``TAILGATE_REPLICA_ACKS`` is refused there.
 
 **Replays.** The worker opens its store without redis-py's command re-send (``retry=False``): the
 worker's loops retry themselves, knowing that they did, which recognising a replay needs. A re-sent
