@@ -1,4 +1,5 @@
-"""Fan-out: one Redis pub/sub connection per gateway process, however many SSE readers it serves.
+"""Fan-out: one Redis pub/sub connection per gateway process (on a Redis Cluster, one per shard),
+however many SSE readers it serves.
 
 Workers publish every appended batch on the stream's channel (see ``tailgate.store``). The hub holds
 one subscription per stream that has local readers and hands each published batch, parsed once, to
@@ -10,7 +11,7 @@ What moves, typed: a subscription's inbox holds :class:`Batch`, :class:`Resync` 
 ``Hub.tail`` yields :class:`Batch` and :class:`Idle` (a reader's cue for a keep-alive). Nothing is
 allocated per idle reader beyond its subscription: the markers are shared instances.
 
-Deliberate oddities:
+Deliberate oddities (the sharded hub's are in :class:`ShardedHub`):
 - ``subscribe`` waits for Redis's acknowledgement before the reader's first XRANGE; otherwise an
   append landing between the two would be seen by neither.
 - A ``subscribe`` acknowledgement nobody waits for means the connection was re-established (redis-py
@@ -30,15 +31,18 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias, assert_never
+from typing import Any, TypeAlias, assert_never
 
 from prometheus_client import Gauge
 from redis.asyncio import Redis
+from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from tailgate import keys, tuning
-from tailgate.connections import REDIS_ERRORS, ride_out
+from tailgate.connections import REDIS_ERRORS, Cluster, ride_out
 from tailgate.events import START, Entry, dumps, parse_published
 from tailgate.store import StreamStore
 
@@ -125,19 +129,15 @@ class Subscription:
 
 
 class Hub:
-    """The process's one pub/sub connection and the readers it serves, by stream."""
+    """The readers this process serves, by stream, and the subscriptions that feed them. How a
+    channel is subscribed is a subclass's: :class:`PlainHub` (one connection, ``SUBSCRIBE``) or
+    :class:`ShardedHub` (a Redis Cluster: one connection per shard, ``SSUBSCRIBE``)."""
 
-    def __init__(self, redis: Redis, store: StreamStore, *, idle_check_s: float) -> None:
-        """``redis``: a client of its own, which it closes (``connections.open_subscriber``)."""
-        self._redis = redis
-        self._pubsub = redis.pubsub()
-        self._up = asyncio.Event()  # the connection is up, and only `_run` brings it up again
+    def __init__(self, store: StreamStore, *, idle_check_s: float) -> None:
         self._store = store
         self._idle_check_s = idle_check_s
         self._readers: dict[str, set[Subscription]] = {}
-        self._acks: dict[str, asyncio.Future[None]] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._unsubscribing: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self.released = False
 
     @property
@@ -164,91 +164,52 @@ class Hub:
                     sub.push(LEAVE)
 
     async def start(self) -> None:
-        await self._pubsub.subscribe(keys.HUB_CHANNEL)
-        self._up.set()
-        self._task = asyncio.create_task(self._run(), name="hub")
+        raise NotImplementedError
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-        await self._redis.aclose()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
-    async def _run(self) -> None:
-        while True:
-            msg = await ride_out(self._next)
-            if msg is not None:
-                self._dispatch(msg)
+    async def _open(self, channel: str, first: bool) -> None:
+        """Subscribe ``channel`` for a new reader (``first``: the first), returning once Redis has
+        acknowledged the subscription."""
+        raise NotImplementedError
 
-    async def _next(self) -> dict[str, str] | None:
-        """The next message; reconnects (and redis-py re-subscribes) if the connection was lost."""
-        try:
-            msg: dict[str, str] | None = await self._pubsub.get_message(timeout=None)
-        except REDIS_ERRORS:
-            self._up.clear()
-            raise
-        self._up.set()  # what comes first after a reconnect: an acknowledgement of a re-subscription
-        return msg
+    def _close(self, channel: str) -> None:
+        """The last reader of ``channel`` left."""
+        raise NotImplementedError
 
-    async def _send(self, command: Callable[[str], Awaitable[object]], channel: str) -> None:
-        """SUBSCRIBE or UNSUBSCRIBE ``channel`` once the connection is up (see the module docstring)."""
-        while True:
-            await self._up.wait()
-            connection = self._pubsub.connection
-            if connection is not None and connection.is_connected:
-                try:
-                    await command(channel)
-                    return
-                except REDIS_ERRORS:
-                    pass  # lost on the way: `_run` connects again
-            self._up.clear()
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
-    def _dispatch(self, msg: dict[str, str]) -> None:
-        kind, channel = msg["type"], msg["channel"]
-        if kind == "message":
-            stream_id = keys.stream_of(channel)
-            readers = self._readers.get(stream_id)
-            if readers:
-                batch = Batch(parse_published(msg["data"]))  # parsed once, shared by every reader
-                for sub in readers:
-                    sub.push(batch)
-        elif kind == "subscribe":
-            ack = self._acks.pop(channel, None)
-            if ack is not None:
-                if not ack.done():
-                    ack.set_result(None)
-            elif channel != keys.HUB_CHANNEL:
-                readers = self._readers.get(keys.stream_of(channel))
-                if readers:
-                    for sub in readers:
-                        sub.push(RESYNC)
-                else:
-                    # redis-py re-subscribed a channel whose readers left while the connection was down.
-                    self._schedule_unsubscribe(keys.stream_of(channel))
+    def _deliver(self, channel: str, data: str) -> None:
+        readers = self._readers.get(keys.stream_of(channel))
+        if readers:
+            batch = Batch(parse_published(data))  # parsed once, shared by every reader
+            for sub in readers:
+                sub.push(batch)
+
+    def _resync(self, channel: str) -> bool:
+        """The readers of ``channel`` may have missed a message: they read the stream. Whether it
+        has readers."""
+        readers = self._readers.get(keys.stream_of(channel))
+        for sub in readers or ():
+            sub.push(RESYNC)
+        return bool(readers)
 
     async def _subscribe(self, stream_id: str, resumable: bool) -> Subscription:
         sub = Subscription(stream_id, resumable)
         readers = self._readers.setdefault(stream_id, set())
         readers.add(sub)
         self._counted()
-        channel = keys.notify(stream_id)
-        ack = self._acks.get(channel)
-        if len(readers) == 1 and ack is None:
-            ack = self._acks[channel] = asyncio.get_running_loop().create_future()
-            try:
-                await self._send(self._pubsub.subscribe, channel)
-            except BaseException:
-                self._acks.pop(channel, None)
-                self._leave(sub)
-                raise
-        if ack is not None:
-            try:
-                await asyncio.shield(ack)
-            except BaseException:
-                self._leave(sub)
-                raise
+        try:
+            await self._open(keys.notify(stream_id), first=len(readers) == 1)
+        except BaseException:
+            self._leave(sub)
+            raise
         return sub
 
     def _leave(self, sub: Subscription) -> None:
@@ -258,29 +219,8 @@ class Hub:
         readers.discard(sub)
         if not readers:
             del self._readers[sub.stream_id]
-            self._acks.pop(keys.notify(sub.stream_id), None)
-            self._schedule_unsubscribe(sub.stream_id)
+            self._close(keys.notify(sub.stream_id))
         self._counted()
-
-    def _schedule_unsubscribe(self, stream_id: str) -> None:
-        # Unsubscribing only writes a command; its reply arrives in `_run`.
-        task = asyncio.create_task(self._unsubscribe(stream_id))
-        self._unsubscribing.add(task)
-        task.add_done_callback(self._unsubscribing.discard)
-
-    async def _unsubscribe(self, stream_id: str) -> None:
-        if stream_id in self._readers:  # a new reader arrived meanwhile
-            return
-        connection = self._pubsub.connection
-        if self._up.is_set() and connection is not None and connection.is_connected:
-            try:
-                await self._pubsub.unsubscribe(keys.notify(stream_id))
-                return
-            except REDIS_ERRORS:
-                pass
-        # The connection is down: `_run` connects again, redis-py subscribes the channel again, and
-        # `_dispatch` unsubscribes it, finding no reader.
-        log.info("unsubscribe of %s deferred to reconnect", stream_id)
 
     async def tail(
         self, stream_id: str, after: str, last_seq: int, resumable: bool = True
@@ -364,6 +304,326 @@ class Hub:
     async def _has(self, stream_id: str, cursor: str) -> bool:
         entry = await ride_out(lambda: self._store.at(stream_id, cursor), patience_s=tuning.OUTAGE_PATIENCE_S)
         return entry is not None
+
+
+class PlainHub(Hub):
+    """Every channel on one pub/sub connection (``SUBSCRIBE``): one Redis, a Sentinel's primary, or
+    a Redis Cluster older than Redis 7, which copies every message to every node."""
+
+    def __init__(self, redis: Redis, store: StreamStore, *, idle_check_s: float) -> None:
+        """``redis``: a client of its own, which it closes (``connections.open_subscriber``)."""
+        super().__init__(store, idle_check_s=idle_check_s)
+        self._redis = redis
+        self._pubsub = redis.pubsub()
+        self._up = asyncio.Event()  # the connection is up, and only `_run` brings it up again
+        self._acks: dict[str, asyncio.Future[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._pubsub.subscribe(keys.HUB_CHANNEL)
+        self._up.set()
+        self._task = asyncio.create_task(self._run(), name="hub")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await super().close()
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self._redis.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            msg = await ride_out(self._next)
+            if msg is not None:
+                self._dispatch(msg)
+
+    async def _next(self) -> dict[str, str] | None:
+        """The next message; reconnects (and redis-py re-subscribes) if the connection was lost."""
+        try:
+            msg: dict[str, str] | None = await self._pubsub.get_message(timeout=None)
+        except REDIS_ERRORS:
+            self._up.clear()
+            raise
+        self._up.set()  # what comes first after a reconnect: an acknowledgement of a re-subscription
+        return msg
+
+    async def _send(self, command: Callable[[str], Awaitable[object]], channel: str) -> None:
+        """SUBSCRIBE or UNSUBSCRIBE ``channel`` once the connection is up (see the module docstring)."""
+        while True:
+            await self._up.wait()
+            connection = self._pubsub.connection
+            if connection is not None and connection.is_connected:
+                try:
+                    await command(channel)
+                    return
+                except REDIS_ERRORS:
+                    pass  # lost on the way: `_run` connects again
+            self._up.clear()
+
+    def _dispatch(self, msg: dict[str, str]) -> None:
+        kind, channel = msg["type"], msg["channel"]
+        if kind == "message":
+            self._deliver(channel, msg["data"])
+        elif kind == "subscribe":
+            ack = self._acks.pop(channel, None)
+            if ack is not None:
+                if not ack.done():
+                    ack.set_result(None)
+            elif channel != keys.HUB_CHANNEL and not self._resync(channel):
+                # redis-py re-subscribed a channel whose readers left while the connection was down.
+                self._close(channel)
+
+    async def _open(self, channel: str, first: bool) -> None:
+        ack = self._acks.get(channel)
+        if first and ack is None:
+            ack = self._acks[channel] = asyncio.get_running_loop().create_future()
+            try:
+                await self._send(self._pubsub.subscribe, channel)
+            except BaseException:
+                self._acks.pop(channel, None)
+                raise
+        if ack is not None:
+            await asyncio.shield(ack)
+
+    def _close(self, channel: str) -> None:
+        # Unsubscribing only writes a command; its reply arrives in `_run`.
+        self._acks.pop(channel, None)
+        self._in_background(self._unsubscribe(channel))
+
+    async def _unsubscribe(self, channel: str) -> None:
+        if keys.stream_of(channel) in self._readers:  # a new reader arrived meanwhile
+            return
+        connection = self._pubsub.connection
+        if self._up.is_set() and connection is not None and connection.is_connected:
+            try:
+                await self._pubsub.unsubscribe(channel)
+                return
+            except REDIS_ERRORS:
+                pass
+        # The connection is down: `_run` connects again, redis-py subscribes the channel again, and
+        # `_dispatch` unsubscribes it, finding no reader.
+        log.info("unsubscribe of %s deferred to reconnect", channel)
+
+
+class _Shard:
+    """One node's pub/sub connection for sharded channels, read by its own task (``ShardedHub``)."""
+
+    def __init__(self, name: str, redis: Redis) -> None:
+        self.name = name
+        self.redis = redis
+        self.pubsub = redis.pubsub()
+        self.acks: dict[str, asyncio.Future[None]] = {}  # SSUBSCRIBE sent, not yet acknowledged
+        self.alive = True  # until its connection is lost: then it is closed, never reconnected
+        self.task: asyncio.Task[None] | None = None
+
+    async def subscribe(self, channel: str) -> None:
+        """``SSUBSCRIBE channel``, returning once acknowledged; raises if refused (``MOVED``) or lost."""
+        if not self.alive:
+            raise RedisConnectionError(f"the pub/sub connection to {self.name} was lost")
+        ack = self.acks.get(channel)
+        if ack is None:
+            ack = self.acks[channel] = asyncio.get_running_loop().create_future()
+            try:
+                await self.pubsub.execute_command("SSUBSCRIBE", channel)
+            except BaseException:
+                self.acks.pop(channel, None)
+                raise
+        async with asyncio.timeout(tuning.SUBSCRIBE_TIMEOUT_S):
+            await asyncio.shield(ack)
+
+    def acknowledged(self, channel: str) -> None:
+        ack = self.acks.pop(channel, None)
+        if ack is not None and not ack.done():
+            ack.set_result(None)
+
+    def refused(self, error: ResponseError) -> None:
+        """An ``SSUBSCRIBE`` was refused: ``MOVED <slot> <node>`` names the slot; its channels'
+        subscriptions fail (any other error fails every pending one)."""
+        words = str(error).split()
+        slot = int(words[1]) if len(words) > 1 and words[0] == "MOVED" and words[1].isdigit() else None
+        for channel in [c for c in self.acks if slot is None or key_slot(c.encode()) == slot]:
+            self._fail(channel, error)
+
+    def lost(self) -> None:
+        self.alive = False
+        for channel in list(self.acks):
+            self._fail(channel, RedisConnectionError(f"the pub/sub connection to {self.name} was lost"))
+
+    def _fail(self, channel: str, error: Exception) -> None:
+        ack = self.acks.pop(channel)
+        if not ack.done():
+            ack.set_exception(error)
+            ack.exception()  # retrieved: nobody may be waiting any more
+
+    async def aclose(self) -> None:
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        await self.pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self.redis.aclose()
+
+
+class ShardedHub(Hub):
+    """Sharded pub/sub on a Redis Cluster of Redis 7 (``SSUBSCRIBE``): the workers ``SPUBLISH`` a
+    stream's batches to the nodes of its shard only, and the hub subscribes its channel on the
+    primary that serves its slot, one connection per node, however many channels.
+
+    A subscription follows its slot. When the slot moves (a failover: the old primary sends
+    ``sunsubscribe``) or the connection to its node is lost (the node died), the channel's readers
+    read the stream, and the hub asks the cluster again where the slot is (``Cluster.remap``) and
+    subscribes there, trying until it can; its readers then read the stream once more, for what was
+    published meanwhile. Until then a reader still looks at the stream every ``idle_check_s``. A
+    lost connection is closed for good; the next channel placed on its node connects again."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        subscriber: Callable[[str, int], Redis],
+        store: StreamStore,
+        *,
+        idle_check_s: float,
+    ) -> None:
+        """``cluster``: the store's cluster client, for where a slot is; ``subscriber``: a client of
+        one connection to a node (host, port), which the hub closes (``connections.open_subscriber``)."""
+        super().__init__(store, idle_check_s=idle_check_s)
+        self._cluster = cluster
+        self._subscriber = subscriber
+        self._shards: dict[str, _Shard] = {}  # by node, "host:port"
+        self._connecting: dict[str, asyncio.Future[_Shard]] = {}
+        self._homes: dict[str, _Shard] = {}  # channel -> where it is subscribed (acknowledged)
+        self._placing: dict[str, asyncio.Task[None]] = {}  # channel -> its subscription under way
+        self._remapping: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Connects to every primary now, so that the first readers do not wait for it."""
+        for node in self._cluster.get_primaries():
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self._shard(node.host, int(node.port))
+
+    async def close(self) -> None:
+        for task in self._placing.values():
+            task.cancel()
+        await asyncio.gather(*self._placing.values(), return_exceptions=True)
+        await super().close()
+        await asyncio.gather(*(shard.aclose() for shard in self._shards.values()), return_exceptions=True)
+
+    async def _open(self, channel: str, first: bool) -> None:
+        if channel in self._homes:
+            return
+        task = self._placing.get(channel) or self._place(channel, resync=False)
+        await asyncio.shield(task)
+
+    def _close(self, channel: str) -> None:
+        shard = self._homes.pop(channel, None)
+        if shard is not None:  # (a subscription under way sees, once made, that nobody reads it)
+            self._in_background(self._sunsubscribe(shard, channel))
+
+    async def _sunsubscribe(self, shard: _Shard, channel: str) -> None:
+        if channel in self._homes or channel in self._placing or not shard.alive:
+            return  # a new reader arrived meanwhile, or nothing to undo
+        with contextlib.suppress(*REDIS_ERRORS):
+            await shard.pubsub.execute_command("SUNSUBSCRIBE", channel)
+
+    def _place(self, channel: str, *, resync: bool) -> asyncio.Task[None]:
+        """Subscribe ``channel`` where its slot is, trying until it can or its readers have left;
+        ``resync``: then its readers read the stream (it was lost for a while)."""
+
+        async def place() -> None:
+            try:
+                await ride_out(lambda: self._try(channel))
+            finally:
+                del self._placing[channel]
+            if keys.stream_of(channel) not in self._readers:
+                self._close(channel)
+            elif resync:
+                self._resync(channel)
+
+        task = self._placing[channel] = asyncio.create_task(place())
+        return task
+
+    async def _try(self, channel: str) -> None:
+        if keys.stream_of(channel) not in self._readers:
+            return
+        try:
+            shard = await self._shard(*self._cluster.primary_of(channel))
+            await shard.subscribe(channel)
+        except (*REDIS_ERRORS, ResponseError) as exc:
+            log.info("subscribing %s: %s; asking the cluster where its slot is", channel, exc)
+            await self._remap()
+            raise RedisConnectionError(str(exc)) from exc  # `ride_out` tries again
+        self._homes[channel] = shard
+
+    async def _remap(self) -> None:
+        """The cluster's map asked again, once for however many channels need it at a time."""
+        if self._remapping is None or self._remapping.done():
+            self._remapping = asyncio.create_task(self._cluster.remap())
+        with contextlib.suppress(*REDIS_ERRORS):
+            await asyncio.shield(self._remapping)
+
+    async def _shard(self, host: str, port: int) -> _Shard:
+        """The connection to the node at ``host``:``port``, made once for its first channel."""
+        name = f"{host}:{port}"
+        shard = self._shards.get(name)
+        if shard is not None:
+            return shard
+        connecting = self._connecting.get(name)
+        if connecting is None:
+            connecting = self._connecting[name] = asyncio.ensure_future(self._connect(name, host, port))
+            connecting.add_done_callback(lambda _: self._connecting.pop(name, None))
+        return await asyncio.shield(connecting)
+
+    async def _connect(self, name: str, host: str, port: int) -> _Shard:
+        shard = _Shard(name, self._subscriber(host, port))
+        try:
+            await shard.pubsub.connect()  # type: ignore[no-untyped-call]
+        except BaseException:
+            await shard.aclose()
+            raise
+        shard.task = asyncio.create_task(self._read(shard), name=f"hub {name}")
+        self._shards[name] = shard
+        return shard
+
+    async def _read(self, shard: _Shard) -> None:
+        try:
+            while True:
+                try:
+                    msg = await shard.pubsub.get_message(timeout=None)
+                except ResponseError as exc:
+                    shard.refused(exc)
+                    continue
+                if msg is not None:
+                    self._dispatch(shard, msg)
+        except REDIS_ERRORS as exc:
+            log.info("pub/sub connection to %s lost (%s): its channels move", shard.name, exc)
+            self._lost(shard)
+
+    def _dispatch(self, shard: _Shard, msg: dict[str, str]) -> None:
+        kind, channel = msg["type"], msg["channel"]
+        if kind == "smessage":
+            self._deliver(channel, msg["data"])
+        elif kind == "ssubscribe":
+            shard.acknowledged(channel)
+        elif kind == "sunsubscribe" and self._homes.get(channel) is shard:
+            # Not a reply to its own SUNSUBSCRIBE (that channel left `_homes` first, and a new
+            # subscription of it is acknowledged after this reply): its slot moved (a failover).
+            del self._homes[channel]
+            self._follow(channel)
+
+    def _lost(self, shard: _Shard) -> None:
+        shard.lost()
+        if self._shards.get(shard.name) is shard:
+            del self._shards[shard.name]
+        for channel in [c for c, home in self._homes.items() if home is shard]:
+            del self._homes[channel]
+            self._follow(channel)
+        self._in_background(shard.aclose())
+
+    def _follow(self, channel: str) -> None:
+        if self._resync(channel) and channel not in self._placing:
+            self._place(channel, resync=True)
 
 
 def _attempt_of(e: Entry) -> int:

@@ -18,9 +18,9 @@ from redis.asyncio import Redis
 
 from gateway.admission import Admission, ReaderSlots
 from gateway.auth import Auth
-from gateway.hub import Hub
+from gateway.hub import Hub, PlainHub, ShardedHub
 from tailgate import tuning
-from tailgate.connections import open_queue, open_store, open_subscriber
+from tailgate.connections import Cluster, node_url, open_queue, open_store, open_subscriber
 from tailgate.settings import Settings
 from tailgate.store import StreamStore
 
@@ -46,8 +46,17 @@ async def opened(settings: Settings) -> AsyncIterator[Services]:
     store = await open_store(settings, "gateway", tuning.GATEWAY_STREAMS_POOL)
     streams = store.redis
     queue = open_queue(settings, "gateway", tuning.GATEWAY_QUEUE_POOL)
-    subscriber = open_subscriber(settings.streams_url, "gateway", nodes=store.nodes)
-    hub = Hub(subscriber, store, idle_check_s=settings.ping_s)
+    hub: Hub
+    if store.sharded:
+        assert isinstance(store.redis, Cluster)
+
+        def at(host: str, port: int) -> Redis:
+            return open_subscriber(node_url(settings.streams_url, host, port), "gateway")
+
+        hub = ShardedHub(store.redis, at, store, idle_check_s=settings.ping_s)
+    else:
+        subscriber = open_subscriber(settings.streams_url, "gateway", nodes=store.nodes)
+        hub = PlainHub(subscriber, store, idle_check_s=settings.ping_s)
     try:
         await hub.start()
         auth = await Auth.load(settings, streams)

@@ -23,9 +23,12 @@ retry in lockstep:
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import hiredis
 import stamina
@@ -42,6 +45,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tailgate import sentinel, tuning
 from tailgate.settings import Settings
 from tailgate.store import StreamStore
+
+log = logging.getLogger(__name__)
 
 # What an unreachable or restarting Redis raises; every loop that rides out an outage catches these.
 # (redis-py's cluster client raises RedisClusterException, not a ConnectionError, when it cannot map
@@ -155,7 +160,16 @@ def _any_of(cls: type[AbstractConnection], nodes: list[tuple[str, int]]) -> type
     return AnyOf
 
 
-class _Cluster(RedisCluster):
+class _Listed(dict[str, ClusterNode]):
+    """A cluster client's startup nodes, whose ``values()`` is a list: redis-py 5.3 iterates them
+    across awaits while other tasks drop a node that failed or add one back (``RuntimeError:
+    dictionary changed size during iteration``, which a reader's catch-up met in a failover)."""
+
+    def values(self) -> list[ClusterNode]:  # type: ignore[override]
+        return list(super().values())
+
+
+class Cluster(RedisCluster):
     """redis-py's cluster client, which maps the cluster again from every node it learned at start.
     Its own list of nodes to ask loses each node a command failed on, and a failover under load could
     empty it ("Redis Cluster cannot be connected"), after which it never connects again."""
@@ -163,11 +177,46 @@ class _Cluster(RedisCluster):
     seeds: tuple[tuple[str, int], ...] = ()
 
     async def initialize(self) -> RedisCluster:
+        self._seed()
+        return await super().initialize()
+
+    def _seed(self) -> None:
         manager = self.nodes_manager
         for host, port in self.seeds:
             node = ClusterNode(host, port, **manager.connection_kwargs)
             manager.startup_nodes.setdefault(node.name, node)
-        return await super().initialize()
+
+    async def remap(self) -> None:
+        """Ask the cluster again which node serves which slot (after a failover), keeping the
+        connections it has; one at a time, as redis-py's own ``initialize`` does."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            self._seed()
+            await self.nodes_manager.initialize()
+
+    def primary_of(self, key: str) -> tuple[str, int]:
+        """The (host, port) of the primary that serves ``key``'s slot, as the client last learned.
+        Raises ``SlotNotCoveredError`` (a ``RedisClusterException``) while it knows of none."""
+        node = self.get_node_from_key(key)
+        assert node is not None, "a primary, as replica=False"
+        return node.host, int(node.port)
+
+    async def sharded_pubsub(self) -> bool:
+        """Whether every node runs Redis 7 or later, and so has sharded pub/sub."""
+        for node in self.get_nodes():
+            info = await node.execute_command("INFO", "server")
+            if int(str(info["redis_version"]).split(".")[0]) < 7:
+                return False
+        return True
+
+
+def node_url(url: str, host: str, port: int) -> str:
+    """``url`` (its scheme, credentials, database, options) for the node at ``host``:``port``."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    netloc = f"{credentials}@" * bool(credentials) + (f"[{host}]" if ":" in host else host) + f":{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class ClusterMisconfigured(RuntimeError):
@@ -214,7 +263,7 @@ async def open_store(
         )
     if settings.replicas.acks:
         raise ClusterMisconfigured("TAILGATE_REPLICA_ACKS is not supported with a Redis Cluster: set it to 0")
-    cluster = _Cluster.from_url(
+    cluster = Cluster.from_url(
         settings.streams_url,
         decode_responses=True,
         max_connections=pool_size,
@@ -225,11 +274,18 @@ async def open_store(
         # fenced script goes in a pipeline: tailgate.store.)
         cluster_error_retry_attempts=tuning.COMMAND_RETRIES if retry else 1,
     )
+    cluster.nodes_manager.startup_nodes = _Listed(cluster.nodes_manager.startup_nodes)
     await (ride_out(cluster.initialize) if wait else cluster.initialize())  # learns the nodes and slots
     nodes = [(node.host, node.port) for node in cluster.get_nodes()]
     cluster.seeds = tuple(nodes)
+    sharded = await (ride_out(cluster.sharded_pubsub) if wait else cluster.sharded_pubsub())
+    if not sharded:
+        log.warning(
+            "the streams' Redis Cluster has a node older than Redis 7, without sharded pub/sub: "
+            "notifications fall back to plain pub/sub, which every node copies to every other"
+        )
     books = Redis.from_pool(_pool(settings.queue_url, role, pool_size, **options))
-    return StreamStore(cluster, books=books, nodes=nodes, **store)
+    return StreamStore(cluster, books=books, nodes=nodes, sharded=sharded, **store)
 
 
 def open_queue(settings: Settings, role: str, pool_size: int) -> ArqRedis:

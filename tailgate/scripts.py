@@ -96,12 +96,15 @@ return 1
 )
 
 
-def clustered(script: str, stream_keys: int, book_keys: int) -> str:
+def clustered(script: str, stream_keys: int, book_keys: int, *, sharded: bool) -> str:
     """``script`` (``LIB`` and a body) for a stream store on a Redis Cluster: KEYS only the stream's
     own (``stream_keys``, one slot); the ``book_keys`` bookkeeping keys that come after them first in
-    ARGV; the bookkeeping writes collected and answered as ``{reply, writes}`` (see ``book``)."""
+    ARGV; the bookkeeping writes collected and answered as ``{reply, writes}`` (see ``book``).
+    ``sharded``: the stream's notifications go out with ``SPUBLISH`` (Redis 7), to its shard only."""
     lib, body = script[: len(LIB)], script[len(LIB) :]
     assert lib == LIB, "a script this takes is LIB and a body"
+    if sharded:
+        body = body.replace("redis.call('PUBLISH', ", "redis.call('SPUBLISH', ")
     names = [f"KEYS[{i}]" for i in range(1, stream_keys + 1)]
     names += [f"ARGV[{i}]" for i in range(1, book_keys + 1)]
     prologue = f"BOOK = {{}}\nlocal KEYS = {{{', '.join(names)}}}\n"

@@ -69,9 +69,12 @@ between them loses no stream and leaves nothing that does not heal. The meta sta
   next create of that owner prunes once it is an hour old (``tuning.ACTIVE_STALE_S`` past the job
   timeout), and its idempotency record names a stream that does not exist (404) until it expires;
 - what can be lost is counts (``tg:stats``): a step that never ran counts nothing.
-Notifications stay plain pub/sub on a cluster (not sharded yet: every node carries every message);
-the gateway subscribes on the node its URL names, or on another while that one does not answer
-(``connections.open_subscriber``). ``TAILGATE_REPLICA_ACKS`` is refused there.
+Notifications on a cluster are sharded pub/sub (``SPUBLISH``, Redis 7): a message goes to the
+nodes of its stream's shard only, and the gateway subscribes to each stream's channel on its shard
+(``gateway.hub.ShardedHub``). A cluster with a node older than Redis 7 (no sharded pub/sub) gets
+plain pub/sub, which every node copies to every other; the gateway then subscribes on the node its
+URL names, or on another while that one does not answer (``connections.open_subscriber``), and both
+processes log that they fell back. ``TAILGATE_REPLICA_ACKS`` is refused on a cluster.
 
 **Replays.** The worker opens its store without redis-py's command re-send (``retry=False``): the
 worker's loops retry themselves, knowing that they did, which recognising a replay needs. A re-sent
@@ -283,12 +286,15 @@ class StreamStore:
         replicas: Replicas = UNREPLICATED,
         books: Redis | None = None,
         nodes: list[tuple[str, int]] | None = None,
+        sharded: bool = False,
     ) -> None:
         """``books``: on a Redis Cluster (``redis``), the Redis that keeps the bookkeeping (see
         "Redis Cluster" above); ``None``: ``redis`` keeps it, in the scripts' own step. ``nodes``:
-        the cluster's nodes (host, port) when it opened."""
+        the cluster's nodes (host, port) when it opened. ``sharded``: the cluster's notifications
+        are sharded pub/sub (every node runs Redis 7 or later)."""
         self.redis = redis
         self.nodes = nodes or []
+        self.sharded = sharded
         self.books: Redis = books if books is not None else redis
         self.clustered = books is not None
         self._replicas = replicas
@@ -298,7 +304,7 @@ class StreamStore:
 
         def script(lua: str, stream_keys: int, book_keys: int) -> _Script:
             if self.clustered:
-                lua = scripts.clustered(lua, stream_keys, book_keys)
+                lua = scripts.clustered(lua, stream_keys, book_keys, sharded=sharded)
             return _Script(redis.register_script(lua), stream_keys if self.clustered else 0)
 
         self._create = _Script(redis.register_script(scripts.CREATE), 0)

