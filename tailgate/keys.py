@@ -97,7 +97,8 @@ JOB_GENERATE = "generate"
 
 def fair(queue: str) -> str:
     """Hash beside ARQ's queue ``queue``, on its Redis: owner -> the virtual time its next job starts
-    at; field ``""``: the latest virtual time given out. A job's score in the queue is its virtual
+    at (the owners seen since the queue last had nothing waiting: an enqueue then drops the rest);
+    field ``""``: the latest virtual time given out. A job's score in the queue is its virtual
     start time, not a clock, so the queue runs its jobs fairly across owners (``scripts.FAIR``)."""
     return f"{queue}:fair"
 

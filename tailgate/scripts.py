@@ -129,6 +129,15 @@ end
 -- queue, 1 for next.
 local function fair_enqueue(queue, fair, owner, id)
   if not redis.call('ZSCORE', queue, id) then
+    if redis.call('HLEN', fair) > 1 and not redis.call('ZRANGEBYSCORE', queue, '(0', '+inf', 'LIMIT', 0, 1)[1]
+    then
+      -- Nothing waits, so "now" is the latest time given out, and every owner's next start is behind
+      -- it: only that time matters. Kept alone, the hash holds the owners of what waits, not every
+      -- owner ever seen.
+      local latest = redis.call('HGET', fair, '')
+      redis.call('DEL', fair)
+      redis.call('HSET', fair, '', latest)
+    end
     local start = fair_start(queue, fair, owner)
     redis.call('ZADD', queue, start, id)
     redis.call('HSET', fair, owner, start + 1)

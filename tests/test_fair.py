@@ -99,6 +99,22 @@ async def test_virtual_time_does_not_go_back_when_the_queue_empties(store: Strea
     assert await store.redis.zrank(QUEUE, a4) in (0, 1)
 
 
+async def fair_hash(store: StreamStore) -> dict[str, str]:
+    return await store.redis.hgetall(keys.fair(QUEUE))  # type: ignore[no-any-return,misc]
+
+
+async def test_the_fair_hash_keeps_only_the_owners_of_what_waits(store: StreamStore) -> None:
+    waited = [i for owner in ("a", "b", "c") for i in await queue(store, owner, 2)]
+    await take(store, *waited)
+    assert await fair_hash(store) == {"": "3", "a": "3", "b": "3", "c": "3"}
+    [d1] = await queue(store, "d")  # nothing waits: a's, b's and c's next starts are all behind now
+    assert await fair_hash(store) == {"": "4", "d": "4"}
+    assert await scores(store, [d1]) == [3]
+    [e1] = await queue(store, "e")  # d's job waits: d stays
+    assert set(await fair_hash(store)) == {"", "d", "e"}
+    assert await scores(store, [e1]) == [3]
+
+
 async def test_a_takeover_job_is_first_in_line_and_is_not_the_queues_now(store: StreamStore) -> None:
     a = await queue(store, "a", 5)
     [b1] = await queue(store, "b")  # scored 1, beside a's first
