@@ -274,7 +274,12 @@ async def open_store(
         # fenced script goes in a pipeline: tailgate.store.)
         cluster_error_retry_attempts=tuning.COMMAND_RETRIES if retry else 1,
     )
-    cluster.nodes_manager.startup_nodes = _Listed(cluster.nodes_manager.startup_nodes)
+    manager = cluster.nodes_manager
+    kwargs = manager.connection_kwargs
+    kwargs["connection_class"] = _packing(kwargs["connection_class"])  # as for every client here
+    manager.startup_nodes = _Listed(
+        {n.name: ClusterNode(n.host, n.port, **kwargs) for n in manager.startup_nodes.values()}
+    )
     await (ride_out(cluster.initialize) if wait else cluster.initialize())  # learns the nodes and slots
     nodes = [(node.host, node.port) for node in cluster.get_nodes()]
     cluster.seeds = tuple(nodes)

@@ -571,6 +571,14 @@ async def test_on_a_cluster_the_client_maps_it_again_from_every_node_it_learned(
     assert (await clustered.meta(stream_id))["status"] == "queued"
 
 
+async def test_on_a_cluster_connections_pack_commands_with_hiredis(clustered: StreamStore) -> None:
+    assert isinstance(clustered.redis, Cluster)
+    nodes = clustered.redis.get_nodes()
+    assert len(nodes) >= 3
+    for node in nodes:  # what each node makes its connections of
+        assert node.connection_class.__mro__[1].__name__ == "_HiredisPacking"
+
+
 async def test_on_a_cluster_the_map_asked_again_while_a_failed_command_drops_a_node_is_made(
     clustered: StreamStore,
 ) -> None:

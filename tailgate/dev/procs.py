@@ -515,11 +515,11 @@ class RedisCluster:
             directory.mkdir()
             options = ["--cluster-enabled", "yes", "--cluster-config-file", str(directory / "nodes.conf")]
             options += ["--cluster-node-timeout", str(node_timeout_ms)]
-            if bus_option:  # a bus port of its own: the default, port + 10000, may be taken or past 65535
-                port = free_port()
-                options += ["--cluster-port", str(free_port())]
-            else:  # Redis 6 has no such option: a port whose port + 10000 is free too
-                port = _free_port_and_bus()
+            if bus_option:  # a bus port of its own: the default, port + 10000, may be taken
+                port = _unused_port()
+                options += ["--cluster-port", str(_unused_port())]
+            else:  # Redis 6 has no such option
+                port = _unused_port(bus=True)
             self.nodes.append(RedisServer(port=port, directory=str(directory), extra=options, binary=binary))
         self.masters = masters
 
@@ -664,14 +664,17 @@ def _version(binary: str) -> tuple[int, ...]:
     return tuple(int(n) for n in out.split("v=", 1)[1].split()[0].split("."))
 
 
-def _free_port_and_bus() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too."""
+def _unused_port(*, bus: bool = False) -> int:
+    """A free port below Linux's ephemeral range (from 32768), so that no outgoing connection takes
+    it between this check and the node's start (12 of them start one by one); ``bus``: one whose
+    port + 10000 is free too (Redis 6's cluster bus)."""
     while True:
-        port = random.randrange(20_000, 55_000)
+        port = random.randrange(10_000, 22_000 if bus else 32_000)
         with socket.socket() as a, socket.socket() as b:
             try:
                 a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 10_000))
+                if bus:
+                    b.bind(("127.0.0.1", port + 10_000))
             except OSError:
                 continue
         return port
