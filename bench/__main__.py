@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import math
@@ -36,7 +37,7 @@ from bench import report
 from bench.client import Load, body, session
 from bench.procs import Procs, raise_fd_limit
 from tailgate import keys
-from tailgate.dev.procs import Child
+from tailgate.dev.procs import Child, RedisCluster, RedisServer
 from tailgate.settings import Settings
 
 STALL_MS = 200.0  # 10 × the 20 ms pacing
@@ -47,11 +48,12 @@ XADD = "XADD bench:xadd * f v"  # given explicitly: not every redis-benchmark ha
 SETUPS = {"a": ("mock", "mock"), "b": ("naive", "naive"), "c": ("gateway", "gateway", "worker")}
 Records = list[dict[str, Any]]
 Raw = dict[str, list[float]]
-PHASES = ("peer", "steady", "saturation", "sustained", "fanin", "idle", "fair", "scale")
+PHASES = ("peer", "steady", "saturation", "sustained", "fanin", "idle", "fair", "scale", "cluster")
 # The scale phase's (gateway processes, worker processes), in order.
 SCALE = ((1, 1), (2, 1), (1, 2), (2, 2))
 PEER = Load(0, (64, 64), loop=False, ramp_s=1.0)  # issue #11: a level's streams start over 1 s
 PROFILED = (200, 400)  # the peer levels ``--profile`` records
+WARM = Load(50, (16, 16), count=100, ramp_s=0.5, samples=False)
 PY_SPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
 
 
@@ -75,6 +77,7 @@ class Plan:
     peer_long: Load = Load(200, (512, 512), count=200, loop=False, ramp_s=1.0)  # issue #11's 2nd CPU goal
     fair_backlog: int = 5_000  # key A's queued streams in the fair phase (issue #10)
     fair_samples: int = 40  # key B's streams, one after another, alone and beside that backlog
+    cluster_level: int = 200  # streams of ``level`` in the cluster phase: the sizing guide's 1 × 1 level
 
 
 QUICK = Plan(
@@ -90,6 +93,7 @@ QUICK = Plan(
     xadd_requests=20_000,
     fair_backlog=500,
     fair_samples=15,
+    cluster_level=100,
 )
 
 
@@ -215,9 +219,8 @@ class Bench:
     # --- phases ----------------------------------------------------------------------------------
 
     def warm_up(self) -> None:
-        warm = Load(50, (16, 16), count=100, ramp_s=0.5, samples=False)
         for s in SETUPS:
-            if (q := self.load(s, "warm", warm, 60, settle=False))["failed"]:
+            if (q := self.load(s, "warm", WARM, 60, settle=False))["failed"]:
                 raise RuntimeError(f"warm-up through ({s}) failed: {q['errors']}")
         self.say("warm-up: 100 streams through each setup, all complete")
 
@@ -289,12 +292,12 @@ class Bench:
         self.r["sustained"] = {"levels": list(self.plan.levels), "runs": runs}
         self.r["redis_connections"]["live_max"] = max(seen)[0]
 
-    def climb(self, setup: str, phase: str, **kw: Any) -> Records:
-        """``setup`` at the plan's rising levels until a level does not hold: every stream whole, no gap
-        between chunks over ``STALL_MS``; stricter, ``held_first_token``: nor a first token later than
-        that. Each level's figures, a progress line each."""
+    def climb(self, setup: str, phase: str, levels: tuple[int, ...] = (), **kw: Any) -> Records:
+        """``setup`` at rising ``levels`` (the plan's) until a level does not hold: every stream whole,
+        no gap between chunks over ``STALL_MS``; stricter, ``held_first_token``: nor a first token later
+        than that. Each level's figures, a progress line each."""
         runs: Records = []
-        for level in self.plan.levels:
+        for level in levels or self.plan.levels:
             load = replace(self.plan.level, concurrency=level, count=level)
             q = self.load(setup, f"{phase}{level}", load, **kw)
             why = f"a {q['max_gap_ms']:,.0f} ms gap between chunks" if q["max_gap_ms"] > STALL_MS else ""
@@ -317,13 +320,52 @@ class Bench:
         1 and 2 worker processes (``--workers``, ``--processes``); then one of each again."""
         res = self.r["scale"] = {}
         for gateways, workers in (*SCALE, (1, 1)):
-            self.procs.stop("gateway")
-            self.procs.stop("worker")
-            self.procs.start_gateway(processes=gateways)
-            self.procs.start_worker(processes=workers)
+            self.restart(gateways, workers)
             if (gateways, workers) in SCALE:
                 self.say(f"scale: {gateways} gateway and {workers} worker processes")
                 res[f"{gateways}x{workers}"] = self.climb("c", f"scale{gateways}x{workers}-")
+
+    def restart(self, gateways: int = 1, workers: int = 1, **env: str) -> None:
+        """(c)'s gateway and worker started again: ``gateways`` and ``workers`` processes, ``env``."""
+        self.procs.stop("gateway")
+        self.procs.stop("worker")
+        self.procs.start_gateway(processes=gateways, **env)
+        self.procs.start_worker(processes=workers, **env)
+
+    def cluster(self) -> None:
+        """What the streams cost Redis on a Redis Cluster: (c) at one sustained level (``cluster_level``
+        streams), the streams on the bench's Redis, then on a fresh cluster of 3 masters and 3 replicas
+        (``TAILGATE_STREAMS_REDIS_URL``; the queue and the bookkeeping stay on the bench's Redis; node
+        timeout 15 s, Redis's default, so that no busy master is failed over), each time with a fresh
+        gateway and worker, warmed up. The CPU per token of every Redis, the cluster's nodes named by
+        their roles at the start (``master0``, its replica ``replica0``, …), and the masters' time in
+        each command per token (``INFO commandstats``)."""
+        n, p = self.plan.cluster_level, self.procs
+        self.restart()
+        self.load("c", "warm", WARM, 60, settle=False)
+        res: dict[str, Any] = {"level": n, "single": self.climb("c", "cluster-single-", (n,))[0]}
+        with RedisCluster(node_timeout_ms=15_000) as cluster:
+            nodes = {f"{('master', 'replica')[i // 3]}{i % 3}": x for i, x in enumerate(cluster.nodes)}
+            self.say(f"cluster: {', '.join(f'{k} on :{x.port}' for k, x in nodes.items())}")
+            try:
+                self.restart(TAILGATE_STREAMS_REDIS_URL=cluster.url)
+                self.load("c", "warm", WARM, 60, settle=False)
+                p.watched = {k: x.pid for k, x in nodes.items() if x.pid is not None}
+                before = _commands(p, cluster.nodes[:3])
+                q = res["cluster"] = self.climb("c", "cluster-", (n,))[0]
+                spent = _commands(p, cluster.nodes[:3]) - before
+                q["masters_redis_us_per_token"] = {k: v / q["tokens"] for k, v in spent.items()}
+                q["roles_changed"] = [k for k, x in nodes.items() if (_role(x) == "master") != (k[0] == "m")]
+            finally:
+                p.watched = {}
+            self.restart()  # off the cluster before it stops
+        self.r["cluster"], us = res, report.cluster_us(q)
+        self.say(
+            f"cluster: Redis CPU µs per token, one Redis {res['single']['cpu_us_per_token']['redis']:.1f}; "
+            f"cluster masters {us['masters']:.1f} ({' / '.join(f'{x:.0%}' for x in us['shares'])}), replicas "
+            f"{us['replicas']:.1f}, queue and bookkeeping {q['cpu_us_per_token']['redis']:.1f}; roles "
+            f"changed: {', '.join(q['roles_changed']) or 'none'}"
+        )
 
     def fanin(self) -> None:
         """Redis connections of the main gateway while it serves ``fan_in`` live SSE clients: slow
@@ -471,6 +513,16 @@ async def _each(n: int, items: list[Any], one: Callable[[Any], Awaitable[None]])
 
     await asyncio.gather(*(gated(item) for item in items))
     return failures[:5]
+
+
+def _role(node: RedisServer) -> str:
+    with redis.Redis(port=node.port, decode_responses=True) as r:
+        return str(r.role()[0])
+
+
+def _commands(procs: Procs, nodes: list[RedisServer]) -> collections.Counter[str]:
+    """µs ``nodes`` have spent in each command, together (:meth:`Procs.redis_commands`)."""
+    return sum((collections.Counter(procs.redis_commands(x.url)) for x in nodes), start=collections.Counter())
 
 
 def _run(*argv: str, timeout: float = 10) -> str:

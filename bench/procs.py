@@ -44,6 +44,7 @@ class Procs:
         self.redis = redis or RedisServer(extra=["--maxclients", "20000"])
         self.children: dict[str, Child] = {}
         self.ports: dict[str, int] = {}
+        self.watched: dict[str, int] = {}  # more processes whose CPU :meth:`cpu` counts, by name
 
     def env(self, **overrides: str) -> dict[str, str]:
         """The servers' environment: no quotas, logs at WARNING, the mock as the upstream."""
@@ -127,16 +128,16 @@ class Procs:
         loopback networking) and taken by the hypervisor (``steal``). ``machine`` minus ours is what
         other processes took."""
         pids = {name: child.pid for name, child in self.children.items()}
-        pids |= {"redis": self.redis.pid} if self.redis.pid is not None else {}
+        pids |= ({"redis": self.redis.pid} if self.redis.pid is not None else {}) | self.watched
         out = {name: sum(sum(p.cpu_times()[:2]) for p in _tree(pid)) for name, pid in pids.items()}
         out["bench"] = sum(psutil.Process().cpu_times()[:2])
         m = psutil.cpu_times()
         return out | {"machine": m.user + m.nice + m.system, "irq": m.irq + m.softirq, "steal": m.steal}
 
-    def redis_commands(self) -> dict[str, int]:
-        """µs Redis has spent in each command since it started (``INFO commandstats``; ``evalsha``
-        holds the scripts)."""
-        with redis.Redis.from_url(self.redis.url) as r:
+    def redis_commands(self, url: str = "") -> dict[str, int]:
+        """µs Redis (the one at ``url``) has spent in each command since it started (``INFO
+        commandstats``; ``evalsha`` holds the scripts)."""
+        with redis.Redis.from_url(url or self.redis.url) as r:
             stats = r.info("commandstats")
         return {k.removeprefix("cmdstat_"): int(v["usec"]) for k, v in stats.items()}
 

@@ -254,7 +254,8 @@ def table(r: R) -> str:
     rows = [row for needs, f in ROWS if all(k in r for k in needs) for row in f(r)]
     parts = [markdown(["figure", "goal", *SETUPS.values(), "verdict"], rows)] if rows else []
     parts += [goals(r)] if "peer" in r else []
-    return "\n\n".join(parts + ([sizing(r)] if "scale" in r else []))
+    parts += [sizing(r)] if "scale" in r else []
+    return "\n\n".join(parts + ([cluster(r)] if "cluster" in r else []))
 
 
 ROLES = ("gateway", "worker", "redis")
@@ -317,6 +318,43 @@ def sizing(r: R) -> str:
         f"`xrange` (readers catching up) {spent.get('xrange', 0):.1f}."
     )
     return out + "\n\n" + markdown(head, guide) + "\n\n" + why
+
+
+def cluster_us(q: R) -> dict[str, Any]:
+    """A cluster run's Redis CPU µs per token: its masters' sum and each one's share of it, and its
+    replicas' sum (``redis``, the bench's own, holds the queue and the store's bookkeeping)."""
+    us = q["cpu_us_per_token"]
+    masters = [v for k, v in sorted(us.items()) if k.startswith("master")]
+    replicas = sum(v for k, v in us.items() if k.startswith("replica"))
+    return {"masters": sum(masters), "shares": [v / sum(masters) for v in masters], "replicas": replicas}
+
+
+def cluster(r: R) -> str:
+    """The cluster phase: (c) at one level with the streams on the bench's Redis, then on a cluster;
+    under it, Redis's time in each command per token (the top 4 of each Redis)."""
+    c, rows = r["cluster"], []
+    s, q = c["single"], c["cluster"]
+    for where, x in (("one Redis", s), ("cluster, 3 masters + 3 replicas", q)):
+        us, held = x["cpu_us_per_token"], "held" if x["held"] else f"did not hold: {x['why']}"
+        held += f" (roles changed: {', '.join(x['roles_changed'])})" if x.get("roles_changed") else ""
+        held += f"; first token up to {x['max_late_ms']:,.0f} ms late; {x['tokens_per_s']:,.0f} tokens/s"
+        cells = [f"{us['redis']:.1f}", "—", "—", "(the same)", f"{us['redis']:.1f}"]
+        if x is q:
+            k = cluster_us(q)
+            shares, books = " / ".join(f"{v:.0%}" for v in k["shares"]), us["redis"]
+            cells = [f"{k['masters']:.1f}", shares, f"{k['replicas']:.1f}", f"{books:.1f}"]
+            cells.append(f"{k['masters'] + k['replicas'] + books:.1f}")
+        cpu = f"{us['gateway']:.0f} / {us['worker']:.0f}; {x['cores_used']['machine']:.2f} of {r['cpus']}"
+        rows.append([where, held, *cells, cpu])
+    head = ["streams on", f"{c['level']:,} streams × {r['plan']['level']['tokens'][0]} tokens at 50 tokens/s"]
+    head += ["Redis CPU µs per token: the streams' Redis (cluster: its masters)", "each master's share"]
+    head += ["replicas", "queue and bookkeeping Redis", "all Redis", "gateway / worker µs/token; cores busy"]
+    spent = {"one Redis": s["redis_us_per_token"], "the cluster's masters": q["masters_redis_us_per_token"]}
+    spent["the queue and bookkeeping Redis beside them"] = q["redis_us_per_token"]
+    tops = {where: sorted(us.items(), key=lambda kv: -kv[1])[:4] for where, us in spent.items()}
+    top = "; ".join(f"{where}: " + ", ".join(f"`{k}` {v:.1f}" for k, v in us) for where, us in tops.items())
+    why = "Redis's time inside commands per token (`INFO commandstats`, µs; `evalsha` counts its scripts"
+    return f"{markdown(head, rows)}\n\n{why}' commands, which are counted on their own too): {top}."
 
 
 def markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
