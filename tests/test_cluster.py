@@ -300,6 +300,33 @@ async def test_on_a_cluster_an_ended_stream_left_indexed_is_taken_out_by_the_nex
     assert await indexed(clustered, stream_id) == {"running": False, "active": False, "queued": False}
 
 
+async def test_on_a_cluster_a_pipeline_of_appends_counts_its_tokens_in_one_write(
+    clustered: StreamStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The bookkeeping's Redis gets one command for a batch's token counts, not one per append.
+    ids = [await create_one(clustered) for _ in range(3)]
+    claims = [await clustered.claim(i, "w1", stale_after_s=60, max_attempts=3) for i in ids]
+    before = int(await clustered.books.hget(keys.STATS, "tokens") or 0)  # type: ignore[misc]
+    apply, sent = clustered._apply, []
+
+    async def watched(**kw: Any) -> Any:
+        sent.append(kw["args"])
+        return await apply(**kw)
+
+    monkeypatch.setattr(clustered, "_apply", watched)
+    deltas = [("delta", {"content": w}) for w in ("a", "b")]
+    written = await clustered.append_many(
+        [Append(i, OWNER, c.attempt, c.seq, deltas) for i, c in zip(ids, claims, strict=True)]
+    )
+    assert not [w for w in written if isinstance(w, Exception)]
+    [args] = sent
+    assert args.count("HINCRBY") == 1 and args[args.index("HINCRBY") + 2 : args.index("HINCRBY") + 4] == [
+        "tokens",
+        6,
+    ]
+    assert int(await clustered.books.hget(keys.STATS, "tokens")) == before + 6  # type: ignore[misc]
+
+
 async def test_on_a_cluster_a_create_whose_stream_step_fails_takes_its_admission_back(
     clustered: StreamStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
