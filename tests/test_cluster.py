@@ -380,6 +380,13 @@ async def subscribers(node: RedisServer) -> list[int]:
     return [int(c["ssub"]) for c in clients if c["name"].startswith("tailgate-gateway-") and int(c["ssub"])]
 
 
+def test_a_nodes_url_keeps_the_scheme_credentials_database_and_options_of_the_clusters() -> None:
+    assert node_url("rediss://u:p%40ss@a.example:7000/0?ssl_cert_reqs=none", "10.0.0.2", 7001) == (
+        "rediss://u:p%40ss@10.0.0.2:7001/0?ssl_cert_reqs=none"
+    )
+    assert node_url("redis://a:7000", "::1", 7002) == "redis://[::1]:7002"
+
+
 async def test_a_gateway_subscribes_each_read_stream_on_its_shard_one_connection_per_node(
     stack: Stack, cluster: RedisCluster, client: httpx.AsyncClient, mock_url: str, prompt: str
 ) -> None:
