@@ -522,8 +522,8 @@ class ShardedHub(Hub):
             self._in_background(self._sunsubscribe(shard, channel))
 
     async def _sunsubscribe(self, shard: _Shard, channel: str) -> None:
-        if channel in self._homes or channel in self._placing or not shard.alive:
-            return  # a new reader arrived meanwhile, or nothing to undo
+        # A reader that arrives meanwhile subscribes again in a task made after this one, whose
+        # SSUBSCRIBE therefore follows this SUNSUBSCRIBE on the connection: it stays subscribed.
         with contextlib.suppress(*REDIS_ERRORS):
             await shard.pubsub.execute_command("SUNSUBSCRIBE", channel)
 
