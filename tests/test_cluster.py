@@ -29,6 +29,7 @@ kit's cluster alone, with redis-py's cluster client.
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -46,6 +47,7 @@ from gateway.hub import Batch, ShardedHub
 from tailgate import keys, tuning
 from tailgate.client import Event
 from tailgate.connections import Cluster, node_url, open_store, open_subscriber
+from tailgate.dev import procs
 from tailgate.dev.procs import NotReady, RedisCluster, RedisServer, await_until, free_port
 from tailgate.dev.sse import assert_exactly_once, events, read_sse, text_of
 from tailgate.events import START
@@ -138,6 +140,18 @@ async def test_the_kits_cluster_serves_every_master_and_keeps_writes_through_a_f
         assert await client.set(key, "after")
     async with Redis.from_url(promoted.url, decode_responses=True) as direct:
         assert await direct.get(key) == "after"
+
+
+def test_the_kit_never_hands_out_a_port_twice_though_still_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster picks its 12 ports before a node binds one: a repeated pick is still free to bind,
+    and the second node with it would fail to start (it did in CI, on a cluster bus port)."""
+    port = procs.free_port()  # free; never bound by the kit
+    picks, draw = iter([port, port]), random.randrange
+    monkeypatch.setattr(random, "randrange", lambda a, b: next(picks, None) or draw(a, b))
+    monkeypatch.setattr(procs, "_HANDED_OUT", set())
+
+    assert procs._unused_port() == port
+    assert procs._unused_port() != port
 
 
 async def test_a_stream_is_on_the_master_of_its_slot_and_nothing_of_it_on_the_queues_redis(

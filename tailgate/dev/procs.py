@@ -664,12 +664,19 @@ def _version(binary: str) -> tuple[int, ...]:
     return tuple(int(n) for n in out.split("v=", 1)[1].split()[0].split("."))
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def _unused_port(*, bus: bool = False) -> int:
     """A free port below Linux's ephemeral range (from 32768), so that no outgoing connection takes
     it between this check and the node's start (12 of them start one by one); ``bus``: one whose
-    port + 10000 is free too (Redis 6's cluster bus)."""
+    port + 10000 is free too (Redis 6's cluster bus). Never one handed out before in this process:
+    a cluster picks all its ports before its first node binds one, so a free port can come up twice."""
     while True:
         port = random.randrange(10_000, 22_000 if bus else 32_000)
+        ports = {port, port + 10_000} if bus else {port}
+        if ports & _HANDED_OUT:
+            continue
         with socket.socket() as a, socket.socket() as b:
             try:
                 a.bind(("127.0.0.1", port))
@@ -677,6 +684,7 @@ def _unused_port(*, bus: bool = False) -> int:
                     b.bind(("127.0.0.1", port + 10_000))
             except OSError:
                 continue
+        _HANDED_OUT.update(ports)
         return port
 
 
