@@ -28,7 +28,7 @@ from tailgate.events import dumps
 from tailgate.settings import Settings
 from tailgate.store import Append, Claimed, CreateReply, Creation, Limits, Reply, StreamStore, Written
 from worker.attempt import Attempt, Outcome
-from worker.publisher import Appender
+from worker.publisher import GAP, Appender
 
 OWNER = "owner-one"
 WORKER = "test-worker"
@@ -389,6 +389,53 @@ async def test_the_appender_writes_an_attempts_events_in_order_and_its_end_settl
         assert zombie.outcome is Outcome.FENCED
         assert await zombie.finish("done", {}) is Outcome.FENCED
         assert "late" not in json.dumps(await events(store, other))
+    finally:
+        loop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loop
+
+
+async def test_the_appender_spaces_its_round_trips_yet_sends_a_token_after_a_quiet_spell_at_once(
+    store: StreamStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    window = 0.5  # a gap of 0.1 s between the starts of round trips
+    trips: list[tuple[float, list[str]]] = []  # (start, streams) of each round trip
+    landed = asyncio.Event()
+    append_many = store.append_many
+
+    async def counted(appends: list[Append]) -> list[Written | Exception]:
+        trips.append((time.monotonic(), [a.stream_id for a in appends]))
+        try:
+            return await append_many(appends)
+        finally:
+            landed.set()
+
+    monkeypatch.setattr(store, "append_many", counted)
+    appender = Appender(store, window_s=window)
+    loop = appender.start()
+    try:
+        a, b, c = [await create(store) for _ in range(3)]
+        attempts = {}
+        for i in (a, b, c):
+            claimed = await claim(store, i)
+            attempts[i] = Attempt(appender, i, claimed.owner, claimed.attempt, claimed.seq)
+
+        sent = time.monotonic()
+        attempts[a].add("delta", {"text": "a"})
+        await asyncio.wait_for(landed.wait(), 5)
+        assert trips[0][0] - sent < window * GAP / 2  # not held back: nothing went out before it
+        attempts[b].add("delta", {"text": "b"})  # due (its first write), but within the gap
+        await asyncio.sleep(window * GAP / 5)
+        attempts[c].add("delta", {"text": "c"})
+        await await_until(lambda: len(trips) == 2, "a second round trip", 5)
+
+        assert trips[1][1] == [b, c]  # one round trip for both, not one each
+        assert trips[1][0] - trips[0][0] >= window * GAP
+        end = {"finish_reason": "stop", "usage": None}
+        for i, text in ((a, "a"), (b, "b"), (c, "c")):
+            assert await attempts[i].finish("done", end) is Outcome.COMPLETED
+            written = [(t, d.get("text")) for t, d in await events(store, i)]
+            assert written == [("queued", None), ("started", None), ("delta", text), ("done", None)]
     finally:
         loop.cancel()
         with pytest.raises(asyncio.CancelledError):
