@@ -179,6 +179,11 @@ class Bench:
         q |= {"errors": sorted(set(failed))[:3], "wall_s": wall} | {
             k: report.summary(v) for k, v in raw.items()
         }
+        # The first token's way, split at the mock (its send stamp): request sent → the mock's TTFT
+        # began (stamp − TTFT), and the mock sent it → the client has it.
+        whole = [x for x in measured if x["ok"] and x["first_sent_ms"] is not None]
+        q["to_model"] = report.summary([x["first_sent_ms"] - load.ttft_ms for x in whole])
+        q["from_model"] = report.summary([x["ttft_ms"] - x["first_sent_ms"] for x in whole])
         inside = sum(min(load.window_s, run["wall_s"]) for run in runs)
         q["tokens_per_s"] = sum(run["window_tokens"] for run in runs) / inside  # inside the window
         q["max_gap_ms"] = max((x["max_gap_ms"] for x in recs), default=math.inf)

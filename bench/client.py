@@ -76,6 +76,7 @@ class Stream:
     posted_ns: int = 0  # (c): the POST's answer arrived
     started_ns: int = 0  # (c): the `started` event arrived (the worker has claimed the stream)
     first_ns: int = 0
+    first_stamp: int = 0  # the mock's send stamp of the first token
     last_ns: int = 0
     last_stamp: int = 0
     max_gap: int = 0
@@ -111,6 +112,7 @@ class Stream:
             self.fail("tokens out of order")
         if self.first_ns:
             self.max_gap = max(self.max_gap, now - self.last_ns)
+        self.first_stamp = self.first_stamp or stamps[0]
         self.last_stamp, self.first_ns, self.last_ns = stamps[-1], self.first_ns or now, now
         self.tokens += len(stamps)
         self.window_tokens += len(stamps) if self.window[0] <= now <= self.window[1] else 0
@@ -133,6 +135,7 @@ class Stream:
             "id": self.id,
             "measured": self.measured,
             "ttft_ms": self._since_send(self.first_ns),
+            "first_sent_ms": self._since_send(self.first_stamp),
             "posted_ms": self._since_send(self.posted_ns),
             "started_ms": self._since_send(self.started_ns),
             "max_gap_ms": round(self.max_gap / 1e6, 3),

@@ -380,6 +380,16 @@ def notes(r: R) -> list[str]:
                 f"{c['enqueue_start']['p50']:.1f} ms), the first token {step['started_to_token']['p50']:.1f} "
                 "ms after that (the mock's TTFT is 200 ms)."
             )
+    if (one := peer.get("1")) and "to_model" in one["a"]:
+        way = {s: (one[s]["to_model"]["p50"], one[s]["from_model"]["p50"]) for s in "abc"}
+        added = {s: f"+{way[s][0] - way['a'][0]:.1f} / +{way[s][1] - way['a'][1]:.1f} ms" for s in "bc"}
+        out.append(
+            "added time to first token at 1 stream, p50, split at the mock (its send stamp of the token): "
+            f"request sent → the mock's TTFT begins / the mock sends it → the client has it, added to (a)'s "
+            f"{way['a'][0]:.1f} / {way['a'][1]:.1f} ms: (b) {added['b']}, (c) {added['c']}."
+        )
+    if (short := peer.get("200")) and (long := peer.get("long")):
+        out.append(_per_stream(short["c"], long["c"], r["plan"]["peer_long"]["tokens"][0]))
     if peer:
         rounds = ", ".join(f"{n:,} × {k}" for n, k in r["plan"]["peer"])
         out.append(
@@ -403,6 +413,17 @@ def notes(r: R) -> list[str]:
         'noise); "irq" is interrupt time, mostly the loopback traffic itself.'
     )
     return out
+
+
+def _per_stream(short: R, long: R, n: int) -> str:
+    """(c)'s CPU per token at 200 streams of 64 and of ``n`` tokens, solved for a cost per stream and
+    one per token: ``per_token + per_stream / tokens`` fits both."""
+    split = []
+    for who in ("gateway", "worker"):
+        a, b = short["cpu_us_per_token"][who], long["cpu_us_per_token"][who]
+        stream = (a - b) / (1 / 64 - 1 / n)
+        split.append(f"{who} {stream / 1000:.2f} ms per stream + {a - stream / 64:.0f} µs per token")
+    return f"(c)'s CPU at 200 streams, from its 64- and {n}-token runs: " + "; ".join(split) + "."
 
 
 def write(r: R, raw: R, base: Path) -> str:
