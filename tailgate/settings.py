@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     # (tailgate.supervisor) runs N, each with its own worker id, pools and TAILGATE_CONCURRENCY.
     worker_processes: int = Field(default=1, ge=1)
     poll_delay_s: float = 0.5  # ARQ's queue poll, only a fallback to the wake-up signal
-    coalesce_ms: float = 10.0  # how long the worker gathers tokens into one append; 0 turns it off
+    coalesce_ms: float = 10.0  # how long the worker gathers tokens into one append (worker.publisher)
     job_timeout_s: int = 900
     heartbeat_s: float = 2.0
     takeover_after_s: float = 6.0  # a running stream with no heartbeat for this long is taken over
