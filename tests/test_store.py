@@ -423,7 +423,7 @@ async def test_the_appender_spaces_its_round_trips_yet_sends_a_token_after_a_qui
         sent = time.monotonic()
         attempts[a].add("delta", {"text": "a"})
         await asyncio.wait_for(landed.wait(), 5)
-        assert trips[0][0] - sent < window * GAP / 2  # not held back: nothing went out before it
+        assert trips[0][0] - sent < window * GAP / 2  # at once: no round trip went out before it
         attempts[b].add("delta", {"text": "b"})  # due (its first write), but within the gap
         await asyncio.sleep(window * GAP / 5)
         attempts[c].add("delta", {"text": "c"})
