@@ -88,10 +88,13 @@ def append(stream_id: str, attempt: int, seq: int, *evs: tuple[str, dict[str, An
 async def test_create_writes_meta_and_queued_counts_created_and_enters_the_owners_active_set(
     store: StreamStore,
 ) -> None:
+    before = time.time() * 1000
     stream_id = await create(store)
+    after = time.time() * 1000
 
     meta = await store.meta(stream_id)
     assert meta["owner"] == OWNER and meta["status"] == "queued"
+    assert before <= float(meta["created_at"]) <= after  # not cut to the millisecond
     assert await events(store, stream_id) == [("queued", {"seq": 1})]
     assert await stats(store) == {"created": 1}
     assert await active(store) == {stream_id: float(meta["created_at"])}
