@@ -361,7 +361,7 @@ class StreamStore:
         Redis): the job enqueued too, fairly across owners, unless the queue is full; else
         ``position``: the gateway's estimate of its place in the queue. All in one atomic step."""
         lim = limits or Limits()
-        now = round(time.time() * 1000, 3)  # the meta's `created_at` too: to the µs, as `stamp()`
+        now = float(stamp())  # the meta's `created_at` too, to the µs
         idem_key, idem_value = keys.rate(owner), ""
         if idempotency is not None:
             idem_key, idem_value = keys.idempotency(owner, idempotency[0]), f"{stream_id} {idempotency[1]}"
