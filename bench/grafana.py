@@ -190,82 +190,117 @@ def draw(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.patches import FancyBboxPatch
-    from matplotlib.ticker import FuncFormatter
     from PIL import Image
 
-    col_px = (WIDTH_PX - GAP_PX) / COLUMNS
     rows = max(p.y + p.h for p, _ in drawn)
-    height_px = HEADER_PX + rows * (CELL_PX + GAP_PX)
-    fig = plt.figure(figsize=(WIDTH_PX / 100, height_px / 100), dpi=100, facecolor=THEME["page"])
+    page = _Page(HEADER_PX + rows * (CELL_PX + GAP_PX))
+    fig = plt.figure(figsize=(WIDTH_PX / 100, page.height_px / 100), dpi=100, facecolor=THEME["page"])
     plt.rcParams.update({"font.size": 8, "text.color": THEME["text"]})
-
-    def box(x_px: float, top_px: float, w_px: float, h_px: float) -> tuple[float, float, float, float]:
-        """A rectangle in pixels from the top left, in figure fractions (left, bottom, width, height)."""
-        return (x_px / WIDTH_PX, 1 - (top_px + h_px) / height_px, w_px / WIDTH_PX, h_px / height_px)
-
-    fig.text(GAP_PX / WIDTH_PX, 1 - 22 / height_px, title, fontsize=13, weight="bold", va="center")
-    fig.text(GAP_PX / WIDTH_PX, 1 - 42 / height_px, note, fontsize=8, color=THEME["dim"], va="center")
-    for panel, all_series in drawn:
-        x_px, top_px = GAP_PX + panel.x * col_px, HEADER_PX + panel.y * (CELL_PX + GAP_PX)
-        w_px, h_px = panel.w * col_px - GAP_PX, panel.h * (CELL_PX + GAP_PX) - GAP_PX
-        left, bottom, width, height = box(x_px, top_px, w_px, h_px)
-        fig.patches.append(
-            FancyBboxPatch(
-                (left, bottom), width, height, boxstyle="round,pad=0,rounding_size=0.003",
-                transform=fig.transFigure, facecolor=THEME["panel"], edgecolor=THEME["border"], lw=1,
-                zorder=-1,  # under the axes (zorder 0)
-            )
-        )  # fmt: skip
-        fig.text(left + 8 / WIDTH_PX, 1 - (top_px + 16) / height_px, panel.title, fontsize=9.5, va="center")
-        series = [s for s in all_series if any(v and not math.isnan(v) for v in s.values)]
-        # Grafana's "list" legend under the graph, in columns as wide as the longest name (~6 px a letter).
-        longest = max((len(s.label) for s in series), default=1)
-        ncol = max(1, min(len(series), int(w_px // (30 + 6 * longest))))
-        legend_rows = max(1, math.ceil(len(series) / ncol))
-        ax = fig.add_axes(box(x_px + 58, top_px + 44, w_px - 72, h_px - 44 - 24 - 16 * legend_rows))
-        ax.set_facecolor(THEME["panel"])
-        for side in ax.spines.values():
-            side.set_visible(False)
-        ax.tick_params(colors=THEME["dim"], length=0, labelsize=7.5)
-        ax.grid(True, color=GRID, lw=0.8)
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos, unit=panel.unit: UNITS[unit](v)))
-        ax.xaxis.set_major_formatter(FuncFormatter(_clock))
-        xs = [start + i * step for i in range(len(series[0].values))] if series else []
-        base, handles = np.zeros(len(xs)), []
-        for i, s in enumerate(series):
-            colour = PALETTE[i % len(PALETTE)]
-            ys = np.array(s.values)
-            low = base.copy() if panel.stacked else np.zeros(len(xs))
-            top = low + ys
-            handles += ax.plot(xs, top, color=colour, lw=1.2, label=s.label)
-            ax.fill_between(xs, low, top, color=colour, alpha=panel.fill, lw=0)
-            if panel.stacked:
-                base = base + np.nan_to_num(ys)
-        for at, what in annotations:
-            ax.axvline(at, color=ANNOTATION, lw=0.9, ls=(0, (4, 3)), alpha=0.7)
-            if panel.y == 0:
-                ax.text(at, 1.02, what, transform=ax.get_xaxis_transform(), color=ANNOTATION,
-                        fontsize=7, ha="center", va="bottom")  # fmt: skip
-        if xs:
-            ax.set_xlim(xs[0], xs[-1])
-            # A time every 30 s on the clock, none at the edges (where it would run off the panel).
-            ax.set_xticks(range(math.ceil((xs[0] + 10) / 30) * 30, int(xs[-1] - 10), 30))
-        if panel.minimum is not None:
-            ax.set_ylim(bottom=panel.minimum)
-        if not series:
-            ax.text(0.5, 0.5, "No data", transform=ax.transAxes, ha="center", color=THEME["dim"])
-        # matplotlib fills a legend column by column; Grafana's reads row by row.
-        cells = [r * ncol + c for c in range(ncol) for r in range(legend_rows)]
-        ax.legend(
-            handles=[handles[k] for k in cells if k < len(handles)], loc="lower left",
-            bbox_to_anchor=(left + 4 / WIDTH_PX, bottom + 4 / height_px), bbox_transform=fig.transFigure,
-            ncol=ncol, frameon=False, fontsize=7.5, handlelength=1.2, handletextpad=0.4, columnspacing=1.2,
-            labelcolor=THEME["text"],
-        )  # fmt: skip
+    fig.text(GAP_PX / WIDTH_PX, 1 - 22 / page.height_px, title, fontsize=13, weight="bold", va="center")
+    fig.text(GAP_PX / WIDTH_PX, 1 - 42 / page.height_px, note, fontsize=8, color=THEME["dim"], va="center")
+    for panel, series in drawn:
+        _panel(fig, page, panel, series, annotations, start, step)
     buffer = io.BytesIO()
     fig.savefig(buffer, facecolor=THEME["page"])
     plt.close(fig)
     # 256 colours are plenty for flat panels and thin lines, at a third of the bytes.
     Image.open(buffer).convert("RGB").quantize(256).save(path, optimize=True)
+
+
+@dataclass(frozen=True)
+class _Page:
+    height_px: float
+
+    def box(self, x_px: float, top_px: float, w_px: float, h_px: float) -> tuple[float, float, float, float]:
+        """A rectangle in pixels from the top left, in figure fractions (left, bottom, width, height)."""
+        h = self.height_px
+        return (x_px / WIDTH_PX, 1 - (top_px + h_px) / h, w_px / WIDTH_PX, h_px / h)
+
+
+def _panel(
+    fig: Any,
+    page: _Page,
+    panel: Panel,
+    all_series: list[Series],
+    annotations: list[tuple[float, str]],
+    start: float,
+    step: float,
+) -> None:
+    """One panel on ``fig``: its box and title, its graph (:func:`_graph`), and Grafana's "list"
+    legend under the graph."""
+    from matplotlib.patches import FancyBboxPatch
+
+    col_px = (WIDTH_PX - GAP_PX) / COLUMNS
+    x_px, top_px = GAP_PX + panel.x * col_px, HEADER_PX + panel.y * (CELL_PX + GAP_PX)
+    w_px, h_px = panel.w * col_px - GAP_PX, panel.h * (CELL_PX + GAP_PX) - GAP_PX
+    left, bottom, width, height = page.box(x_px, top_px, w_px, h_px)
+    fig.patches.append(
+        FancyBboxPatch(
+            (left, bottom), width, height, boxstyle="round,pad=0,rounding_size=0.003",
+            transform=fig.transFigure, facecolor=THEME["panel"], edgecolor=THEME["border"], lw=1,
+            zorder=-1,  # under the axes (zorder 0)
+        )
+    )  # fmt: skip
+    fig.text(left + 8 / WIDTH_PX, 1 - (top_px + 16) / page.height_px, panel.title, fontsize=9.5, va="center")
+    series = [s for s in all_series if any(v and not math.isnan(v) for v in s.values)]
+    # Grafana's "list" legend under the graph, in columns as wide as the longest name (~6 px a letter).
+    longest = max((len(s.label) for s in series), default=1)
+    ncol = max(1, min(len(series), int(w_px // (30 + 6 * longest))))
+    legend_rows = max(1, math.ceil(len(series) / ncol))
+    ax = fig.add_axes(page.box(x_px + 58, top_px + 44, w_px - 72, h_px - 44 - 24 - 16 * legend_rows))
+    handles = _graph(ax, panel, series, annotations, start, step)
+    # matplotlib fills a legend column by column; Grafana's reads row by row.
+    cells = [r * ncol + c for c in range(ncol) for r in range(legend_rows)]
+    ax.legend(
+        handles=[handles[k] for k in cells if k < len(handles)], loc="lower left",
+        bbox_to_anchor=(left + 4 / WIDTH_PX, bottom + 4 / page.height_px), bbox_transform=fig.transFigure,
+        ncol=ncol, frameon=False, fontsize=7.5, handlelength=1.2, handletextpad=0.4, columnspacing=1.2,
+        labelcolor=THEME["text"],
+    )  # fmt: skip
+
+
+def _graph(
+    ax: Any,
+    panel: Panel,
+    series: list[Series],
+    annotations: list[tuple[float, str]],
+    start: float,
+    step: float,
+) -> list[Any]:
+    """``series`` drawn on a panel's axes as Grafana's time series (stacked or not, filled as the panel
+    says), with the annotations; the lines, for the legend."""
+    import numpy as np
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_facecolor(THEME["panel"])
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.tick_params(colors=THEME["dim"], length=0, labelsize=7.5)
+    ax.grid(True, color=GRID, lw=0.8)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos, unit=panel.unit: UNITS[unit](v)))
+    ax.xaxis.set_major_formatter(FuncFormatter(_clock))
+    xs = [start + i * step for i in range(len(series[0].values))] if series else []
+    base, handles = np.zeros(len(xs)), []
+    for i, s in enumerate(series):
+        colour = PALETTE[i % len(PALETTE)]
+        ys = np.array(s.values)
+        low = base.copy() if panel.stacked else np.zeros(len(xs))
+        top = low + ys
+        handles += ax.plot(xs, top, color=colour, lw=1.2, label=s.label)
+        ax.fill_between(xs, low, top, color=colour, alpha=panel.fill, lw=0)
+        if panel.stacked:
+            base = base + np.nan_to_num(ys)
+    for at, what in annotations:
+        ax.axvline(at, color=ANNOTATION, lw=0.9, ls=(0, (4, 3)), alpha=0.7)
+        if panel.y == 0:
+            ax.text(at, 1.02, what, transform=ax.get_xaxis_transform(), color=ANNOTATION,
+                    fontsize=7, ha="center", va="bottom")  # fmt: skip
+    if xs:
+        ax.set_xlim(xs[0], xs[-1])
+        # A time every 30 s on the clock, none at the edges (where it would run off the panel).
+        ax.set_xticks(range(math.ceil((xs[0] + 10) / 30) * 30, int(xs[-1] - 10), 30))
+    if panel.minimum is not None:
+        ax.set_ylim(bottom=panel.minimum)
+    if not series:
+        ax.text(0.5, 0.5, "No data", transform=ax.transAxes, ha="center", color=THEME["dim"])
+    return handles

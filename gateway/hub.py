@@ -235,7 +235,11 @@ class Hub:
         same attempt, the same events under new ids, which it drops by ``seq``; or by another
         attempt, which it cannot splice onto what it delivered: it then sends a ``reset`` with
         ``seq`` 0 (``cursor_out_of_range``, as to a client whose cursor is not in the stream) and
-        the stream from its start."""
+        the stream from its start.
+
+        One loop, over 60 lines, on purpose: every branch moves the same four things together (the
+        cursor, the last ``seq``, the attempt, whether to read the stream itself); split up, they
+        would travel between the pieces as one more object to keep in step."""
         if self.released and resumable:
             return
         sub = await self._subscribe(stream_id, resumable)

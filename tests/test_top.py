@@ -91,6 +91,9 @@ async def test_top_in_a_terminal_shows_running_streams_failures_and_a_stopped_wo
     prompt: str,
     terminals: Top,
 ) -> None:
+    """One scenario in two acts on one stack, hence its length: the second (the worker stopped, new
+    streams queued behind it) is only what it is after the first (a failure, two streams running,
+    their tokens counted), and each act checks a whole frame against what Redis has."""
     s = make_stack(**FAST_TAKEOVER)
     url = await s.agateway()
     worker = await s.aworker()
